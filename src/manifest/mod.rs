@@ -1,0 +1,133 @@
+//! The deploy manifest committed in the source: schema, validation with
+//! `file:line:col` errors, and the per-scope fingerprint used to tell which
+//! scopes a commit changes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Where a problem is: the file as the user named it, 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+/// One problem found in a manifest or host config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// `None` only when the file could not be read at all.
+    pub position: Option<Position>,
+    pub message: String,
+}
+
+/// Every problem found in one file, in file order. Display prints one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+/// The one runtime that owns a scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Runtime {
+    Native,
+    Docker,
+}
+
+/// A validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub version: u32,
+    pub defaults: Defaults,
+    /// Scopes by name.
+    pub scopes: BTreeMap<String, Scope>,
+    /// Deploy order: waves of scope names; a scope comes after every scope in
+    /// its `after` list. Scopes in one wave are independent of each other.
+    pub waves: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    /// Default 60s.
+    pub health_timeout: Duration,
+    /// Default 5.
+    pub keep_releases: usize,
+    /// How long every started unit/container must stay up. Default 3s.
+    pub settle: Duration,
+    /// How long all build commands of one scope may take. Default 10m.
+    pub build_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub name: String,
+    pub owner: Runtime,
+    pub after: Vec<String>,
+    /// Repository-relative prefixes; empty means "any change".
+    pub paths: Vec<String>,
+    /// Shell command lines run with `sh -c` in the release directory.
+    pub build: Vec<String>,
+    pub native: Option<NativeSpec>,
+    pub docker: Option<DockerSpec>,
+    pub health: Vec<HealthCheck>,
+    /// The scope's own `health_timeout`, or the default.
+    pub health_timeout: Duration,
+    pub settle: Duration,
+    pub build_timeout: Duration,
+    /// Canonical text of the scope's section and the defaults it inherits:
+    /// equal text means an unchanged section.
+    pub section_text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeSpec {
+    pub units: Vec<String>,
+    /// Repository-relative paths of unit files installed from the release.
+    pub unit_files: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerSpec {
+    pub containers: Vec<ContainerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Repository-relative; when set, `image` is built at each commit.
+    pub dockerfile: Option<String>,
+    /// Repository-relative build context, default ".".
+    pub context: String,
+    pub ports: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// A host path (not in the release).
+    pub env_file: Option<String>,
+    pub volumes: Vec<String>,
+    pub command: Option<Vec<String>>,
+    /// "no", "always", "unless-stopped", "on-failure"; default "unless-stopped".
+    pub restart: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// One attempt's limit. Default 5s.
+    pub timeout: Duration,
+    /// Pause between attempts. Default 500ms.
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    Http {
+        url: String,
+        expect_status: u16,
+        body_contains: Option<String>,
+    },
+    Tcp {
+        addr: String,
+    },
+    /// argv run in the release directory.
+    Exec {
+        argv: Vec<String>,
+    },
+}

@@ -1,0 +1,1 @@
+//! systemd user units over D-Bus.
