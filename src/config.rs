@@ -60,3 +60,11 @@ pub struct DockerConfig {
     /// Default `unix:///var/run/docker.sock`.
     pub host: String,
 }
+
+// TEMPORARY STUB (replaced by the manifest branch)
+pub fn load(_path: &std::path::Path) -> Result<Config, crate::manifest::Diagnostics> {
+    Err(crate::manifest::Diagnostics(vec![]))
+}
+pub fn default_path(home: &std::path::Path, xdg: Option<&std::path::Path>) -> PathBuf {
+    xdg.map(|x| x.join("moorline/config.toml")).unwrap_or_else(|| home.join(".config/moorline/config.toml"))
+}

@@ -1,12 +1,159 @@
 //! moorline: a pull-based GitOps deploy agent for systemd units and Docker
-//! containers. This file parses the command line and maps outcomes to exit
-//! codes; everything else lives in the modules below.
+//! containers. This file parses the command line, sets up logging and maps
+//! outcomes to exit codes; everything else lives in the modules below.
 
+/// The daemon loop, its status and the snapshot it leaves on disk.
+mod agent;
+/// The local control channel between the CLI and the agent, and its types.
+mod api;
+/// One file per command, human and `--json` rendering.
+mod cli;
 /// Host configuration: raw TOML → validated settings.
 mod config;
+/// Health checks: http, tcp, exec.
+mod health;
 /// The manifest committed in the source: schema, validation, fingerprints.
 mod manifest;
+/// (manifest, recorded state, inputs) → what each scope needs; pure.
+mod plan;
+/// The rollout engine: prepare, switch, verify, roll back, record.
+mod rollout;
 /// Runtimes that run a scope's members: systemd user units and Docker.
 mod runtime;
+/// The git source and the triggers that wake the agent.
+mod source;
+/// sled history and state, behind typed records.
+mod store;
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moorline", version, about = "Pull-based GitOps deploy agent for systemd units and Docker containers")]
+struct Cli {
+    /// Host configuration file [default: ~/.config/moorline/config.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (what the user unit runs)
+    Agent,
+    /// What runs, from which commit, and whether it is healthy
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Past rollouts, newest first
+    History {
+        /// Only rollouts that touched this scope
+        #[arg(long, value_name = "SCOPE")]
+        scope: Option<String>,
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        limit: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One rollout: phases with timings, actions, error, build output tail
+    Show {
+        #[arg(value_name = "ROLLOUT")]
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a manifest offline
+    Check {
+        #[arg(value_name = "MANIFEST", default_value = "deploy/moorline.toml")]
+        manifest: PathBuf,
+    },
+    /// What the agent would do for a commit, without doing it
+    Plan {
+        /// A branch, tag or commit id [default: the followed branch after a fetch]
+        #[arg(value_name = "REV")]
+        rev: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the running agent to fetch now
+    Sync,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Check { manifest } = &cli.command {
+        return cli::check::run(manifest);
+    }
+    init_logging(matches!(cli.command, Command::Agent));
+    let config = match load_config(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("{message}");
+            return cli::exit(cli::ERROR);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return cli::exit(cli::ERROR);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Agent => match agent::run(config).await {
+                Ok(()) => cli::OK,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    cli::ERROR
+                }
+            },
+            Command::Status { json } => cli::status::run(&config, json).await,
+            Command::History { scope, limit, json } => cli::history::history(&config, scope, limit as usize, json).await,
+            Command::Show { id, json } => cli::history::show(&config, id, json).await,
+            Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
+            Command::Sync => cli::sync::run(&config).await,
+            Command::Check { .. } => unreachable!("handled before the runtime starts"),
+        }
+    });
+    cli::exit(code)
+}
+
+fn load_config(explicit: Option<&std::path::Path>) -> Result<config::Config, String> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .ok_or_else(|| "error: HOME is not set; pass --config".to_string())?;
+            let xdg = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from);
+            config::default_path(&home, xdg.as_deref())
+        }
+    };
+    config::load(&path).map_err(|d| d.to_string())
+}
+
+/// Logs go to stderr; under journald (JOURNAL_STREAM set) without
+/// timestamps, since the journal adds its own.
+fn init_logging(agent: bool) {
+    let default = if agent { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOORLINE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

@@ -131,3 +131,14 @@ pub enum HealthKind {
         argv: Vec<String>,
     },
 }
+
+// TEMPORARY STUB (replaced by the manifest branch)
+pub fn parse(_file_label: &str, _bytes: &[u8]) -> Result<Manifest, Diagnostics> {
+    Err(Diagnostics(vec![]))
+}
+impl std::fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stub")
+    }
+}
+impl std::error::Error for Diagnostics {}

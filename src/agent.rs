@@ -1,0 +1,374 @@
+//! The daemon: one loop that takes a closed set of events (poll tick, wake
+//! from a trigger or `moorline sync`, shutdown), fetches and converges; the
+//! control channel answering beside it; the status snapshot kept on disk.
+
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::{self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView, StatusReport};
+use crate::config::Config;
+use crate::rollout::{Converged, Engine, Idle, native::short};
+use crate::runtime::systemd::Systemd;
+use crate::source::Wake;
+use crate::store::{Store, now_ms};
+
+pub const SNAPSHOT_NAME: &str = "status.json";
+
+/// What the loop knows that the store does not.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub since: u64,
+    pub activity: String,
+    pub desired: Option<String>,
+    pub last_fetch: Option<u64>,
+    pub last_fetch_error: Option<String>,
+    pub next_fetch: Option<u64>,
+    pub watch: String,
+    pub queued: Option<String>,
+}
+
+/// The closed set of things the loop reacts to.
+#[derive(Debug)]
+enum Event {
+    Tick,
+    Wake(Wake),
+    Shutdown,
+}
+
+fn wake_name(wake: &Wake) -> &'static str {
+    match wake {
+        Wake::Watch => "watch",
+        Wake::Webhook { .. } => "webhook",
+        Wake::Sync => "sync",
+        Wake::Poll => "poll",
+    }
+}
+
+/// Create the state directory owner-only (and tighten an existing one).
+pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict state directory \"{}\" to its owner", dir.display()))?;
+    Ok(())
+}
+
+/// The delay before the next poll: `poll` with up to ±10% jitter, doubled
+/// per consecutive failure up to 15 minutes (never below `poll`).
+pub fn next_delay(poll: Duration, failures: u32, seed: u64) -> Duration {
+    let base = if failures == 0 {
+        poll
+    } else {
+        let factor = 1u32 << failures.min(16);
+        poll.saturating_mul(factor).min(Duration::from_secs(900)).max(poll)
+    };
+    let spread = base.as_millis() as u64 / 10;
+    if spread == 0 {
+        return base;
+    }
+    let offset = seed % (2 * spread + 1);
+    Duration::from_millis(base.as_millis() as u64 - spread + offset)
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64 ^ d.as_secs())
+        .unwrap_or(0)
+}
+
+fn notify_status(text: &str) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]);
+}
+
+struct Agent {
+    config: Config,
+    store: Store,
+    live: Arc<Mutex<Live>>,
+    wake: mpsc::Sender<Wake>,
+    systemd: tokio::sync::OnceCell<Option<Systemd>>,
+}
+
+impl Agent {
+    fn live(&self) -> Live {
+        self.live.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    async fn systemd(&self) -> Option<Systemd> {
+        self.systemd
+            .get_or_init(|| async { Systemd::connect().await.ok() })
+            .await
+            .clone()
+    }
+
+    /// The status as the agent sees it now, with live member states.
+    async fn status(&self) -> StatusReport {
+        let live = self.live();
+        let host = self.store.host().unwrap_or_default();
+        let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
+        let sd = self.systemd().await;
+        let mut scopes = Vec::new();
+        for (name, state) in &host.scopes {
+            let mut members = Vec::new();
+            let mut problems = Vec::new();
+            for member in &state.current.members {
+                let text = match (&sd, state.current.owner.as_str()) {
+                    (Some(sd), "native") => match sd.unit_state(member).await {
+                        Ok(u) if u.load_state == "not-found" => "not-found".to_string(),
+                        Ok(u) => format!("{} ({})", u.active_state, u.sub_state),
+                        Err(e) => format!("unknown: {e}"),
+                    },
+                    _ => "unknown".to_string(),
+                };
+                if !text.starts_with("active") {
+                    problems.push(format!("{member} is {text}"));
+                }
+                members.push(MemberView {
+                    name: member.clone(),
+                    state: text,
+                });
+            }
+            let (health, detail) = if !state.healthy {
+                ("unhealthy", Some("the last rollout of this scope did not pass verification".to_string()))
+            } else if !problems.is_empty() {
+                ("unhealthy", Some(problems.join("; ")))
+            } else {
+                ("healthy", None)
+            };
+            scopes.push(ScopeView {
+                name: name.clone(),
+                owner: state.current.owner.clone(),
+                release: state.current.release.clone(),
+                commit: state.current.commit.clone(),
+                health: health.to_string(),
+                detail,
+                members,
+                rollout: state.current.rollout,
+            });
+        }
+        StatusReport {
+            agent: AgentView {
+                running: true,
+                pid: Some(std::process::id()),
+                since: Some(api::time_text(live.since)),
+                activity: live.activity.clone(),
+                reported_at: api::time_text(now_ms()),
+            },
+            source: SourceView {
+                url: source_text(&self.config),
+                branch: self.config.source.branch.clone(),
+                manifest: self.config.source.manifest.clone(),
+                desired_commit: live.desired.clone(),
+                deployed_commit: host.deployed_commit.clone(),
+                failed_commit: host.failed_commit.clone(),
+                last_fetch: live.last_fetch.map(api::time_text),
+                last_fetch_error: live.last_fetch_error.clone(),
+                next_fetch: live.next_fetch.map(api::time_text),
+                watch: live.watch.clone(),
+                queued: live.queued.clone(),
+            },
+            scopes,
+            last_rollout: last.as_ref().map(RolloutSummary::from),
+        }
+    }
+
+    /// Write the status snapshot atomically, readable by the owner only.
+    async fn snapshot(&self) {
+        let report = self.status().await;
+        if let Err(e) = write_snapshot(&self.config.state.dir, &report) {
+            warn!(error = %e, "cannot write the status snapshot");
+        }
+    }
+}
+
+fn source_text(config: &Config) -> String {
+    match &config.source.url {
+        crate::config::SourceUrl::Local(p) => p.display().to_string(),
+        crate::config::SourceUrl::Remote(u) => u.clone(),
+    }
+}
+
+pub fn snapshot_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(SNAPSHOT_NAME)
+}
+
+fn write_snapshot(state_dir: &Path, report: &StatusReport) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = snapshot_path(state_dir);
+    let tmp = state_dir.join(format!(".{SNAPSHOT_NAME}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(report).expect("status reports always serialize"))?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+impl api::Handler for Agent {
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Status => Response::Status(Box::new(self.status().await)),
+            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit) {
+                Ok(records) => Response::History(records.iter().map(api::RolloutView::from).collect()),
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Show { id } => match self.store.rollout(id) {
+                Ok(record) => Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r)))),
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Sync => {
+                let _ = self.wake.try_send(Wake::Sync);
+                Response::Synced
+            }
+            Request::Plan { rev } => {
+                let engine = Engine::new(self.config.clone(), self.store.clone());
+                match tokio::task::spawn_blocking(move || crate::cli::plan::compute(&engine, rev.as_deref())).await {
+                    Ok(Ok(view)) => Response::Plan(view),
+                    Ok(Err(e)) => Response::Error(e),
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// Run the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let dir = config.state.dir.clone();
+    prepare_state_dir(&dir)?;
+    let store = Store::open(&dir)?;
+    let mut engine = Engine::new(config.clone(), store.clone());
+    for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
+        warn!(rollout = id, "closed a rollout interrupted by a previous stop");
+    }
+    let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
+    let live = Arc::new(Mutex::new(Live {
+        since: now_ms(),
+        activity: "starting".into(),
+        watch: "off".into(),
+        ..Live::default()
+    }));
+    let agent = Arc::new(Agent {
+        config: config.clone(),
+        store: store.clone(),
+        live: live.clone(),
+        wake: wake_tx.clone(),
+        systemd: tokio::sync::OnceCell::new(),
+    });
+    let listener = api::bind(&dir)?;
+    let server = tokio::spawn(api::serve(listener, agent.clone()));
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let set_live = |f: &dyn Fn(&mut Live)| {
+        if let Ok(mut l) = live.lock() {
+            f(&mut l);
+        }
+    };
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    info!(source = %source_text(&config), branch = %config.source.branch, "agent started");
+    let mut trigger = "startup".to_string();
+    let mut failures: u32 = 0;
+    loop {
+        set_live(&|l| l.activity = "fetching".into());
+        let started = Instant::now();
+        match engine.fetch().await {
+            Ok(head) => {
+                failures = 0;
+                let fetch_ms = started.elapsed().as_millis() as u64;
+                set_live(&|l| {
+                    l.last_fetch = Some(now_ms());
+                    l.last_fetch_error = None;
+                    l.desired = Some(head.clone());
+                    l.activity = format!("rolling out {}", short(&head));
+                });
+                notify_status(&format!("deploying {}", short(&head)));
+                match engine.converge(head.clone(), &trigger, fetch_ms).await {
+                    Ok(Converged::Rolled { record, .. }) => {
+                        notify_status(&format!(
+                            "rollout {} of {}: {}",
+                            record.id,
+                            short(&record.commit),
+                            record.outcome.as_str()
+                        ));
+                    }
+                    Ok(Converged::Idle { why, .. }) => {
+                        let text = match why {
+                            Idle::UpToDate => format!("up to date at {}", short(&head)),
+                            Idle::FailedBefore => format!("{} failed; waiting for a newer commit", short(&head)),
+                        };
+                        notify_status(&text);
+                    }
+                    Err(e) => warn!(error = %e, "cannot converge"),
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "fetch failed");
+                notify_status(&format!("fetch failed: {e}"));
+                set_live(&|l| {
+                    l.last_fetch = Some(now_ms());
+                    l.last_fetch_error = Some(e.clone());
+                });
+            }
+        }
+        let delay = next_delay(config.source.poll, failures, seed());
+        set_live(&|l| {
+            l.activity = "idle".into();
+            l.next_fetch = Some(now_ms() + delay.as_millis() as u64);
+            l.queued = None;
+        });
+        agent.snapshot().await;
+
+        let event = tokio::select! {
+            wake = wake_rx.recv() => wake.map(Event::Wake).unwrap_or(Event::Shutdown),
+            _ = tokio::time::sleep(delay) => Event::Tick,
+            _ = tokio::signal::ctrl_c() => Event::Shutdown,
+            _ = terminate.recv() => Event::Shutdown,
+        };
+        trigger = match event {
+            Event::Tick => "poll".to_string(),
+            Event::Wake(wake) => wake_name(&wake).to_string(),
+            Event::Shutdown => break,
+        };
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    info!("agent stopping");
+    server.abort();
+    let _ = std::fs::remove_file(dir.join(api::SOCKET_NAME));
+    Ok(())
+}
+
+/// Read the snapshot a (stopped) agent left, marked as not running.
+pub fn read_snapshot(state_dir: &Path) -> Option<StatusReport> {
+    let bytes = std::fs::read(snapshot_path(state_dir)).ok()?;
+    let mut report: StatusReport = serde_json::from_slice(&bytes).ok()?;
+    report.agent.running = false;
+    report.agent.pid = None;
+    report.agent.activity = "not running".into();
+    Some(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_jitters_and_backs_off_with_a_cap() {
+        let poll = Duration::from_secs(60);
+        assert_eq!(next_delay(poll, 0, 0), Duration::from_secs(54));
+        assert_eq!(next_delay(poll, 0, 12_000), Duration::from_secs(66));
+        assert_eq!(next_delay(poll, 1, 6_000), Duration::from_secs(120));
+        assert_eq!(next_delay(poll, 3, 24_000), Duration::from_secs(480));
+        assert_eq!(next_delay(poll, 10, 90_000), Duration::from_secs(900));
+        assert_eq!(next_delay(Duration::from_secs(3600), 5, 360_000), Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,333 @@
+//! The local control channel between the CLI and the running agent: a Unix
+//! socket in the state directory (mode 0600, peer uid checked), one JSON
+//! request line and one JSON response line per connection. The types here
+//! are the wire format and the `--json` output; stored records are converted
+//! into them, never sent as they are.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::warn;
+
+use crate::store::{JournalEntry, PhaseRecord, RolloutRecord, ScopeRecord};
+
+pub const SOCKET_NAME: &str = "agent.sock";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    History { scope: Option<String>, limit: usize },
+    Show { id: u64 },
+    Sync,
+    Plan { rev: Option<String> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Status(Box<StatusReport>),
+    History(Vec<RolloutView>),
+    Show(Option<Box<RolloutView>>),
+    Synced,
+    Plan(PlanView),
+    Error(String),
+}
+
+/// `moorline status --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub agent: AgentView,
+    pub source: SourceView,
+    pub scopes: Vec<ScopeView>,
+    pub last_rollout: Option<RolloutSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentView {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub since: Option<String>,
+    /// "idle", "fetching", "rolling out 1a2b3c4 (rollout 7)", "not running".
+    pub activity: String,
+    /// When the report was taken (for a snapshot read while the agent is down).
+    pub reported_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceView {
+    pub url: String,
+    pub branch: String,
+    pub manifest: String,
+    /// The branch's commit at the last fetch.
+    pub desired_commit: Option<String>,
+    pub deployed_commit: Option<String>,
+    /// A commit that failed and is not retried until the branch moves.
+    pub failed_commit: Option<String>,
+    pub last_fetch: Option<String>,
+    pub last_fetch_error: Option<String>,
+    pub next_fetch: Option<String>,
+    /// "active", "off", or why the watch is not working.
+    pub watch: String,
+    /// A wake-up that arrived during the running rollout.
+    pub queued: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScopeView {
+    pub name: String,
+    pub owner: String,
+    /// Commit of the release directory the scope runs.
+    pub release: String,
+    /// Host commit at which the scope was last deployed.
+    pub commit: String,
+    /// "healthy" or "unhealthy".
+    pub health: String,
+    pub detail: Option<String>,
+    pub members: Vec<MemberView>,
+    pub rollout: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemberView {
+    pub name: String,
+    /// e.g. "active (running)", "failed (failed)", "not-found".
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutSummary {
+    pub id: u64,
+    pub commit: String,
+    pub outcome: String,
+    pub trigger: String,
+    pub started: String,
+    pub error: Option<String>,
+}
+
+/// `moorline history --json` entries and `moorline show --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RolloutView {
+    pub id: u64,
+    pub commit: String,
+    pub previous_commit: Option<String>,
+    pub trigger: String,
+    pub started: String,
+    pub finished: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub scopes: Vec<ScopeActionView>,
+    pub phases: Vec<PhaseView>,
+    pub build_tail: Vec<String>,
+    pub journal: Vec<JournalView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScopeActionView {
+    pub scope: String,
+    pub owner: String,
+    pub action: String,
+    pub reason: String,
+    pub release: Option<String>,
+    pub built: bool,
+    pub members: Vec<String>,
+    pub result: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PhaseView {
+    pub phase: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JournalView {
+    pub at: String,
+    pub step: String,
+    pub state: String,
+}
+
+/// `moorline plan --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanView {
+    pub commit: String,
+    pub scopes: Vec<PlannedScopeView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlannedScopeView {
+    pub scope: String,
+    pub owner: String,
+    pub action: String,
+    pub reason: String,
+    pub release: String,
+    pub build: bool,
+}
+
+pub fn time_text(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+impl From<&RolloutRecord> for RolloutView {
+    fn from(r: &RolloutRecord) -> RolloutView {
+        RolloutView {
+            id: r.id,
+            commit: r.commit.clone(),
+            previous_commit: r.previous_commit.clone(),
+            trigger: r.trigger.clone(),
+            started: time_text(r.started_at),
+            finished: r.finished_at.map(time_text),
+            duration_ms: r.finished_at.map(|f| f.saturating_sub(r.started_at)),
+            outcome: r.outcome.as_str().to_string(),
+            error: r.error.clone(),
+            scopes: r.scopes.iter().map(ScopeActionView::from).collect(),
+            phases: r.phases.iter().map(PhaseView::from).collect(),
+            build_tail: r.build_tail.clone(),
+            journal: r.journal.iter().map(JournalView::from).collect(),
+        }
+    }
+}
+
+impl From<&ScopeRecord> for ScopeActionView {
+    fn from(s: &ScopeRecord) -> ScopeActionView {
+        ScopeActionView {
+            scope: s.scope.clone(),
+            owner: s.owner.clone(),
+            action: s.action.clone(),
+            reason: s.reason.clone(),
+            release: s.release.clone(),
+            built: s.built,
+            members: s.members.clone(),
+            result: s.result.clone(),
+        }
+    }
+}
+
+impl From<&PhaseRecord> for PhaseView {
+    fn from(p: &PhaseRecord) -> PhaseView {
+        PhaseView {
+            phase: p.phase.clone(),
+            duration_ms: p.duration_ms,
+        }
+    }
+}
+
+impl From<&JournalEntry> for JournalView {
+    fn from(j: &JournalEntry) -> JournalView {
+        JournalView {
+            at: time_text(j.at),
+            step: j.step.clone(),
+            state: j.state.clone(),
+        }
+    }
+}
+
+impl From<&RolloutRecord> for RolloutSummary {
+    fn from(r: &RolloutRecord) -> RolloutSummary {
+        RolloutSummary {
+            id: r.id,
+            commit: r.commit.clone(),
+            outcome: r.outcome.as_str().to_string(),
+            trigger: r.trigger.clone(),
+            started: time_text(r.started_at),
+            error: r.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the agent is not running (no answer on \"{path}\")")]
+    Unreachable { path: PathBuf },
+    #[error("the agent at \"{path}\" did not answer properly: {detail}")]
+    Protocol { path: PathBuf, detail: String },
+    #[error("cannot listen on \"{path}\": {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
+}
+
+/// Send one request to the agent whose state directory is `state_dir`.
+pub async fn request(state_dir: &Path, request: &Request) -> Result<Response, ApiError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let protocol = |detail: String| ApiError::Protocol {
+        path: path.clone(),
+        detail,
+    };
+    let mut stream = UnixStream::connect(&path)
+        .await
+        .map_err(|_| ApiError::Unreachable { path: path.clone() })?;
+    let mut line = serde_json::to_vec(request).expect("requests always serialize");
+    line.push(b'\n');
+    stream.write_all(&line).await.map_err(|e| protocol(e.to_string()))?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut answer))
+        .await
+        .map_err(|_| protocol("no answer within 120s".into()))?
+        .map_err(|e| protocol(e.to_string()))?;
+    serde_json::from_str(&answer).map_err(|e| protocol(e.to_string()))
+}
+
+/// Answers requests; implemented by the agent.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: Request) -> impl std::future::Future<Output = Response> + Send;
+}
+
+/// Bind the control socket: replaces a stale socket file, mode 0600.
+pub fn bind(state_dir: &Path) -> Result<UnixListener, ApiError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let listen_err = |source| ApiError::Listen {
+        path: path.clone(),
+        source,
+    };
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(listen_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok(listener)
+}
+
+/// Serve until the task is dropped. Connections from another uid are closed
+/// unanswered.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    let own_uid = rustix::process::getuid().as_raw();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == own_uid => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), "refused a control connection from another user");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot check the control connection's peer");
+                continue;
+            }
+        }
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read);
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let response = match serde_json::from_str::<Request>(&line) {
+                Ok(request) => handler.handle(request).await,
+                Err(e) => Response::Error(format!("malformed request: {e}")),
+            };
+            let mut bytes = serde_json::to_vec(&response).expect("responses always serialize");
+            bytes.push(b'\n');
+            let _ = write.write_all(&bytes).await;
+        });
+    }
+}

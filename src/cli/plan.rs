@@ -1,0 +1,86 @@
+//! `moorline plan [REV]`: what the agent would do for a commit, without
+//! doing it.
+
+use crate::api::{self, PlanView, PlannedScopeView, Request, Response};
+use crate::config::Config;
+use crate::plan::runtime_name;
+use crate::rollout::Engine;
+use crate::store::Store;
+
+/// The plan for `rev` (default: the branch's commit after a fetch).
+pub fn compute(engine: &Engine, rev: Option<&str>) -> Result<PlanView, String> {
+    let commit = match rev {
+        Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
+        None => engine.source.fetch().map_err(|e| e.to_string())?,
+    };
+    let (_, plan) = engine.plan_for(&commit)?;
+    Ok(PlanView {
+        commit: plan.commit.clone(),
+        scopes: plan
+            .scopes
+            .iter()
+            .map(|s| PlannedScopeView {
+                scope: s.scope.clone(),
+                owner: runtime_name(s.owner).to_string(),
+                action: s.action.as_str().to_string(),
+                reason: s.reason.clone(),
+                release: s.release.clone(),
+                build: s.build,
+            })
+            .collect(),
+    })
+}
+
+pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
+    let answer = match api::request(&config.state.dir, &Request::Plan { rev: rev.clone() }).await {
+        Ok(Response::Plan(view)) => Ok(view),
+        Ok(Response::Error(e)) => Err(e),
+        Ok(other) => Err(format!("unexpected answer from the agent: {other:?}")),
+        Err(api::ApiError::Unreachable { .. }) => offline(config, rev.as_deref()),
+        Err(e) => Err(e.to_string()),
+    };
+    match answer {
+        Ok(view) => {
+            if json {
+                super::print_json(&view);
+            } else {
+                print!("{}", render(&view));
+            }
+            super::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            super::ERROR
+        }
+    }
+}
+
+fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
+    crate::agent::prepare_state_dir(&config.state.dir).map_err(|e| e.to_string())?;
+    let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
+    let engine = Engine::new(config.clone(), store);
+    compute(&engine, rev)
+}
+
+pub fn render(view: &PlanView) -> String {
+    let mut out = format!("plan for {}\n", view.commit);
+    let width = view.scopes.iter().map(|s| s.scope.len()).max().unwrap_or(5).max(5);
+    for s in &view.scopes {
+        let build = if s.build {
+            "build".to_string()
+        } else if s.action == "unchanged" || s.action == "remove" {
+            String::new()
+        } else {
+            format!("reuse release {}", super::short(&s.release))
+        };
+        out.push_str(&format!(
+            "  {:<width$}  {:<6}  {:<9}  {}{}\n",
+            s.scope,
+            s.owner,
+            s.action,
+            s.reason,
+            if build.is_empty() { String::new() } else { format!("; {build}") },
+        ));
+    }
+    out
+}

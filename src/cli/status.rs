@@ -1,0 +1,117 @@
+//! `moorline status`: source, desired vs deployed commit, each scope's owner,
+//! release, health and the last rollout — from the agent, or from its
+//! snapshot when it is not running.
+
+use crate::api::{self, Request, Response, StatusReport};
+use crate::config::Config;
+
+pub async fn run(config: &Config, json: bool) -> u8 {
+    let report = match api::request(&config.state.dir, &Request::Status).await {
+        Ok(Response::Status(report)) => *report,
+        Ok(other) => {
+            eprintln!("error: unexpected answer from the agent: {other:?}");
+            return super::ERROR;
+        }
+        Err(api::ApiError::Unreachable { .. }) => match crate::agent::read_snapshot(&config.state.dir) {
+            Some(report) => report,
+            None => {
+                eprintln!(
+                    "error: the agent is not running and has left no status snapshot in \"{}\"",
+                    config.state.dir.display()
+                );
+                return super::ERROR;
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return super::ERROR;
+        }
+    };
+    if json {
+        super::print_json(&report);
+    } else {
+        print!("{}", render(&report));
+    }
+    if is_negative(&report) { super::NEGATIVE } else { super::OK }
+}
+
+/// Something unhealthy, or the branch's commit failed to deploy.
+pub fn is_negative(report: &StatusReport) -> bool {
+    report.scopes.iter().any(|s| s.health != "healthy") || report.source.failed_commit.is_some()
+}
+
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let agent = if r.agent.running {
+        format!(
+            "running (pid {}, since {}): {}",
+            r.agent.pid.unwrap_or_default(),
+            r.agent.since.as_deref().unwrap_or("-"),
+            r.agent.activity
+        )
+    } else {
+        format!("not running (last snapshot {})", r.agent.reported_at)
+    };
+    out.push_str(&format!("agent:     {agent}\n"));
+    out.push_str(&format!(
+        "source:    {} branch {} (manifest {})\n",
+        r.source.url, r.source.branch, r.source.manifest
+    ));
+    out.push_str(&format!(
+        "commit:    desired {}, deployed {}\n",
+        super::short_opt(&r.source.desired_commit),
+        super::short_opt(&r.source.deployed_commit)
+    ));
+    if let Some(failed) = &r.source.failed_commit {
+        out.push_str(&format!(
+            "failed:    {} is not retried until the branch moves on\n",
+            super::short(failed)
+        ));
+    }
+    let fetch = match (&r.source.last_fetch, &r.source.last_fetch_error) {
+        (_, Some(e)) => format!("failed: {e}"),
+        (Some(at), None) => format!("ok at {at}"),
+        (None, None) => "none yet".to_string(),
+    };
+    out.push_str(&format!(
+        "fetch:     {fetch}; next {}; watch {}\n",
+        r.source.next_fetch.as_deref().unwrap_or("-"),
+        r.source.watch
+    ));
+    if let Some(last) = &r.last_rollout {
+        out.push_str(&format!(
+            "last:      rollout {} of {} {} ({}, {}){}\n",
+            last.id,
+            super::short(&last.commit),
+            last.outcome,
+            last.trigger,
+            last.started,
+            last.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        ));
+    }
+    out.push('\n');
+    if r.scopes.is_empty() {
+        out.push_str("no scope deployed yet\n");
+        return out;
+    }
+    let width = r.scopes.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+    out.push_str(&format!(
+        "{:<width$}  {:<6}  {:<7}  {:<9}  MEMBERS\n",
+        "SCOPE", "OWNER", "RELEASE", "HEALTH"
+    ));
+    for s in &r.scopes {
+        let members: Vec<String> = s.members.iter().map(|m| format!("{} {}", m.name, m.state)).collect();
+        out.push_str(&format!(
+            "{:<width$}  {:<6}  {:<7}  {:<9}  {}\n",
+            s.name,
+            s.owner,
+            super::short(&s.release),
+            s.health,
+            members.join(", ")
+        ));
+        if let Some(detail) = &s.detail {
+            out.push_str(&format!("{:<width$}  ! {detail}\n", ""));
+        }
+    }
+    out
+}

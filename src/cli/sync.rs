@@ -1,0 +1,21 @@
+//! `moorline sync`: wake the running agent to fetch now.
+
+use crate::api::{self, Request, Response};
+use crate::config::Config;
+
+pub async fn run(config: &Config) -> u8 {
+    match api::request(&config.state.dir, &Request::Sync).await {
+        Ok(Response::Synced) => {
+            println!("agent woken: fetching {} now", config.source.branch);
+            super::OK
+        }
+        Ok(other) => {
+            eprintln!("error: unexpected answer from the agent: {other:?}");
+            super::ERROR
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            super::ERROR
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Planning: from a validated manifest, the inputs of each scope at a commit
+//! and the host's recorded state, decide what every scope needs and why.
+//! Pure: no I/O, so every decision is tested on fixtures.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{Manifest, Runtime};
+use crate::store::{HostState, ReleaseRecord};
+
+/// What a scope's deployment depends on at one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeInputs {
+    pub section_text: String,
+    /// `paths` entry (or `*`) → object id, `-` when absent.
+    pub path_ids: BTreeMap<String, String>,
+}
+
+impl ScopeInputs {
+    /// Equal fingerprints mean equal manifest section and equal files.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.section_text.as_bytes());
+        for (path, id) in &self.path_ids {
+            hasher.update(b"\0");
+            hasher.update(path.as_bytes());
+            hasher.update(b"\0");
+            hasher.update(id.as_bytes());
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Restart the scope's members on a (new or reused) release.
+    Deploy,
+    /// The owner changed: stop the old runtime's members, start the new one's.
+    Cutover { from: Runtime },
+    Unchanged,
+    /// The scope left the manifest: stop its members.
+    Remove,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Deploy => "deploy",
+            Action::Cutover { .. } => "cutover",
+            Action::Unchanged => "unchanged",
+            Action::Remove => "remove",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopePlan {
+    pub scope: String,
+    pub owner: Runtime,
+    pub action: Action,
+    pub reason: String,
+    /// The release whose files the scope will run: an existing release
+    /// with identical inputs (no build), else the planned commit.
+    pub release: String,
+    /// Whether the scope's build commands run.
+    pub build: bool,
+    pub fingerprint: String,
+    pub path_ids: BTreeMap<String, String>,
+    pub section_text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub commit: String,
+    /// Every scope of the manifest in deploy order, then removed scopes.
+    pub scopes: Vec<ScopePlan>,
+}
+
+impl Plan {
+    /// Whether running this plan touches anything.
+    pub fn changes_anything(&self) -> bool {
+        self.scopes.iter().any(|s| s.action != Action::Unchanged)
+    }
+
+    /// Whether the planned commit's release directory is needed.
+    pub fn needs_checkout(&self) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| s.action != Action::Unchanged && s.action != Action::Remove && s.release == self.commit)
+    }
+}
+
+pub fn runtime_name(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Native => "native",
+        Runtime::Docker => "docker",
+    }
+}
+
+/// Decide what each scope needs to reach `commit`.
+pub fn plan(
+    commit: &str,
+    manifest: &Manifest,
+    inputs: &BTreeMap<String, ScopeInputs>,
+    host: &HostState,
+    releases: &[ReleaseRecord],
+) -> Plan {
+    let mut scopes = Vec::new();
+    for name in manifest.waves.iter().flatten() {
+        let Some(scope) = manifest.scopes.get(name) else {
+            continue;
+        };
+        let input = inputs.get(name).cloned().unwrap_or(ScopeInputs {
+            section_text: scope.section_text.clone(),
+            path_ids: BTreeMap::new(),
+        });
+        let fingerprint = input.fingerprint();
+        let owner = runtime_name(scope.owner);
+        let (action, reason) = match host.scopes.get(name) {
+            None => (Action::Deploy, "first deploy".to_string()),
+            Some(state) => {
+                let current = &state.current;
+                if current.owner != owner {
+                    let from = if current.owner == "docker" { Runtime::Docker } else { Runtime::Native };
+                    (Action::Cutover { from }, format!("owner changed from {} to {owner}", current.owner))
+                } else if current.section_text != input.section_text {
+                    (Action::Deploy, "manifest section changed".to_string())
+                } else if current.fingerprint != fingerprint {
+                    (Action::Deploy, changed_paths(&current.path_ids, &input.path_ids))
+                } else if !state.healthy {
+                    (Action::Deploy, "last deploy was not healthy; trying again".to_string())
+                } else {
+                    (Action::Unchanged, "unchanged".to_string())
+                }
+            }
+        };
+        let (release, build) = match action {
+            Action::Unchanged => (
+                host.scopes
+                    .get(name)
+                    .map(|s| s.current.release.clone())
+                    .unwrap_or_else(|| commit.to_string()),
+                false,
+            ),
+            _ => match reusable_release(releases, name, &fingerprint) {
+                Some(release) => (release, false),
+                None => (commit.to_string(), true),
+            },
+        };
+        scopes.push(ScopePlan {
+            scope: name.clone(),
+            owner: scope.owner,
+            action,
+            reason,
+            release,
+            build,
+            fingerprint,
+            path_ids: input.path_ids,
+            section_text: input.section_text,
+        });
+    }
+    for (name, state) in host.scopes.iter().rev() {
+        if manifest.scopes.contains_key(name) {
+            continue;
+        }
+        let owner = if state.current.owner == "docker" { Runtime::Docker } else { Runtime::Native };
+        scopes.push(ScopePlan {
+            scope: name.clone(),
+            owner,
+            action: Action::Remove,
+            reason: "scope removed from the manifest".to_string(),
+            release: state.current.release.clone(),
+            build: false,
+            fingerprint: state.current.fingerprint.clone(),
+            path_ids: state.current.path_ids.clone(),
+            section_text: state.current.section_text.clone(),
+        });
+    }
+    Plan {
+        commit: commit.to_string(),
+        scopes,
+    }
+}
+
+/// The newest release in which this scope was built from identical inputs.
+fn reusable_release(releases: &[ReleaseRecord], scope: &str, fingerprint: &str) -> Option<String> {
+    releases
+        .iter()
+        .rev()
+        .find(|r| r.built.get(scope).is_some_and(|f| f == fingerprint))
+        .map(|r| r.commit.clone())
+}
+
+fn changed_paths(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> String {
+    if new.contains_key("*") {
+        return "files changed".to_string();
+    }
+    let changed: Vec<&str> = new
+        .iter()
+        .filter(|(path, id)| old.get(*path) != Some(id))
+        .map(|(path, _)| path.as_str())
+        .collect();
+    if changed.is_empty() {
+        "paths changed".to_string()
+    } else {
+        format!("paths {} changed", changed.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeployedScope, ScopeState, SCHEMA_VERSION};
+
+    const MANIFEST: &str = r#"
+version = 1
+[scopes.infra]
+owner = "native"
+[scopes.infra.native]
+units = ["infra.service"]
+[scopes.api]
+owner = "native"
+after = ["infra"]
+paths = ["services/api/", "packages/"]
+[scopes.api.native]
+units = ["api.service"]
+[scopes.api.docker]
+[[scopes.api.docker.containers]]
+name = "api"
+image = "api"
+[scopes.web]
+owner = "native"
+after = ["api"]
+paths = ["web/"]
+[scopes.web.native]
+units = ["web.service"]
+"#;
+
+    fn manifest(text: &str) -> Manifest {
+        crate::manifest::parse("deploy/moorline.toml", text.as_bytes()).expect("fixture manifest is valid")
+    }
+
+    fn ids(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn inputs(m: &Manifest, api: &str, packages: &str, web: &str, root: &str) -> BTreeMap<String, ScopeInputs> {
+        let mut out = BTreeMap::new();
+        for (name, path_ids) in [
+            ("infra", ids(&[("*", root)])),
+            ("api", ids(&[("services/api/", api), ("packages/", packages)])),
+            ("web", ids(&[("web/", web)])),
+        ] {
+            out.insert(
+                name.to_string(),
+                ScopeInputs {
+                    section_text: m.scopes[name].section_text.clone(),
+                    path_ids,
+                },
+            );
+        }
+        out
+    }
+
+    /// The host state after `plan` was carried out and found healthy.
+    fn deployed(plan: &Plan, owners: &[(&str, &str)]) -> HostState {
+        let mut host = HostState {
+            schema: SCHEMA_VERSION,
+            deployed_commit: Some(plan.commit.clone()),
+            ..HostState::default()
+        };
+        for s in &plan.scopes {
+            let owner = owners
+                .iter()
+                .find(|(n, _)| *n == s.scope)
+                .map(|(_, o)| o.to_string())
+                .unwrap_or_else(|| runtime_name(s.owner).to_string());
+            let current = DeployedScope {
+                owner,
+                release: s.release.clone(),
+                commit: plan.commit.clone(),
+                fingerprint: s.fingerprint.clone(),
+                section_text: s.section_text.clone(),
+                path_ids: s.path_ids.clone(),
+                members: vec![],
+                rollout: 1,
+                at: 0,
+            };
+            host.scopes.insert(
+                s.scope.clone(),
+                ScopeState {
+                    current: current.clone(),
+                    healthy: true,
+                    last_healthy: Some(current),
+                },
+            );
+        }
+        host
+    }
+
+    fn built(commit: &str, plan: &Plan) -> ReleaseRecord {
+        ReleaseRecord {
+            schema: SCHEMA_VERSION,
+            commit: commit.to_string(),
+            created_at: 0,
+            built: plan
+                .scopes
+                .iter()
+                .filter(|s| s.build)
+                .map(|s| (s.scope.clone(), s.fingerprint.clone()))
+                .collect(),
+        }
+    }
+
+    fn summary(plan: &Plan) -> Vec<String> {
+        plan.scopes
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {} release={} build={} ({})",
+                    s.scope,
+                    s.action.as_str(),
+                    s.release,
+                    s.build,
+                    s.reason
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn planning_follows_paths_sections_owners_and_reuses_identical_releases() {
+        let m = manifest(MANIFEST);
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
+        assert_eq!(
+            summary(&first),
+            [
+                "infra deploy release=A build=true (first deploy)",
+                "api deploy release=A build=true (first deploy)",
+                "web deploy release=A build=true (first deploy)",
+            ]
+        );
+        let host = deployed(&first, &[]);
+        let releases = vec![built("A", &first)];
+
+        // Only web/ changed: infra has no paths, so any change is its change.
+        let second = plan("B", &m, &inputs(&m, "a1", "p1", "w2", "r2"), &host, &releases);
+        assert_eq!(
+            summary(&second),
+            [
+                "infra deploy release=B build=true (files changed)",
+                "api unchanged release=A build=false (unchanged)",
+                "web deploy release=B build=true (paths web/ changed)",
+            ]
+        );
+
+        // A revert to A's files reuses release A without a build.
+        let host_b = deployed(&second, &[]);
+        let releases_b = vec![built("A", &first), built("B", &second)];
+        let revert = plan("C", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host_b, &releases_b);
+        assert_eq!(
+            summary(&revert),
+            [
+                "infra deploy release=A build=false (files changed)",
+                "api unchanged release=A build=false (unchanged)",
+                "web deploy release=A build=false (paths web/ changed)",
+            ]
+        );
+
+        // A shared path changes api only.
+        let shared = plan("D", &m, &inputs(&m, "a1", "p2", "w1", "r1"), &host, &releases);
+        assert_eq!(shared.scopes[1].reason, "paths packages/ changed");
+        assert_eq!(shared.scopes[2].action, Action::Unchanged);
+    }
+
+    #[test]
+    fn owner_and_section_changes_and_removed_scopes_are_named() {
+        let m = manifest(MANIFEST);
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
+        let host = deployed(&first, &[("api", "docker")]);
+        let next = plan("B", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(next.scopes[1].action, Action::Cutover { from: Runtime::Docker });
+        assert_eq!(next.scopes[1].reason, "owner changed from docker to native");
+
+        let edited = manifest(&MANIFEST.replace("units = [\"web.service\"]", "units = [\"web2.service\"]"));
+        let host = deployed(&first, &[]);
+        let next = plan("B", &edited, &inputs(&edited, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(summary(&next)[2], "web deploy release=B build=true (manifest section changed)");
+
+        let without_web = manifest(&MANIFEST[..MANIFEST.find("[scopes.web]").expect("fixture has web")]);
+        let next = plan("B", &without_web, &inputs(&without_web, "a1", "p1", "w1", "r1"), &host, &[]);
+        let last = next.scopes.last().expect("a removed scope is planned");
+        assert_eq!((last.scope.as_str(), last.action), ("web", Action::Remove));
+        assert_eq!(last.reason, "scope removed from the manifest");
+    }
+
+    #[test]
+    fn an_unhealthy_scope_is_retried_on_the_next_commit() {
+        let m = manifest(MANIFEST);
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
+        let mut host = deployed(&first, &[]);
+        host.scopes.get_mut("web").expect("web deployed").healthy = false;
+        let next = plan("B", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(next.scopes[2].reason, "last deploy was not healthy; trying again");
+        assert_eq!(next.scopes[2].release, "A");
+    }
+}

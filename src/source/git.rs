@@ -1,0 +1,413 @@
+//! The followed repository, through gix: find the branch's commit, read files
+//! and path ids from a commit's tree without a working checkout, and
+//! materialise a release directory.
+//!
+//! A local source (a path or `file://`) is read in place; a remote one is
+//! fetched into a bare mirror under the state directory. Everything here is
+//! blocking; the agent calls it from `spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::ByteSlice;
+use gix::objs::tree::EntryKind;
+
+use crate::config::{SourceConfig, SourceUrl};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot open repository \"{path}\": {source}")]
+    Open { path: PathBuf, source: BoxError },
+    #[error("branch \"{branch}\" not found in \"{url}\"")]
+    NoBranch { url: String, branch: String },
+    #[error("cannot fetch \"{url}\": {source}")]
+    Fetch { url: String, source: BoxError },
+    #[error("cannot read {what} of commit {commit}: {source}")]
+    Read {
+        commit: String,
+        what: String,
+        source: BoxError,
+    },
+    #[error("revision \"{rev}\" not found: {source}")]
+    Revision { rev: String, source: BoxError },
+    #[error("symlink \"{path}\" in commit {commit} points outside the release (\"{target}\")")]
+    EscapingSymlink {
+        commit: String,
+        path: String,
+        target: String,
+    },
+    #[error("path \"{path}\" in commit {commit} cannot be checked out safely")]
+    UnsafePath { commit: String, path: String },
+    #[error("cannot write release \"{path}\": {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+impl GitError {
+    /// Failures that may pass by themselves (network, a repository being
+    /// rewritten under us) rather than ones a new commit must fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, GitError::Fetch { .. } | GitError::Open { .. })
+    }
+}
+
+/// The followed branch of one repository.
+#[derive(Debug, Clone)]
+pub struct Source {
+    url: SourceUrl,
+    branch: String,
+    /// The repository objects are read from: the source itself when local,
+    /// else the mirror.
+    repo_path: PathBuf,
+}
+
+impl Source {
+    pub fn new(cfg: &SourceConfig, state_dir: &Path) -> Source {
+        let repo_path = match &cfg.url {
+            SourceUrl::Local(path) => path.clone(),
+            SourceUrl::Remote(_) => state_dir.join("mirror.git"),
+        };
+        Source {
+            url: cfg.url.clone(),
+            branch: cfg.branch.clone(),
+            repo_path,
+        }
+    }
+
+    pub fn url_text(&self) -> String {
+        match &self.url {
+            SourceUrl::Local(path) => path.display().to_string(),
+            SourceUrl::Remote(url) => url.clone(),
+        }
+    }
+
+    /// The local repository, when the source is one (watched for pushes).
+    pub fn local_path(&self) -> Option<&Path> {
+        match &self.url {
+            SourceUrl::Local(path) => Some(path),
+            SourceUrl::Remote(_) => None,
+        }
+    }
+
+    fn open(&self) -> Result<gix::Repository, GitError> {
+        gix::open_opts(&self.repo_path, gix::open::Options::isolated()).map_err(|e| GitError::Open {
+            path: self.repo_path.clone(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Bring the branch up to date (a fetch for remote sources) and return
+    /// the full id of its commit.
+    pub fn fetch(&self) -> Result<String, GitError> {
+        if let SourceUrl::Remote(url) = &self.url {
+            self.fetch_into_mirror(url)?;
+        }
+        let repo = self.open()?;
+        let name = format!("refs/heads/{}", self.branch);
+        let no_branch = || GitError::NoBranch {
+            url: self.url_text(),
+            branch: self.branch.clone(),
+        };
+        let mut reference = repo
+            .try_find_reference(name.as_str())
+            .map_err(|e| GitError::Open {
+                path: self.repo_path.clone(),
+                source: Box::new(e),
+            })?
+            .ok_or_else(no_branch)?;
+        let commit = reference.peel_to_commit().map_err(|_| no_branch())?;
+        Ok(commit.id.to_string())
+    }
+
+    fn fetch_into_mirror(&self, url: &str) -> Result<(), GitError> {
+        let fetch_err = |e: BoxError| GitError::Fetch {
+            url: url.to_string(),
+            source: e,
+        };
+        let repo = if self.repo_path.join("HEAD").exists() {
+            self.open()?
+        } else {
+            gix::init_bare(&self.repo_path).map_err(|e| fetch_err(Box::new(e)))?
+        };
+        let spec = format!("+refs/heads/{0}:refs/heads/{0}", self.branch);
+        let remote = repo
+            .remote_at(url)
+            .map_err(|e| fetch_err(Box::new(e)))?
+            .with_refspecs(Some(spec.as_str()), gix::remote::Direction::Fetch)
+            .map_err(|e| fetch_err(Box::new(e)))?;
+        let interrupt = AtomicBool::new(false);
+        remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|e| fetch_err(Box::new(e)))?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|e| fetch_err(Box::new(e)))?
+            .receive(gix::progress::Discard, &interrupt)
+            .map_err(|e| fetch_err(Box::new(e)))?;
+        Ok(())
+    }
+
+    /// Resolve a revision (`main`, a tag, a full or short id) to a commit id.
+    pub fn resolve(&self, rev: &str) -> Result<String, GitError> {
+        let repo = self.open()?;
+        let revision_err = |e: BoxError| GitError::Revision {
+            rev: rev.to_string(),
+            source: e,
+        };
+        let id = repo
+            .rev_parse_single(rev)
+            .map_err(|e| revision_err(Box::new(e)))?;
+        let commit = id
+            .object()
+            .map_err(|e| revision_err(Box::new(e)))?
+            .peel_to_commit()
+            .map_err(|e| revision_err(Box::new(e)))?;
+        Ok(commit.id.to_string())
+    }
+
+    fn tree<'r>(&self, repo: &'r gix::Repository, commit: &str) -> Result<gix::Tree<'r>, GitError> {
+        let read_err = |e: BoxError| GitError::Read {
+            commit: commit.to_string(),
+            what: "the tree".into(),
+            source: e,
+        };
+        let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| read_err(Box::new(e)))?;
+        repo.find_commit(id)
+            .map_err(|e| read_err(Box::new(e)))?
+            .tree()
+            .map_err(|e| read_err(Box::new(e)))
+    }
+
+    /// The contents of `path` at `commit`, or `None` when there is no such file.
+    pub fn read_file(&self, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+        let repo = self.open()?;
+        let tree = self.tree(&repo, commit)?;
+        let read_err = |e: BoxError| GitError::Read {
+            commit: commit.to_string(),
+            what: format!("\"{path}\""),
+            source: e,
+        };
+        let Some(entry) = tree.lookup_entry_by_path(path).map_err(|e| read_err(Box::new(e)))? else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let object = entry.object().map_err(|e| read_err(Box::new(e)))?;
+        Ok(Some(object.detach().data))
+    }
+
+    /// The object id at each of `paths` (trailing `/` allowed), `-` when a
+    /// path does not exist. An empty list means the whole tree, keyed `*`.
+    pub fn path_ids(&self, commit: &str, paths: &[String]) -> Result<BTreeMap<String, String>, GitError> {
+        let repo = self.open()?;
+        let tree = self.tree(&repo, commit)?;
+        let mut out = BTreeMap::new();
+        if paths.is_empty() {
+            out.insert("*".to_string(), tree.id.to_string());
+            return Ok(out);
+        }
+        for path in paths {
+            let trimmed = path.trim_end_matches('/');
+            let id = if trimmed.is_empty() || trimmed == "." {
+                Some(tree.id.to_string())
+            } else {
+                tree.lookup_entry_by_path(trimmed)
+                    .map_err(|e| GitError::Read {
+                        commit: commit.to_string(),
+                        what: format!("\"{path}\""),
+                        source: Box::new(e),
+                    })?
+                    .map(|entry| entry.object_id().to_string())
+            };
+            out.insert(path.clone(), id.unwrap_or_else(|| "-".to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Whether `ancestor` is `descendant` or one of its ancestors.
+    pub fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool, GitError> {
+        if ancestor == descendant {
+            return Ok(true);
+        }
+        let repo = self.open()?;
+        let read_err = |e: BoxError| GitError::Read {
+            commit: descendant.to_string(),
+            what: "the history".into(),
+            source: e,
+        };
+        let (Ok(start), Ok(wanted)) = (
+            gix::ObjectId::from_hex(descendant.as_bytes()),
+            gix::ObjectId::from_hex(ancestor.as_bytes()),
+        ) else {
+            return Ok(false);
+        };
+        let walk = repo.rev_walk([start]).all().map_err(|e| read_err(Box::new(e)))?;
+        for info in walk {
+            let info = info.map_err(|e| read_err(Box::new(e)))?;
+            if info.id == wanted {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Write the tree of `commit` to `dest`, which must not exist yet. Files
+    /// are written to a sibling temporary directory renamed into place at the
+    /// end, so `dest` is either complete or absent.
+    pub fn checkout(&self, commit: &str, dest: &Path) -> Result<(), GitError> {
+        let repo = self.open()?;
+        let tree = self.tree(&repo, commit)?;
+        let mut recorder = gix::traverse::tree::Recorder::default();
+        tree.traverse()
+            .breadthfirst(&mut recorder)
+            .map_err(|e| GitError::Read {
+                commit: commit.to_string(),
+                what: "the tree".into(),
+                source: Box::new(e),
+            })?;
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        let write_err = |path: &Path, source: std::io::Error| GitError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(parent).map_err(|e| write_err(parent, e))?;
+        let staging = parent.join(format!(".partial-{commit}"));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| write_err(&staging, e))?;
+        }
+        std::fs::create_dir(&staging).map_err(|e| write_err(&staging, e))?;
+        let result = self.write_entries(&repo, commit, &recorder.records, &staging);
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        std::fs::rename(&staging, dest).map_err(|e| write_err(dest, e))?;
+        Ok(())
+    }
+
+    fn write_entries(
+        &self,
+        repo: &gix::Repository,
+        commit: &str,
+        entries: &[gix::traverse::tree::recorder::Entry],
+        root: &Path,
+    ) -> Result<(), GitError> {
+        let write_err = |path: &Path, source: std::io::Error| GitError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        for entry in entries {
+            let rel = entry.filepath.to_str_lossy().into_owned();
+            let rel_path = safe_relative(&rel).ok_or_else(|| GitError::UnsafePath {
+                commit: commit.to_string(),
+                path: rel.clone(),
+            })?;
+            let path = root.join(&rel_path);
+            let blob = |id: gix::ObjectId| -> Result<Vec<u8>, GitError> {
+                Ok(repo
+                    .find_blob(id)
+                    .map_err(|e| GitError::Read {
+                        commit: commit.to_string(),
+                        what: format!("\"{rel}\""),
+                        source: Box::new(e),
+                    })?
+                    .detach()
+                    .data)
+            };
+            match entry.mode.kind() {
+                EntryKind::Tree | EntryKind::Commit => {
+                    std::fs::create_dir_all(&path).map_err(|e| write_err(&path, e))?;
+                }
+                kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
+                    let data = blob(entry.oid)?;
+                    let mut file = std::fs::File::create(&path).map_err(|e| write_err(&path, e))?;
+                    file.write_all(&data).map_err(|e| write_err(&path, e))?;
+                    let mode = if kind == EntryKind::BlobExecutable { 0o755 } else { 0o644 };
+                    file.set_permissions(std::fs::Permissions::from_mode(mode))
+                        .map_err(|e| write_err(&path, e))?;
+                }
+                EntryKind::Link => {
+                    let target = String::from_utf8_lossy(&blob(entry.oid)?).into_owned();
+                    if !symlink_stays_inside(&rel_path, &target) {
+                        return Err(GitError::EscapingSymlink {
+                            commit: commit.to_string(),
+                            path: rel,
+                            target,
+                        });
+                    }
+                    symlink(&target, &path).map_err(|e| write_err(&path, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rel` as a path of normal components only.
+fn safe_relative(rel: &str) -> Option<PathBuf> {
+    let path = Path::new(rel);
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) if part != ".git" => out.push(part),
+            _ => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+/// Whether a symlink at `link` (relative to the release root) with `target`
+/// resolves, lexically, to somewhere inside the release.
+pub fn symlink_stays_inside(link: &Path, target: &str) -> bool {
+    let target = Path::new(target);
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: usize = link.components().count().saturating_sub(1);
+    for component in target.components() {
+        match component {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_are_judged_by_where_they_lead() {
+        let cases = [
+            ("a", "b", true),
+            ("dir/a", "../b", true),
+            ("dir/a", "../../b", false),
+            ("a", "../b", false),
+            ("a", "/etc/passwd", false),
+            ("dir/sub/a", "../../x/./y", true),
+            ("dir/a", "x/../../..", false),
+        ];
+        for (link, target, inside) in cases {
+            assert_eq!(symlink_stays_inside(Path::new(link), target), inside, "{link} -> {target}");
+        }
+    }
+
+    #[test]
+    fn only_plain_relative_paths_are_checked_out() {
+        assert_eq!(safe_relative("a/b"), Some(PathBuf::from("a/b")));
+        assert_eq!(safe_relative("../a"), None);
+        assert_eq!(safe_relative("/a"), None);
+        assert_eq!(safe_relative("a/.git/config"), None);
+        assert_eq!(safe_relative(""), None);
+    }
+}

@@ -1,0 +1,457 @@
+//! The only module that knows sled: rollout history, the host's deployed
+//! state and the release registry, as typed records with a schema version.
+//!
+//! Every write is flushed before it returns, so what a caller has been told
+//! is stored survives a crash or a kill.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a stored record changes shape incompatibly.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the history database at \"{path}\": {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("history database at \"{path}\" is in use by another process (is the agent running?)")]
+    Locked { path: PathBuf },
+    #[error("cannot write the history database at \"{path}\": {source}")]
+    Write { path: PathBuf, source: sled::Error },
+    #[error("cannot read the history database at \"{path}\": {source}")]
+    Read { path: PathBuf, source: sled::Error },
+    #[error("record {key:?} in \"{path}\" is unreadable: {source}")]
+    Decode {
+        path: PathBuf,
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("record {key:?} in \"{path}\" has schema version {found}; this moorline reads {SCHEMA_VERSION}")]
+    Schema {
+        path: PathBuf,
+        key: String,
+        found: u32,
+    },
+}
+
+/// How a rollout ended (or that it has not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    InProgress,
+    Succeeded,
+    Failed,
+    RolledBack,
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::InProgress => "in-progress",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// One rollout, as stored and as shown by `history` / `show`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub schema: u32,
+    pub id: u64,
+    pub commit: String,
+    pub previous_commit: Option<String>,
+    /// What woke the agent: "poll", "watch", "webhook", "sync", "startup".
+    pub trigger: String,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    pub finished_at: Option<u64>,
+    pub outcome: Outcome,
+    pub scopes: Vec<ScopeRecord>,
+    pub phases: Vec<PhaseRecord>,
+    pub error: Option<String>,
+    /// The last lines of build output, oldest first.
+    pub build_tail: Vec<String>,
+    /// Intent and result of every side effect, in order.
+    pub journal: Vec<JournalEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScopeRecord {
+    pub scope: String,
+    /// "native" or "docker".
+    pub owner: String,
+    /// "deploy", "cutover", "unchanged", "remove".
+    pub action: String,
+    pub reason: String,
+    /// Commit of the release directory the scope runs after this rollout
+    /// step (may be an older commit when an identical release was reused).
+    pub release: Option<String>,
+    /// Whether the build commands ran for this rollout.
+    pub built: bool,
+    pub members: Vec<String>,
+    /// "switched", "healthy", "rolled-back", "failed: ...", "skipped".
+    pub result: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    /// "fetch", "plan", "prepare", "switch", "verify", "rollback".
+    pub phase: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub at: u64,
+    /// e.g. "restart app-api.service on 1a2b3c4".
+    pub step: String,
+    /// "intent", "done", "failed: ...".
+    pub state: String,
+}
+
+/// What one scope runs now, as the agent last established it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployedScope {
+    pub owner: String,
+    /// Commit whose release directory the scope runs.
+    pub release: String,
+    /// The host commit this state was reached at.
+    pub commit: String,
+    pub fingerprint: String,
+    pub section_text: String,
+    /// `paths` entry → git object id (or "-" when absent) at `commit`.
+    pub path_ids: BTreeMap<String, String>,
+    pub members: Vec<String>,
+    pub rollout: u64,
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScopeState {
+    pub current: DeployedScope,
+    /// Whether `current` passed verification.
+    pub healthy: bool,
+    /// The last state that passed verification (equal to `current` when healthy).
+    pub last_healthy: Option<DeployedScope>,
+}
+
+/// The host as the agent last left it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostState {
+    pub schema: u32,
+    /// The last commit the host was fully brought to.
+    pub deployed_commit: Option<String>,
+    /// A commit that failed and is not retried until the branch moves on.
+    pub failed_commit: Option<String>,
+    pub scopes: BTreeMap<String, ScopeState>,
+}
+
+/// A checked-out release directory and what was built in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub schema: u32,
+    pub commit: String,
+    pub created_at: u64,
+    /// scope → fingerprint of the inputs it was built from.
+    pub built: BTreeMap<String, String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    rollouts: sled::Tree,
+    state: sled::Tree,
+    releases: sled::Tree,
+}
+
+const HOST_KEY: &[u8] = b"host";
+
+impl Store {
+    /// Open (creating) the database at `dir/history`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("history");
+        let db = sled::Config::new().path(&path).open().map_err(|source| {
+            if is_lock_error(&source) {
+                StoreError::Locked { path: path.clone() }
+            } else {
+                StoreError::Open {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let open_tree = |name: &str| {
+            db.open_tree(name).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(Store {
+            rollouts: open_tree("rollouts")?,
+            state: open_tree("state")?,
+            releases: open_tree("releases")?,
+            path,
+            db,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("records always serialize");
+        tree.insert(key, bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.flush()
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(&self, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+        let key_text = key_name(key);
+        #[derive(Deserialize)]
+        struct Version {
+            schema: u32,
+        }
+        let version: Version = serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+            path: self.path.clone(),
+            key: key_text.clone(),
+            source,
+        })?;
+        if version.schema != SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                path: self.path.clone(),
+                key: key_text,
+                found: version.schema,
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+            path: self.path.clone(),
+            key: key_text,
+            source,
+        })
+    }
+
+    fn read_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Read {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The id the next rollout gets: one more than the newest stored.
+    pub fn next_rollout_id(&self) -> Result<u64, StoreError> {
+        let last = self.rollouts.last().map_err(|e| self.read_err(e))?;
+        Ok(match last {
+            Some((key, _)) => id_from_key(&key) + 1,
+            None => 1,
+        })
+    }
+
+    pub fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
+        self.put(&self.rollouts, &record.id.to_be_bytes(), record)
+    }
+
+    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError> {
+        let key = id.to_be_bytes();
+        match self.rollouts.get(key).map_err(|e| self.read_err(e))? {
+            Some(bytes) => self.decode(&key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Newest first; `scope` keeps only rollouts that touched that scope.
+    pub fn rollouts(&self, scope: Option<&str>, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.rollouts.iter().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, bytes) = item.map_err(|e| self.read_err(e))?;
+            let record: RolloutRecord = self.decode(&key, &bytes)?;
+            let touches = |s: &str| record.scopes.iter().any(|r| r.scope == s && r.action != "unchanged");
+            if scope.is_none_or(touches) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rollouts still marked in progress: a previous agent died during them.
+    pub fn unfinished_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.rollouts.iter().rev() {
+            let (key, bytes) = item.map_err(|e| self.read_err(e))?;
+            let record: RolloutRecord = self.decode(&key, &bytes)?;
+            if record.outcome == Outcome::InProgress {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn host(&self) -> Result<HostState, StoreError> {
+        match self.state.get(HOST_KEY).map_err(|e| self.read_err(e))? {
+            Some(bytes) => self.decode(HOST_KEY, &bytes),
+            None => Ok(HostState {
+                schema: SCHEMA_VERSION,
+                ..HostState::default()
+            }),
+        }
+    }
+
+    pub fn put_host(&self, host: &HostState) -> Result<(), StoreError> {
+        self.put(&self.state, HOST_KEY, host)
+    }
+
+    pub fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.releases.iter() {
+            let (key, bytes) = item.map_err(|e| self.read_err(e))?;
+            out.push(self.decode(&key, &bytes)?);
+        }
+        out.sort_by_key(|r: &ReleaseRecord| r.created_at);
+        Ok(out)
+    }
+
+    pub fn put_release(&self, release: &ReleaseRecord) -> Result<(), StoreError> {
+        self.put(&self.releases, release.commit.as_bytes(), release)
+    }
+
+    pub fn remove_release(&self, commit: &str) -> Result<(), StoreError> {
+        self.releases
+            .remove(commit.as_bytes())
+            .map_err(|source| StoreError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.flush()
+    }
+}
+
+fn id_from_key(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = key.len().min(8);
+    bytes[8 - n..].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(bytes)
+}
+
+fn key_name(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) if text.chars().all(|c| !c.is_control()) => text.to_string(),
+        _ => format!("rollout {}", id_from_key(key)),
+    }
+}
+
+fn is_lock_error(error: &sled::Error) -> bool {
+    match error {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock")
+        }
+        _ => false,
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, scope: &str, outcome: Outcome) -> RolloutRecord {
+        RolloutRecord {
+            schema: SCHEMA_VERSION,
+            id,
+            commit: format!("{id:040x}"),
+            previous_commit: None,
+            trigger: "poll".into(),
+            started_at: id,
+            finished_at: None,
+            outcome,
+            scopes: vec![ScopeRecord {
+                scope: scope.into(),
+                owner: "native".into(),
+                action: "deploy".into(),
+                reason: "first deploy".into(),
+                release: None,
+                built: true,
+                members: vec![],
+                result: None,
+            }],
+            phases: vec![],
+            error: None,
+            build_tail: vec![],
+            journal: vec![],
+        }
+    }
+
+    #[test]
+    fn rollouts_are_listed_newest_first_and_filtered_by_scope() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        assert_eq!(store.next_rollout_id().expect("id"), 1);
+        for (id, scope) in [(1, "web"), (2, "api"), (3, "web")] {
+            store.put_rollout(&record(id, scope, Outcome::Succeeded)).expect("put");
+        }
+        assert_eq!(store.next_rollout_id().expect("id"), 4);
+        let all: Vec<u64> = store.rollouts(None, 10).expect("list").iter().map(|r| r.id).collect();
+        assert_eq!(all, vec![3, 2, 1]);
+        let web: Vec<u64> = store.rollouts(Some("web"), 10).expect("list").iter().map(|r| r.id).collect();
+        assert_eq!(web, vec![3, 1]);
+        let limited: Vec<u64> = store.rollouts(None, 1).expect("list").iter().map(|r| r.id).collect();
+        assert_eq!(limited, vec![3]);
+    }
+
+    #[test]
+    fn records_survive_reopening_and_unfinished_ones_are_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.put_rollout(&record(1, "web", Outcome::Succeeded)).expect("put");
+            store.put_rollout(&record(2, "web", Outcome::InProgress)).expect("put");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let unfinished: Vec<u64> = store.unfinished_rollouts().expect("scan").iter().map(|r| r.id).collect();
+        assert_eq!(unfinished, vec![2]);
+        assert_eq!(store.rollout(1).expect("get"), Some(record(1, "web", Outcome::Succeeded)));
+    }
+
+    #[test]
+    fn a_record_from_another_schema_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut r = record(7, "web", Outcome::Failed);
+        r.schema = 99;
+        store.put_rollout(&r).expect("put");
+        let err = store.rollout(7).expect_err("schema 99 must be refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "record \"rollout 7\" in \"{}\" has schema version 99; this moorline reads 1",
+                dir.path().join("history").display()
+            )
+        );
+    }
+}

@@ -1,0 +1,329 @@
+//! A host for end-to-end tests: a private systemd user manager, a bare git
+//! repository with a work clone made from `deploy-manifests/webapp`, a host
+//! config and the real `moorline` binary running as the agent.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::user_manager::UserManager;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_moorline");
+
+/// Wait until `probe` returns `Some`, or panic with `what` after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Spread tests over the range so two bound-then-released ports of
+    // concurrent tests do not collide.
+    let _ = NEXT.fetch_add(1, Ordering::SeqCst);
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// GET `path` on a loopback port; `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
+        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        output.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read example dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy example file");
+        }
+    }
+}
+
+pub struct Host {
+    pub um: UserManager,
+    pub root: TempDir,
+    pub web_port: u16,
+    pub api_port: u16,
+    agent: Option<Child>,
+    agent_runs: u32,
+}
+
+impl Host {
+    /// A host whose example repository has one commit, not yet deployed.
+    pub fn new() -> Host {
+        let um = UserManager::start();
+        let root = tempfile::Builder::new().prefix("moorline-e2e-").tempdir().expect("tempdir");
+        let host = Host {
+            um,
+            root,
+            web_port: free_port(),
+            api_port: free_port(),
+            agent: None,
+            agent_runs: 0,
+        };
+        let work = host.work();
+        std::fs::create_dir_all(&work).expect("mkdir work");
+        copy_tree(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy-manifests/webapp"),
+            &work,
+        );
+        host.retarget_ports();
+        git(host.root.path(), &["init", "-q", "--bare", "-b", "main", "app.git"]);
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["remote", "add", "origin", host.bare().to_str().expect("utf-8 path")]);
+        host.commit_and_push("initial import", |_| {});
+        let config = format!(
+            "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"60s\"\n\n[trigger]\nwatch = false\n\n[state]\ndir = \"{}\"\n",
+            host.bare().display(),
+            host.state_dir().display()
+        );
+        std::fs::create_dir_all(host.home().join(".config/moorline")).expect("mkdir config");
+        std::fs::write(host.config_path(), config).expect("write config");
+        host
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.root.path().join("home")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.root.path().join("work")
+    }
+    pub fn bare(&self) -> PathBuf {
+        self.root.path().join("app.git")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.home().join(".local/share/moorline")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.home().join(".config/moorline/config.toml")
+    }
+    pub fn build_log(&self) -> PathBuf {
+        self.root.path().join("builds.log")
+    }
+
+    /// Rewrite the example's fixed ports to this host's own.
+    fn retarget_ports(&self) {
+        let work = self.work();
+        for file in [
+            "deploy/moorline.toml",
+            "deploy/units/app-api.service",
+            "deploy/units/app-web.service",
+        ] {
+            let path = work.join(file);
+            let text = std::fs::read_to_string(&path).expect("read example file");
+            let text = text
+                .replace("14000", &self.api_port.to_string())
+                .replace("18080", &self.web_port.to_string());
+            std::fs::write(&path, text).expect("write example file");
+        }
+    }
+
+    /// Edit the work tree with `edit`, commit everything, push; the new
+    /// commit's id.
+    pub fn commit_and_push(&self, message: &str, edit: impl FnOnce(&Path)) -> String {
+        let work = self.work();
+        edit(&work);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "--allow-empty", "-m", message]);
+        git(&work, &["push", "-q", "origin", "main"]);
+        git(&work, &["rev-parse", "HEAD"])
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        let path = self.work().join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(path, text).expect("write work file");
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", self.config_path().to_str().expect("utf-8 path")])
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.home())
+            .env("MOORLINE_BUILD_LOG", self.build_log())
+            .env("MOORLINE_LOG", "info");
+        for (key, value) in self.um.env() {
+            cmd.env(key, value);
+        }
+        cmd
+    }
+
+    /// Run a CLI command to completion.
+    pub fn moorline(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("moorline runs")
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let output = self.moorline(args);
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "moorline {args:?} printed no JSON ({e}): stdout {} stderr {}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    }
+
+    pub fn agent_log_path(&self, run: u32) -> PathBuf {
+        self.root.path().join(format!("agent-{run}.log"))
+    }
+
+    pub fn agent_log(&self) -> String {
+        (1..=self.agent_runs)
+            .map(|run| std::fs::read_to_string(self.agent_log_path(run)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n--- agent restarted ---\n")
+    }
+
+    /// Start `moorline agent` and wait until its control socket answers.
+    pub fn start_agent(&mut self) {
+        self.agent_runs += 1;
+        let log = std::fs::File::create(self.agent_log_path(self.agent_runs)).expect("agent log");
+        let child = self
+            .command(&["agent"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent starts");
+        self.agent = Some(child);
+        wait_for("the agent's control socket", Duration::from_secs(20), || {
+            if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the agent exited with {status}:\n{}", self.agent_log());
+            }
+            self.status_running().then_some(())
+        });
+    }
+
+    fn status_running(&self) -> bool {
+        let output = self.moorline(&["status", "--json"]);
+        serde_json::from_slice::<Value>(&output.stdout)
+            .map(|v| v["agent"]["running"] == Value::Bool(true))
+            .unwrap_or(false)
+    }
+
+    /// Stop the agent with SIGTERM (as systemd would) and wait for it.
+    pub fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kill the agent with SIGKILL.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn sync(&self) {
+        let output = self.moorline(&["sync"]);
+        assert!(
+            output.status.success(),
+            "sync failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn history(&self) -> Vec<Value> {
+        match self.json(&["history", "--json", "--limit", "1000"]) {
+            Value::Array(items) => items,
+            other => panic!("history is not a list: {other}"),
+        }
+    }
+
+    /// Wait until a finished rollout of `commit` is in history; return it.
+    pub fn wait_rollout(&self, commit: &str) -> Value {
+        wait_for(&format!("a finished rollout of {commit}"), Duration::from_secs(90), || {
+            self.history()
+                .into_iter()
+                .find(|r| r["commit"] == commit && r["outcome"] != "in-progress")
+        })
+    }
+
+    pub fn unit_property(&self, unit: &str, property: &str) -> String {
+        let output = self.um.systemctl(&["show", "-p", property, "--value", unit]);
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    pub fn builds(&self) -> Vec<String> {
+        std::fs::read_to_string(self.build_log())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn api(&self) -> Option<(u16, String)> {
+        http_get(self.api_port, "/health")
+    }
+
+    pub fn web(&self) -> Option<(u16, String)> {
+        http_get(self.web_port, "/")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop_agent();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.agent_log());
+        }
+    }
+}
