@@ -15,6 +15,8 @@ use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 const DROPIN_NAME: &str = "50-moorline.conf";
 /// Interval between two looks at a unit that is settling.
 const SETTLE_POLL: Duration = Duration::from_millis(50);
+/// How long `settle` waits for a unit that is stopping to reach the state it reports.
+const DEACTIVATING_GRACE: Duration = Duration::from_secs(5);
 /// D-Bus error systemd answers for a unit that is not loaded.
 const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
 
@@ -450,7 +452,17 @@ impl Systemd {
         let mut ticker = tokio::time::interval(SETTLE_POLL);
         let mut state = baseline.clone();
         loop {
-            if let Some(detail) = settle_failure(unit, &baseline, &state, started.elapsed()) {
+            let elapsed = started.elapsed();
+            if settle_failure(unit, &baseline, &state, elapsed).is_some() {
+                // Report where the unit went (failed, inactive, auto-restart), not the stop
+                // in progress: its processes may take a moment to be gone.
+                let deadline = Instant::now() + DEACTIVATING_GRACE;
+                while state.active_state == "deactivating" && Instant::now() < deadline {
+                    ticker.tick().await;
+                    state = read_state(unit, &proxy, service.as_ref()).await?;
+                }
+            }
+            if let Some(detail) = settle_failure(unit, &baseline, &state, elapsed) {
                 info!(unit = %unit, %detail, "unit did not settle");
                 return Err(SystemdError::DidNotSettle {
                     unit: unit.to_owned(),
@@ -509,6 +521,11 @@ fn settle_failure(
     if !matches!(now.active_state.as_str(), "active" | "reloading") {
         let why = if now.result.is_empty() {
             now.sub_state.clone()
+        } else if now.sub_state == "auto-restart" {
+            format!(
+                "{}, status {}, systemd will restart it",
+                now.result, now.exec_main_status
+            )
         } else {
             format!("{}, status {}", now.result, now.exec_main_status)
         };
@@ -819,6 +836,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn restart_of_a_notify_service_waits_until_it_is_ready() {
+        let manager = UserManager::start();
+        let unit = "moorline-test-notify.service";
+        // Ready only after 1 s; the job (and so `restart`) must last that long.
+        let unit_text = "[Service]\nType=notify\nExecStart=/usr/bin/python3 -c \"\
+            import os, socket, time; time.sleep(1); \
+            a = os.environ['NOTIFY_SOCKET']; \
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
+            s.connect(chr(0) + a[1:] if a[0] == '@' else a); \
+            s.send(b'READY=1'); time.sleep(1000)\"\n";
+        let systemd = connect_with_units(&manager, &[(unit, unit_text)]).await;
+        let started = Instant::now();
+        systemd
+            .restart(unit)
+            .await
+            .expect("the service becomes ready");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let state = systemd.unit_state(unit).await.expect("queries");
+        assert_eq!(
+            (state.active_state.as_str(), state.sub_state.as_str()),
+            ("active", "running")
+        );
+    }
+
+    #[tokio::test]
     async fn a_failing_unit_names_the_unit_and_the_job_result() {
         let manager = UserManager::start();
         let unit = "moorline-test-fails.service";
@@ -1052,6 +1098,72 @@ mod tests {
             parse_dropin("Environment=A=b\n"),
             Err("unexpected 'A' outside quotes".to_owned())
         );
+    }
+
+    #[test]
+    fn settle_failures_say_where_the_unit_went() {
+        let up = UnitState {
+            load_state: "loaded".to_owned(),
+            active_state: "active".to_owned(),
+            sub_state: "running".to_owned(),
+            invocation_id: "aa".to_owned(),
+            n_restarts: 0,
+            main_pid: 42,
+            exec_main_status: 0,
+            active_enter_usec: 1,
+            result: "success".to_owned(),
+        };
+        let with = |f: &dyn Fn(&mut UnitState)| {
+            let mut state = up.clone();
+            f(&mut state);
+            state
+        };
+        let cases = [
+            (up.clone(), None),
+            (with(&|s| s.active_state = "reloading".to_owned()), None),
+            (
+                with(&|s| {
+                    s.active_state = "failed".to_owned();
+                    s.sub_state = "failed".to_owned();
+                    s.result = "exit-code".to_owned();
+                    s.exec_main_status = 1;
+                }),
+                Some(r#""a.service" left active state after 1.9s: failed (exit-code, status 1)"#),
+            ),
+            (
+                with(&|s| {
+                    s.active_state = "activating".to_owned();
+                    s.sub_state = "auto-restart".to_owned();
+                    s.result = "signal".to_owned();
+                    s.exec_main_status = 9;
+                }),
+                Some(
+                    r#""a.service" left active state after 1.9s: activating (signal, status 9, systemd will restart it)"#,
+                ),
+            ),
+            (
+                with(&|s| {
+                    s.active_state = "inactive".to_owned();
+                    s.sub_state = "dead".to_owned();
+                    s.result = String::new();
+                }),
+                Some(r#""a.service" left active state after 1.9s: inactive (dead)"#),
+            ),
+            (
+                with(&|s| {
+                    s.invocation_id = "bb".to_owned();
+                    s.n_restarts = 1;
+                }),
+                Some(r#""a.service" was restarted by systemd after 1.9s (restart count 0 -> 1)"#),
+            ),
+        ];
+        for (now, expected) in cases {
+            assert_eq!(
+                settle_failure("a.service", &up, &now, Duration::from_millis(1930)).as_deref(),
+                expected,
+                "{now:?}"
+            );
+        }
     }
 
     #[test]
