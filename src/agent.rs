@@ -366,8 +366,8 @@ mod tests {
         let poll = Duration::from_secs(60);
         assert_eq!(next_delay(poll, 0, 0), Duration::from_secs(54));
         assert_eq!(next_delay(poll, 0, 12_000), Duration::from_secs(66));
-        assert_eq!(next_delay(poll, 1, 6_000), Duration::from_secs(120));
-        assert_eq!(next_delay(poll, 3, 24_000), Duration::from_secs(480));
+        assert_eq!(next_delay(poll, 1, 12_000), Duration::from_secs(120));
+        assert_eq!(next_delay(poll, 3, 48_000), Duration::from_secs(480));
         assert_eq!(next_delay(poll, 10, 90_000), Duration::from_secs(900));
         assert_eq!(next_delay(Duration::from_secs(3600), 5, 360_000), Duration::from_secs(3600));
     }

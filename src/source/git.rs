@@ -385,6 +385,133 @@ pub fn symlink_stays_inside(link: &Path, target: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
+    use std::time::Duration;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "T")
+            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+            .env("GIT_COMMITTER_NAME", "T")
+            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+            .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+            .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", dir)
+            .output()
+            .expect("git runs");
+        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn source(url: SourceUrl, state: &Path) -> Source {
+        Source::new(
+            &SourceConfig {
+                url,
+                branch: "main".into(),
+                manifest: "deploy/moorline.toml".into(),
+                poll: Duration::from_secs(60),
+                allow_force_push: false,
+            },
+            state,
+        )
+    }
+
+    /// A bare repository with two commits pushed from a work clone.
+    fn fixture(dir: &Path) -> (PathBuf, String, String) {
+        let work = dir.join("work");
+        std::fs::create_dir_all(work.join("services/api")).expect("mkdir");
+        git(dir, &["init", "-q", "--bare", "-b", "main", "app.git"]);
+        git(&work, &["init", "-q", "-b", "main"]);
+        std::fs::write(work.join("services/api/app.py"), "print(1)\n").expect("write");
+        std::fs::write(work.join("run.sh"), "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(work.join("run.sh"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        symlink("services/api/app.py", work.join("app-link")).expect("symlink");
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "one"]);
+        let first = git(&work, &["rev-parse", "HEAD"]);
+        std::fs::write(work.join("README"), "readme\n").expect("write");
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "two"]);
+        let second = git(&work, &["rev-parse", "HEAD"]);
+        let bare = dir.join("app.git");
+        git(&work, &["push", "-q", bare.to_str().expect("utf-8"), "main"]);
+        (bare, first, second)
+    }
+
+    #[test]
+    fn a_local_repository_is_read_without_a_checkout_and_checked_out_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bare, first, second) = fixture(dir.path());
+        let src = source(SourceUrl::Local(bare), dir.path());
+        assert_eq!(src.fetch().expect("fetch"), second);
+        assert_eq!(src.resolve(&first[..8]).expect("short id"), first);
+        assert_eq!(src.resolve("main").expect("branch"), second);
+        assert_eq!(
+            src.read_file(&first, "services/api/app.py").expect("read"),
+            Some(b"print(1)\n".to_vec())
+        );
+        assert_eq!(src.read_file(&first, "README").expect("read"), None);
+
+        let paths = vec!["services/api/".to_string(), "docs/".to_string()];
+        let one = src.path_ids(&first, &paths).expect("ids");
+        let two = src.path_ids(&second, &paths).expect("ids");
+        assert_eq!(one, two, "README is outside both paths");
+        assert_eq!(one["docs/"], "-");
+        assert_ne!(src.path_ids(&first, &[]).expect("ids"), src.path_ids(&second, &[]).expect("ids"));
+
+        assert!(src.is_ancestor(&first, &second).expect("walk"));
+        assert!(!src.is_ancestor(&second, &first).expect("walk"));
+
+        let dest = dir.path().join("releases").join(&first);
+        src.checkout(&first, &dest).expect("checkout");
+        assert_eq!(std::fs::read_to_string(dest.join("services/api/app.py")).expect("file"), "print(1)\n");
+        let mode = std::fs::metadata(dest.join("run.sh")).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(std::fs::read_link(dest.join("app-link")).expect("link"), Path::new("services/api/app.py"));
+        assert!(!dir.path().join("releases").join(format!(".partial-{first}")).exists());
+    }
+
+    #[test]
+    fn a_symlink_leaving_the_release_fails_the_checkout_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bare, _, _) = fixture(dir.path());
+        let work = dir.path().join("work");
+        symlink("../../etc/passwd", work.join("escape")).expect("symlink");
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "escape"]);
+        git(&work, &["push", "-q", bare.to_str().expect("utf-8"), "main"]);
+        let src = source(SourceUrl::Local(bare), dir.path());
+        let head = src.fetch().expect("fetch");
+        let dest = dir.path().join("releases").join(&head);
+        let err = src.checkout(&head, &dest).expect_err("escaping symlink");
+        assert_eq!(
+            err.to_string(),
+            format!("symlink \"escape\" in commit {head} points outside the release (\"../../etc/passwd\")")
+        );
+        assert!(!dest.exists());
+        assert!(!dir.path().join("releases").join(format!(".partial-{head}")).exists());
+    }
+
+    #[test]
+    fn a_missing_branch_or_repository_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bare, _, _) = fixture(dir.path());
+        let mut src = source(SourceUrl::Local(bare.clone()), dir.path());
+        src.branch = "release/9".into();
+        assert_eq!(
+            src.fetch().expect_err("no branch").to_string(),
+            format!("branch \"release/9\" not found in \"{}\"", bare.display())
+        );
+        let nowhere = dir.path().join("nowhere.git");
+        let err = source(SourceUrl::Local(nowhere.clone()), dir.path()).fetch().expect_err("no repo");
+        assert!(
+            err.to_string().starts_with(&format!("cannot open repository \"{}\": ", nowhere.display())),
+            "{err}"
+        );
+    }
 
     #[test]
     fn symlinks_are_judged_by_where_they_lead() {
