@@ -167,18 +167,8 @@ impl Systemd {
     /// else `$XDG_RUNTIME_DIR/bus`); unit files go to `$XDG_CONFIG_HOME/systemd/user`
     /// (else `~/.config/systemd/user`).
     pub async fn connect() -> Result<Systemd, SystemdError> {
-        let env = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty());
-        let address = match (env("DBUS_SESSION_BUS_ADDRESS"), env("XDG_RUNTIME_DIR")) {
-            (Some(address), _) => address.to_string_lossy().into_owned(),
-            (None, Some(runtime)) => format!("unix:path={}/bus", Path::new(&runtime).display()),
-            (None, None) => return Err(SystemdError::NoBusAddress),
-        };
-        let config_home = match (env("XDG_CONFIG_HOME"), env("HOME")) {
-            (Some(config), _) => PathBuf::from(config),
-            (None, Some(home)) => PathBuf::from(home).join(".config"),
-            (None, None) => return Err(SystemdError::NoUnitDir),
-        };
-        Systemd::connect_to(&address, config_home.join("systemd/user")).await
+        let (address, unit_dir) = locate_user_manager(|name| std::env::var_os(name))?;
+        Systemd::connect_to(&address, unit_dir).await
     }
 
     /// Connects to the user manager on the bus at `bus_address`, with unit files in `unit_dir`.
@@ -479,6 +469,24 @@ impl Systemd {
     }
 }
 
+/// The user bus address and unit directory that `env` (the process environment) points at.
+fn locate_user_manager(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(String, PathBuf), SystemdError> {
+    let env = |name: &str| env(name).filter(|value| !value.is_empty());
+    let address = match (env("DBUS_SESSION_BUS_ADDRESS"), env("XDG_RUNTIME_DIR")) {
+        (Some(address), _) => address.to_string_lossy().into_owned(),
+        (None, Some(runtime)) => format!("unix:path={}/bus", Path::new(&runtime).display()),
+        (None, None) => return Err(SystemdError::NoBusAddress),
+    };
+    let config_home = match (env("XDG_CONFIG_HOME"), env("HOME")) {
+        (Some(config), _) => PathBuf::from(config),
+        (None, Some(home)) => PathBuf::from(home).join(".config"),
+        (None, None) => return Err(SystemdError::NoUnitDir),
+    };
+    Ok((address, config_home.join("systemd/user")))
+}
+
 async fn read_state(
     unit: &str,
     proxy: &UnitProxy<'_>,
@@ -776,6 +784,32 @@ mod tests {
         assert!(
             env.contains(&format!("MOORLINE_COMMIT={commit}").as_str()),
             "{env:?}"
+        );
+
+        // The next rollout rewrites the drop-in in place.
+        let next = "89abcdef0123456789abcdef0123456789abcdef";
+        assert!(
+            systemd
+                .write_dropin(unit, &release, next)
+                .await
+                .expect("writes")
+        );
+        assert_eq!(
+            systemd.read_dropin(unit).await.expect("reads"),
+            Some((release.clone(), next.to_owned()))
+        );
+
+        let missing = releases.path().join("missing.service");
+        let error = systemd
+            .install_unit_file(&missing, unit)
+            .await
+            .expect_err("there is no such file");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot read unit file {missing:?} for \"moorline-test-dropin.service\": \
+                 No such file or directory (os error 2)"
+            )
         );
     }
 
@@ -1163,6 +1197,49 @@ mod tests {
                 expected,
                 "{now:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_user_manager_is_found_from_the_environment() {
+        type Vars = &'static [(&'static str, &'static str)];
+        type Found = Result<(&'static str, &'static str), &'static str>;
+        let cases: &[(Vars, Found)] = &[
+            (
+                &[
+                    ("DBUS_SESSION_BUS_ADDRESS", "unix:path=/b"),
+                    ("XDG_RUNTIME_DIR", "/run/user/7"),
+                    ("XDG_CONFIG_HOME", "/c"),
+                    ("HOME", "/h"),
+                ],
+                Ok(("unix:path=/b", "/c/systemd/user")),
+            ),
+            (
+                &[("XDG_RUNTIME_DIR", "/run/user/7"), ("HOME", "/h")],
+                Ok(("unix:path=/run/user/7/bus", "/h/.config/systemd/user")),
+            ),
+            (
+                &[("DBUS_SESSION_BUS_ADDRESS", ""), ("HOME", "/h")],
+                Err(
+                    "cannot find the user bus: neither DBUS_SESSION_BUS_ADDRESS nor XDG_RUNTIME_DIR is set",
+                ),
+            ),
+            (
+                &[("XDG_RUNTIME_DIR", "/r")],
+                Err("cannot find the user unit directory: neither XDG_CONFIG_HOME nor HOME is set"),
+            ),
+        ];
+        for (vars, expected) in cases {
+            let found = locate_user_manager(|name| {
+                vars.iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.into())
+            });
+            let found = found
+                .as_ref()
+                .map(|(address, dir)| (address.as_str(), dir.to_str().expect("utf-8")))
+                .map_err(|e| e.to_string());
+            assert_eq!(found, expected.map_err(str::to_owned), "{vars:?}");
         }
     }
 
