@@ -3,6 +3,7 @@
 //! through the user manager, then held to the settle window.
 
 use std::path::Path;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 
@@ -47,11 +48,19 @@ pub async fn switch(
         .step("reload the user manager".to_string(), sd.daemon_reload())
         .await
         .map_err(|e| e.to_string())?;
+    // systemd's own start timeout may be infinite; the rollout's is not.
+    let limit = scope.health_timeout.max(Duration::from_secs(30));
     for unit in &native.units {
-        journal
-            .step(format!("restart {unit} on {short}"), sd.restart(unit))
-            .await
-            .map_err(|e| e.to_string())?;
+        let restart = async {
+            match tokio::time::timeout(limit, sd.restart(unit)).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "restart of \"{unit}\" did not finish within {}",
+                    humantime::format_duration(limit)
+                )),
+            }
+        };
+        journal.step(format!("restart {unit} on {short}"), restart).await?;
     }
     Ok(())
 }
