@@ -122,6 +122,12 @@ pub enum DockerError {
         detail: String,
         transient: bool,
     },
+    #[error("cannot list the containers of source {source_label:?}: {detail}")]
+    List {
+        source_label: String,
+        detail: String,
+        transient: bool,
+    },
     #[error("container {container:?} did not settle: {detail}")]
     DidNotSettle { container: String, detail: String },
 }
@@ -132,9 +138,9 @@ impl DockerError {
     pub fn is_transient(&self) -> bool {
         match self {
             DockerError::Unreachable { .. } => true,
-            DockerError::Image { transient, .. } | DockerError::Container { transient, .. } => {
-                *transient
-            }
+            DockerError::Image { transient, .. }
+            | DockerError::Container { transient, .. }
+            | DockerError::List { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -311,6 +317,8 @@ impl Docker {
         // A context the walker could not read explains any upload failure best.
         match writer.await {
             Ok(Ok(entries)) => debug!(image = %tag, entries, "sent the build context"),
+            // The engine gave up before reading it all: its own error says why.
+            Ok(Err(e)) if failure.is_some() && e.is_abandoned() => {}
             Ok(Err(e)) => return Err(context_error(e.to_string())),
             Err(e) => return Err(context_error(format!("the archive writer stopped: {e}"))),
         }
@@ -449,11 +457,8 @@ impl Docker {
             ..Default::default()
         };
 
-        if self.inspect_raw(name).await?.is_some() {
-            return Err(DockerError::AlreadyExists {
-                container: name.to_string(),
-            });
-        }
+        // The engine refuses a taken name (409); asking first by inspecting
+        // would also match a container whose id merely starts with the name.
         let client = self.client().await?;
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
@@ -570,10 +575,17 @@ impl Docker {
             filters: Some(HashMap::from([("label".to_string(), label_filters)])),
             ..Default::default()
         };
-        let summaries = client
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| self.container_error("list", &format!("{LABEL_SOURCE}={source}"), e))?;
+        let summaries = match client.list_containers(Some(options)).await {
+            Ok(summaries) => summaries,
+            Err(e) if is_connection_error(&e) => return Err(self.unreachable(&e)),
+            Err(e) => {
+                return Err(DockerError::List {
+                    source_label: source.to_string(),
+                    transient: is_transient_status(&e),
+                    detail: describe(&e),
+                });
+            }
+        };
         let mut states = Vec::new();
         for summary in summaries {
             let Some(id) = summary.id else { continue };

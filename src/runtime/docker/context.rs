@@ -21,6 +21,13 @@ pub enum ContextError {
     TooLarge { path: PathBuf },
 }
 
+impl ContextError {
+    /// Whether writing stopped because the reader went away.
+    pub fn is_abandoned(&self) -> bool {
+        matches!(self, ContextError::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
 /// One piece of a compiled pattern; semantics follow moby's `patternmatcher`,
 /// which translates patterns to these regular-expression fragments.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -556,7 +556,7 @@ async fn settle_follows_the_healthcheck() {
     let fx = Fixture::new().await;
     let dockerfile = "FROM scratch
 COPY busybox /bin/busybox
-HEALTHCHECK --interval=1s --timeout=2s --retries=1 \\
+HEALTHCHECK --interval=2s --timeout=2s --retries=1 \\
   CMD [\"/bin/busybox\", \"sh\", \"-c\", \"/bin/busybox test -f /tmp/ok || { echo booting; echo db unreachable; exit 1; }\"]
 CMD [\"/bin/busybox\", \"sleep\", \"600\"]
 ";
@@ -705,6 +705,30 @@ async fn build_failures_name_the_image_and_carry_the_builder_error() {
         err.to_string(),
         format!(
             "cannot send the build context {context:?} of image {tag:?}: dockerfile \"deploy/Missing.Dockerfile\" does not exist"
+        )
+    );
+    let broken = fx.context(
+        "broken-ignore",
+        &[
+            ("Dockerfile", "FROM scratch\n"),
+            (".dockerignore", "ok\na[bc\n"),
+        ],
+    );
+    let err = fx
+        .docker
+        .build_image(
+            &broken,
+            "Dockerfile",
+            &tag,
+            &fx.labels("build"),
+            &mut |_| {},
+        )
+        .await
+        .expect_err("the .dockerignore is invalid");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot send the build context {broken:?} of image {tag:?}: .dockerignore line 2: invalid pattern \"a[bc\": unclosed character class"
         )
     );
     let absolute = context.join("Dockerfile.bad");
