@@ -29,6 +29,7 @@ fn unique(what: &str) -> String {
 struct Fixture {
     docker: Docker,
     sources: Vec<String>,
+    volumes: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -43,6 +44,7 @@ impl Fixture {
         Fixture {
             docker,
             sources: vec![unique("source")],
+            volumes: Vec::new(),
             dir: tempfile::tempdir().expect("a temp dir"),
         }
     }
@@ -132,6 +134,13 @@ impl Drop for Fixture {
                 }
             }
         }
+        // Named volumes carry no labels; they go after the containers using them.
+        if !self.volumes.is_empty() {
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f"])
+                .args(&self.volumes)
+                .output();
+        }
     }
 }
 
@@ -175,7 +184,7 @@ CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]
 
 #[tokio::test]
 async fn builds_runs_serves_and_manages_a_container() {
-    let fx = Fixture::new().await;
+    let mut fx = Fixture::new().await;
     let context = fx.context(
         "httpd",
         &[
@@ -214,6 +223,15 @@ async fn builds_runs_serves_and_manages_a_container() {
     spec.ports = vec![format!("127.0.0.1:{port}:8080")];
     spec.env = BTreeMap::from([("API_PORT".to_string(), "from-spec".to_string())]);
     spec.env_file = Some(env_file.display().to_string());
+    let host_dir = fx.dir.path().join("host-www");
+    std::fs::create_dir_all(&host_dir).expect("mkdir");
+    std::fs::write(host_dir.join("mounted.txt"), "from the host").expect("write");
+    let volume = unique("data");
+    fx.volumes.push(volume.clone());
+    spec.volumes = vec![
+        format!("{}:/www/host:ro", host_dir.display()),
+        format!("{volume}:/data"),
+    ];
     let commit = fx.labels("web").commit;
     let extra_env = [
         ("MOORLINE_COMMIT".to_string(), commit.clone()),
