@@ -2,8 +2,23 @@
 //! `file:line:col` errors, and the per-scope fingerprint used to tell which
 //! scopes a commit changes.
 
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "consumed by the agent, plan and CLI built on other branches; drop at merge"
+)]
+
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
+
+/// Manifest schema walk and cross-scope checks.
+mod parse;
+/// TOML reading, positions and typed table access shared with the host config.
+pub(crate) mod reader;
+
+pub use parse::parse;
+pub use reader::parse_duration;
 
 /// Where a problem is: the file as the user named it, 1-based line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +31,8 @@ pub struct Position {
 /// One problem found in a manifest or host config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The file as the user named it (also in `position` when there is one).
+    pub file: String,
     /// `None` only when the file could not be read at all.
     pub position: Option<Position>,
     pub message: String,
@@ -24,6 +41,29 @@ pub struct Diagnostic {
 /// Every problem found in one file, in file order. Display prints one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.position {
+            Some(p) => write!(f, "{}:{}:{}: {}", p.file, p.line, p.col, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
 
 /// The one runtime that owns a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
