@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+/// The bad-input corpus under tests/bad-inputs.
+#[cfg(test)]
+mod corpus;
 /// Manifest schema walk and cross-scope checks.
 mod parse;
 /// TOML reading, positions and typed table access shared with the host config.
