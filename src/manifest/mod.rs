@@ -17,6 +17,9 @@ use std::time::Duration;
 mod corpus;
 /// Manifest schema walk and cross-scope checks.
 mod parse;
+/// Property tests: no panics, every rejection positioned.
+#[cfg(test)]
+mod proptests;
 /// TOML reading, positions and typed table access shared with the host config.
 pub(crate) mod reader;
 
