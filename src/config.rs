@@ -1,9 +1,12 @@
-//! Host configuration (`~/.config/moorline/config.toml`): raw serde fragments
-//! validated into [`Config`], with `file:line:col` errors.
+//! Host configuration (`~/.config/moorline/config.toml`): the spanned TOML
+//! tree validated into [`Config`], with `file:line:col` errors.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::manifest::reader::{At, Reader, Table, check_repo_path, duration, read_toml};
+use crate::manifest::{Diagnostic, Diagnostics};
 
 /// Validated host configuration.
 #[derive(Debug, Clone)]
@@ -61,10 +64,569 @@ pub struct DockerConfig {
     pub host: String,
 }
 
-// TEMPORARY STUB (replaced by the manifest branch)
-pub fn load(_path: &std::path::Path) -> Result<Config, crate::manifest::Diagnostics> {
-    Err(crate::manifest::Diagnostics(vec![]))
+const TOP_KEYS: &[&str] = &["source", "trigger", "state", "docker"];
+const SOURCE_KEYS: &[&str] = &["url", "branch", "manifest", "poll", "allow_force_push"];
+const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
+const WEBHOOK_KEYS: &[&str] = &["listen", "secret_file"];
+const STATE_KEYS: &[&str] = &["dir"];
+const DOCKER_KEYS: &[&str] = &["host"];
+
+/// `$XDG_CONFIG_HOME/moorline/config.toml`, or `~/.config/moorline/config.toml`
+/// when XDG_CONFIG_HOME is unset or not absolute (as the XDG spec asks).
+pub fn default_path(home: &Path, xdg_config_home: Option<&Path>) -> PathBuf {
+    let base = match xdg_config_home {
+        Some(dir) if dir.is_absolute() => dir.to_path_buf(),
+        _ => home.join(".config"),
+    };
+    base.join("moorline").join("config.toml")
 }
-pub fn default_path(home: &std::path::Path, xdg: Option<&std::path::Path>) -> PathBuf {
-    xdg.map(|x| x.join("moorline/config.toml")).unwrap_or_else(|| home.join(".config/moorline/config.toml"))
+
+/// Reads and validates the config at `path`; `~` expands against `$HOME`
+/// and relative paths resolve against the directory of the file.
+pub fn load(path: &Path) -> Result<Config, Diagnostics> {
+    let label = path.display().to_string();
+    let unpositioned = |message: String| {
+        Diagnostics(vec![Diagnostic {
+            file: label.clone(),
+            position: None,
+            message,
+        }])
+    };
+    let bytes =
+        std::fs::read(path).map_err(|error| unpositioned(format!("cannot read file: {error}")))?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| unpositioned("cannot expand \"~\": HOME is not set".to_owned()))?;
+    let home = home.as_path();
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let base = absolute.parent().unwrap_or(Path::new("/")).to_path_buf();
+    parse_in(&label, &bytes, home, &base, path.to_path_buf())
+}
+
+/// Validates config text. `~` expands against `home`; relative paths resolve
+/// against the directory of `file_label`.
+pub fn parse(file_label: &str, bytes: &[u8], home: &Path) -> Result<Config, Diagnostics> {
+    let path = PathBuf::from(file_label);
+    let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+    parse_in(file_label, bytes, home, &base, path)
+}
+
+fn parse_in(
+    file_label: &str,
+    bytes: &[u8],
+    home: &Path,
+    base: &Path,
+    path: PathBuf,
+) -> Result<Config, Diagnostics> {
+    let paths = Paths { home, base };
+    read_toml(file_label, bytes, |r, root| {
+        root.check_keys(r, TOP_KEYS);
+        let source = match root.table(r, "source", "[source]".to_owned()) {
+            Some(t) => read_source(r, &t, &paths),
+            None => {
+                if root.value("source").is_none() {
+                    r.error(
+                        0,
+                        "missing [source] table; it names the repository to follow, e.g. url = \"/srv/git/app.git\"",
+                    );
+                }
+                None
+            }
+        };
+        let trigger = read_trigger(r, &root, &paths);
+        let state = read_state(r, &root, &paths);
+        let docker = read_docker(r, &root);
+        Some(Config {
+            path,
+            source: source?,
+            trigger: trigger?,
+            state: state?,
+            docker: docker?,
+        })
+    })
+}
+
+/// Where `~` and relative paths point.
+struct Paths<'p> {
+    home: &'p Path,
+    base: &'p Path,
+}
+
+impl Paths<'_> {
+    /// Expands `~` and resolves relative paths; `~user` is refused.
+    fn resolve(&self, r: &mut Reader<'_>, at: &At<&str>) -> Option<PathBuf> {
+        let text = at.value;
+        if text.is_empty() {
+            r.error(at.span.start, "path must not be empty");
+            return None;
+        }
+        if text.contains('\0') {
+            r.error(at.span.start, format!("path {text:?} contains a NUL byte"));
+            return None;
+        }
+        if text == "~" {
+            return Some(self.home.to_path_buf());
+        }
+        if let Some(rest) = text.strip_prefix("~/") {
+            return Some(self.home.join(rest));
+        }
+        if text.starts_with('~') {
+            r.error(
+                at.span.start,
+                format!("path {text:?} names another user's home; use \"~/\" or an absolute path"),
+            );
+            return None;
+        }
+        Some(self.base.join(text))
+    }
+}
+
+fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Option<SourceConfig> {
+    t.check_keys(r, SOURCE_KEYS);
+    let url = t
+        .required_string(r, "url")
+        .and_then(|u| source_url(r, &u, paths));
+    let branch = match t.string(r, "branch") {
+        Some(b) if valid_branch(b.value) => Some(b.value.to_owned()),
+        Some(b) => {
+            r.error(b.span.start, format!("invalid branch name {:?}", b.value));
+            None
+        }
+        None => Some("main".to_owned()),
+    };
+    let manifest = match t.string(r, "manifest") {
+        Some(m) => check_repo_path(r, &m).then(|| m.value.to_owned()),
+        None => Some("deploy/moorline.toml".to_owned()),
+    };
+    let poll = match t.value("poll") {
+        None => Some(Duration::from_secs(60)),
+        Some(_) => duration(r, t, "poll").and_then(|p| {
+            if p.value < Duration::from_secs(1) {
+                r.error(
+                    p.span.start,
+                    format!(
+                        "poll interval {:?} is shorter than 1s",
+                        t.value("poll")
+                            .and_then(|v| v.get_ref().as_str())
+                            .unwrap_or("")
+                    ),
+                );
+                return None;
+            }
+            Some(p.value)
+        }),
+    };
+    let allow_force_push = match t.value("allow_force_push") {
+        None => Some(false),
+        Some(_) => t.boolean(r, "allow_force_push").map(|b| b.value),
+    };
+    Some(SourceConfig {
+        url: url?,
+        branch: branch?,
+        manifest: manifest?,
+        poll: poll?,
+        allow_force_push: allow_force_push?,
+    })
+}
+
+fn source_url(r: &mut Reader<'_>, url: &At<&str>, paths: &Paths<'_>) -> Option<SourceUrl> {
+    let text = url.value;
+    if let Some(rest) = text.strip_prefix("file://") {
+        return paths
+            .resolve(
+                r,
+                &At {
+                    span: url.span.clone(),
+                    value: rest,
+                },
+            )
+            .map(SourceUrl::Local);
+    }
+    for scheme in ["http://", "https://", "ssh://"] {
+        if let Some(rest) = text.strip_prefix(scheme) {
+            if rest.is_empty() || rest.starts_with('/') {
+                r.error(url.span.start, format!("source url {text:?} names no host"));
+                return None;
+            }
+            return Some(SourceUrl::Remote(text.to_owned()));
+        }
+    }
+    let unsupported = || {
+        format!(
+            "unsupported source url {text:?}; use a local path, file://, http://, https://, ssh:// or user@host:path"
+        )
+    };
+    if text.contains("://") {
+        r.error(url.span.start, unsupported());
+        return None;
+    }
+    // scp-like `user@host:path`: a colon before any slash, after a user.
+    if let Some((before, after)) = text.split_once(':')
+        && !before.contains('/')
+    {
+        let scp = before
+            .split_once('@')
+            .is_some_and(|(user, host)| !user.is_empty() && !host.is_empty())
+            && !after.is_empty();
+        if scp {
+            return Some(SourceUrl::Remote(text.to_owned()));
+        }
+        r.error(url.span.start, unsupported());
+        return None;
+    }
+    paths.resolve(r, url).map(SourceUrl::Local)
+}
+
+/// git's rules for a branch name (`git check-ref-format --branch`).
+fn valid_branch(name: &str) -> bool {
+    !name.is_empty()
+        && name != "@"
+        && !name.starts_with('-')
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && !name.contains("//")
+        && !name.contains("@{")
+        && !name
+            .chars()
+            .any(|c| c.is_ascii_control() || " ~^:?*[\\".contains(c))
+        && name
+            .split('/')
+            .all(|part| !part.starts_with('.') && !part.ends_with(".lock"))
+}
+
+fn read_trigger(
+    r: &mut Reader<'_>,
+    root: &Table<'_, '_>,
+    paths: &Paths<'_>,
+) -> Option<TriggerConfig> {
+    let mut trigger = TriggerConfig {
+        watch: true,
+        webhook: None,
+    };
+    let Some(t) = root.table(r, "trigger", "[trigger]".to_owned()) else {
+        return root.value("trigger").is_none().then_some(trigger);
+    };
+    t.check_keys(r, TRIGGER_KEYS);
+    let mut ok = true;
+    if t.value("watch").is_some() {
+        match t.boolean(r, "watch") {
+            Some(w) => trigger.watch = w.value,
+            None => ok = false,
+        }
+    }
+    if t.value("webhook").is_some() {
+        let webhook = t
+            .table(r, "webhook", "[trigger.webhook]".to_owned())
+            .and_then(|w| read_webhook(r, &w, paths));
+        ok &= webhook.is_some();
+        trigger.webhook = webhook;
+    }
+    ok.then_some(trigger)
+}
+
+fn read_webhook(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Option<WebhookConfig> {
+    t.check_keys(r, WEBHOOK_KEYS);
+    let listen = t.required_string(r, "listen").and_then(|l| {
+        let parsed = l.value.parse::<SocketAddr>();
+        if parsed.is_err() {
+            r.error(
+                l.span.start,
+                format!(
+                    "invalid listen address {:?}; expected an IP address and port such as \"127.0.0.1:9821\"",
+                    l.value
+                ),
+            );
+        }
+        parsed.ok()
+    });
+    let secret_file = t
+        .required_string(r, "secret_file")
+        .and_then(|s| paths.resolve(r, &s));
+    Some(WebhookConfig {
+        listen: listen?,
+        secret_file: secret_file?,
+    })
+}
+
+fn read_state(r: &mut Reader<'_>, root: &Table<'_, '_>, paths: &Paths<'_>) -> Option<StateConfig> {
+    let default = || StateConfig {
+        dir: paths.home.join(".local/share/moorline"),
+    };
+    let Some(t) = root.table(r, "state", "[state]".to_owned()) else {
+        return root.value("state").is_none().then(default);
+    };
+    t.check_keys(r, STATE_KEYS);
+    match t.value("dir") {
+        None => Some(default()),
+        Some(_) => {
+            let dir = t.string(r, "dir")?;
+            paths.resolve(r, &dir).map(|dir| StateConfig { dir })
+        }
+    }
+}
+
+fn read_docker(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<DockerConfig> {
+    let default = || DockerConfig {
+        host: "unix:///var/run/docker.sock".to_owned(),
+    };
+    let Some(t) = root.table(r, "docker", "[docker]".to_owned()) else {
+        return root.value("docker").is_none().then(default);
+    };
+    t.check_keys(r, DOCKER_KEYS);
+    match t.value("host") {
+        None => Some(default()),
+        Some(_) => {
+            let host = t.string(r, "host")?;
+            let known = ["unix://", "tcp://", "http://", "https://"]
+                .iter()
+                .any(|scheme| host.value.len() > scheme.len() && host.value.starts_with(scheme));
+            if !known {
+                r.error(
+                    host.span.start,
+                    format!(
+                        "docker host {:?} must start with unix://, tcp://, http:// or https://",
+                        host.value
+                    ),
+                );
+                return None;
+            }
+            Some(DockerConfig {
+                host: host.value.to_owned(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/moorline/config.toml";
+    const HOME: &str = "/home/ops";
+
+    fn config(src: &str) -> Result<Config, String> {
+        parse(FILE, src.as_bytes(), Path::new(HOME)).map_err(|d| d.to_string())
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_url() {
+        let c = config("[source]\nurl = \"/srv/git/app.git\"\n").expect("minimal config is valid");
+        assert_eq!(c.path, PathBuf::from(FILE));
+        assert_eq!(
+            c.source.url,
+            SourceUrl::Local(PathBuf::from("/srv/git/app.git"))
+        );
+        assert_eq!(c.source.branch, "main");
+        assert_eq!(c.source.manifest, "deploy/moorline.toml");
+        assert_eq!(c.source.poll, Duration::from_secs(60));
+        assert!(!c.source.allow_force_push);
+        assert!(c.trigger.watch);
+        assert!(c.trigger.webhook.is_none());
+        assert_eq!(
+            c.state.dir,
+            PathBuf::from("/home/ops/.local/share/moorline")
+        );
+        assert_eq!(c.docker.host, "unix:///var/run/docker.sock");
+    }
+
+    #[test]
+    fn full_config() {
+        let c = config(
+            r#"[source]
+url = "https://git.example.com/app.git"
+branch = "release/v2"
+manifest = "ops/moorline.toml"
+poll = "1m30s"
+allow_force_push = true
+
+[trigger]
+watch = false
+webhook = { listen = "127.0.0.1:9821", secret_file = "~/.config/moorline/webhook.secret" }
+
+[state]
+dir = "state"
+
+[docker]
+host = "tcp://127.0.0.1:2375"
+"#,
+        )
+        .expect("full config is valid");
+        assert_eq!(
+            c.source.url,
+            SourceUrl::Remote("https://git.example.com/app.git".to_owned())
+        );
+        assert_eq!(c.source.branch, "release/v2");
+        assert_eq!(c.source.manifest, "ops/moorline.toml");
+        assert_eq!(c.source.poll, Duration::from_secs(90));
+        assert!(c.source.allow_force_push);
+        assert!(!c.trigger.watch);
+        let webhook = c.trigger.webhook.expect("webhook is configured");
+        assert_eq!(
+            webhook.listen,
+            "127.0.0.1:9821".parse().expect("literal address")
+        );
+        assert_eq!(
+            webhook.secret_file,
+            PathBuf::from("/home/ops/.config/moorline/webhook.secret")
+        );
+        assert_eq!(c.state.dir, PathBuf::from("/etc/moorline/state"));
+        assert_eq!(c.docker.host, "tcp://127.0.0.1:2375");
+    }
+
+    #[test]
+    fn source_urls() {
+        let cases: &[(&str, SourceUrl)] = &[
+            (
+                "/srv/git/app.git",
+                SourceUrl::Local("/srv/git/app.git".into()),
+            ),
+            (
+                "repo.git",
+                SourceUrl::Local("/etc/moorline/repo.git".into()),
+            ),
+            (
+                "../git/app",
+                SourceUrl::Local("/etc/moorline/../git/app".into()),
+            ),
+            ("~/git/app", SourceUrl::Local("/home/ops/git/app".into())),
+            (
+                "file:///srv/git/app.git",
+                SourceUrl::Local("/srv/git/app.git".into()),
+            ),
+            (
+                "http://h/app.git",
+                SourceUrl::Remote("http://h/app.git".into()),
+            ),
+            (
+                "ssh://git@h/app.git",
+                SourceUrl::Remote("ssh://git@h/app.git".into()),
+            ),
+            (
+                "git@github.com:org/app.git",
+                SourceUrl::Remote("git@github.com:org/app.git".into()),
+            ),
+        ];
+        for (url, want) in cases {
+            let c = config(&format!("[source]\nurl = {url:?}\n"))
+                .unwrap_or_else(|e| panic!("{url:?} is valid but got: {e}"));
+            assert_eq!(&c.source.url, want, "{url:?}");
+        }
+    }
+
+    #[test]
+    fn default_path_follows_xdg() {
+        let home = Path::new("/home/ops");
+        assert_eq!(
+            default_path(home, None),
+            PathBuf::from("/home/ops/.config/moorline/config.toml")
+        );
+        assert_eq!(
+            default_path(home, Some(Path::new("/x/cfg"))),
+            PathBuf::from("/x/cfg/moorline/config.toml")
+        );
+        assert_eq!(
+            default_path(home, Some(Path::new("rel"))),
+            PathBuf::from("/home/ops/.config/moorline/config.toml")
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file_and_resolves_against_its_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[source]\nurl = \"app.git\"\n").expect("write config");
+        let c = load(&path).expect("config is valid");
+        assert_eq!(c.source.url, SourceUrl::Local(dir.path().join("app.git")));
+        assert_eq!(c.path, path);
+        let missing = dir.path().join("missing.toml");
+        assert_eq!(
+            load(&missing).map(|_| ()).map_err(|d| d.to_string()),
+            Err(format!(
+                "{}: cannot read file: No such file or directory (os error 2)",
+                missing.display()
+            ))
+        );
+    }
+
+    #[test]
+    fn error_messages() {
+        let s = "[source]\nurl = \"/srv/app.git\"\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                String::new(),
+                "/etc/moorline/config.toml:1:1: missing [source] table; it names the repository to follow, e.g. url = \"/srv/git/app.git\"",
+            ),
+            (
+                "[source]\nbranch = \"main\"\n".to_owned(),
+                "/etc/moorline/config.toml:1:1: missing key \"url\" in [source]",
+            ),
+            (
+                "[source]\nurl = \"ftp://h/app\"\n".to_owned(),
+                "/etc/moorline/config.toml:2:7: unsupported source url \"ftp://h/app\"; use a local path, file://, http://, https://, ssh:// or user@host:path",
+            ),
+            (
+                "[source]\nurl = \"https://\"\n".to_owned(),
+                "/etc/moorline/config.toml:2:7: source url \"https://\" names no host",
+            ),
+            (
+                "[source]\nurl = \"host:app\"\n".to_owned(),
+                "/etc/moorline/config.toml:2:7: unsupported source url \"host:app\"; use a local path, file://, http://, https://, ssh:// or user@host:path",
+            ),
+            (
+                format!(
+                    "{s}branch = \"a..b\"\nmanifest = \"../m.toml\"\npoll = \"500ms\"\nallow_force_push = \"yes\"\n"
+                ),
+                "/etc/moorline/config.toml:3:10: invalid branch name \"a..b\"\n\
+                 /etc/moorline/config.toml:4:12: path \"../m.toml\" leaves the repository\n\
+                 /etc/moorline/config.toml:5:8: poll interval \"500ms\" is shorter than 1s\n\
+                 /etc/moorline/config.toml:6:20: \"allow_force_push\" must be a boolean, found a string",
+            ),
+            (
+                format!("{s}poll = \"1 minute\"\nurll = 1\n"),
+                "/etc/moorline/config.toml:3:8: duration \"1 minute\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"\n\
+                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push",
+            ),
+            (
+                format!("{s}[trigger]\nwatch = 1\nwebhook = {{ listen = \"localhost:99\" }}\n"),
+                "/etc/moorline/config.toml:4:9: \"watch\" must be a boolean, found an integer\n\
+                 /etc/moorline/config.toml:5:11: missing key \"secret_file\" in [trigger.webhook]\n\
+                 /etc/moorline/config.toml:5:22: invalid listen address \"localhost:99\"; expected an IP address and port such as \"127.0.0.1:9821\"",
+            ),
+            (
+                format!(
+                    "{s}[trigger.webhook]\nlisten = \"127.0.0.1:1\"\nsecret_file = \"~ops/s\"\nsecret = \"x\"\n"
+                ),
+                "/etc/moorline/config.toml:5:15: path \"~ops/s\" names another user's home; use \"~/\" or an absolute path\n\
+                 /etc/moorline/config.toml:6:1: unknown key \"secret\" in [trigger.webhook]; expected one of: listen, secret_file",
+            ),
+            (
+                format!("{s}[state]\ndir = \"\"\n[docker]\nhost = \"/var/run/docker.sock\"\n"),
+                "/etc/moorline/config.toml:4:7: path must not be empty\n\
+                 /etc/moorline/config.toml:6:8: docker host \"/var/run/docker.sock\" must start with unix://, tcp://, http:// or https://",
+            ),
+            (
+                format!("state = \"/x\"\n{s}[agent]\nx = 1\n"),
+                "/etc/moorline/config.toml:1:9: \"state\" must be a table, found a string\n\
+                 /etc/moorline/config.toml:4:2: unknown key \"agent\" at the top level; expected one of: source, trigger, state, docker",
+            ),
+            (
+                format!("{s}[source]\n"),
+                "/etc/moorline/config.toml:3:2: invalid TOML: duplicate key \"source\"",
+            ),
+        ];
+        let failures: Vec<String> = cases
+            .iter()
+            .filter_map(|(src, want)| {
+                let got = match config(src) {
+                    Ok(_) => "parsed".to_owned(),
+                    Err(e) => e,
+                };
+                (got != *want).then(|| format!("input:\n{src}\nwant:\n{want}\ngot:\n{got}\n"))
+            })
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
 }

@@ -3,7 +3,22 @@
 //! scopes a commit changes.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
+
+/// The bad-input corpus under tests/bad-inputs.
+#[cfg(test)]
+mod corpus;
+/// Manifest schema walk and cross-scope checks.
+mod parse;
+/// Property tests: no panics, every rejection positioned.
+#[cfg(test)]
+mod proptests;
+/// TOML reading, positions and typed table access shared with the host config.
+pub(crate) mod reader;
+
+pub use parse::parse;
+pub use reader::parse_duration;
 
 /// Where a problem is: the file as the user named it, 1-based line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +31,8 @@ pub struct Position {
 /// One problem found in a manifest or host config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The file as the user named it (also in `position` when there is one).
+    pub file: String,
     /// `None` only when the file could not be read at all.
     pub position: Option<Position>,
     pub message: String,
@@ -24,6 +41,29 @@ pub struct Diagnostic {
 /// Every problem found in one file, in file order. Display prints one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.position {
+            Some(p) => write!(f, "{}:{}:{}: {}", p.file, p.line, p.col, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
 
 /// The one runtime that owns a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -132,13 +172,3 @@ pub enum HealthKind {
     },
 }
 
-// TEMPORARY STUB (replaced by the manifest branch)
-pub fn parse(_file_label: &str, _bytes: &[u8]) -> Result<Manifest, Diagnostics> {
-    Err(Diagnostics(vec![]))
-}
-impl std::fmt::Display for Diagnostics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stub")
-    }
-}
-impl std::error::Error for Diagnostics {}

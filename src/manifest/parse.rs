@@ -1,0 +1,1378 @@
+//! Reads a manifest's TOML into a validated [`Manifest`], reporting every
+//! problem it can find at once, each at the offending key or value.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use toml::de::DeValue;
+
+use super::reader::{At, Reader, Table, check_repo_path, duration, integer_of, read_toml};
+use super::{
+    ContainerSpec, Defaults, Diagnostics, DockerSpec, HealthCheck, HealthKind, Manifest,
+    NativeSpec, Runtime, Scope,
+};
+
+const TOP_KEYS: &[&str] = &["version", "defaults", "scopes"];
+const DEFAULTS_KEYS: &[&str] = &["health_timeout", "keep_releases", "settle", "build_timeout"];
+const SCOPE_KEYS: &[&str] = &[
+    "owner",
+    "after",
+    "paths",
+    "build",
+    "native",
+    "docker",
+    "health",
+    "health_timeout",
+    "settle",
+    "build_timeout",
+];
+const NATIVE_KEYS: &[&str] = &["units", "unit_files"];
+const DOCKER_KEYS: &[&str] = &["containers"];
+const CONTAINER_KEYS: &[&str] = &[
+    "name",
+    "image",
+    "dockerfile",
+    "context",
+    "ports",
+    "env",
+    "env_file",
+    "volumes",
+    "command",
+    "restart",
+];
+const HEALTH_KEYS: &[&str] = &[
+    "http",
+    "tcp",
+    "exec",
+    "expect_status",
+    "body_contains",
+    "timeout",
+    "interval",
+];
+const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path"];
+const RESTART_POLICIES: &[&str] = &["no", "always", "unless-stopped", "on-failure"];
+
+/// The manifest version this moorline reads.
+const VERSION: i128 = 1;
+
+/// Parses and validates a manifest. `file_label` names the file in messages.
+pub fn parse(file_label: &str, bytes: &[u8]) -> Result<Manifest, Diagnostics> {
+    read_toml(file_label, bytes, validate)
+}
+
+/// What one scope contributed, kept even when the scope itself is invalid so
+/// cross-scope checks still see its names.
+struct Part {
+    name: String,
+    after: Vec<At<String>>,
+    units: Vec<At<String>>,
+    containers: Vec<At<String>>,
+    scope: Option<Scope>,
+}
+
+fn validate(r: &mut Reader<'_>, root: Table<'_, '_>) -> Option<Manifest> {
+    root.check_keys(r, TOP_KEYS);
+    match root.integer(r, "version") {
+        Some(At { value: VERSION, .. }) => {}
+        Some(At { span, value }) => r.error(
+            span.start,
+            format!("unsupported manifest version {value}; this moorline reads version 1"),
+        ),
+        None if root.value("version").is_none() => r.error(
+            0,
+            "missing key \"version\" at the top level; this moorline reads version 1",
+        ),
+        None => {}
+    }
+    let defaults = read_defaults(r, &root);
+
+    let mut parts = Vec::new();
+    match root.table(r, "scopes", "[scopes]".to_owned()) {
+        None if root.value("scopes").is_none() => {
+            r.error(0, "manifest defines no scopes; add a [scopes.NAME] table")
+        }
+        None => {}
+        Some(scopes) if scopes.map.is_empty() => r.error(
+            scopes.span.start,
+            "manifest defines no scopes; add a [scopes.NAME] table",
+        ),
+        Some(scopes) => {
+            for (key, value) in scopes.map.iter() {
+                let name = key.get_ref().as_ref();
+                if !valid_scope_name(name) {
+                    r.error(
+                        key.span().start,
+                        format!(
+                            "invalid scope name {name:?}; use lowercase letters, digits, \"_\" and \"-\", starting with a letter or digit"
+                        ),
+                    );
+                }
+                let DeValue::Table(map) = value.get_ref() else {
+                    r.error(
+                        value.span().start,
+                        format!(
+                            "scope {name:?} must be a table, found {}",
+                            super::reader::kind_of(value.get_ref())
+                        ),
+                    );
+                    continue;
+                };
+                let table = Table {
+                    label: format!("[scopes.{name}]"),
+                    span: value.span(),
+                    map,
+                };
+                parts.push(read_scope(r, name, &table, &defaults, value.get_ref()));
+            }
+        }
+    }
+
+    check_after(r, &mut parts);
+    check_unique(r, &parts, |p| &p.units, "unit", "listed");
+    check_unique(r, &parts, |p| &p.containers, "container", "defined");
+    let waves = order(r, &parts);
+
+    let defaults = defaults?;
+    let mut scopes = BTreeMap::new();
+    for part in parts {
+        let scope = part.scope?;
+        scopes.insert(scope.name.clone(), scope);
+    }
+    Some(Manifest {
+        version: 1,
+        defaults,
+        scopes,
+        waves,
+    })
+}
+
+fn valid_scope_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+fn read_defaults(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<Defaults> {
+    let mut defaults = Defaults {
+        health_timeout: Duration::from_secs(60),
+        keep_releases: 5,
+        settle: Duration::from_secs(3),
+        build_timeout: Duration::from_secs(600),
+    };
+    let Some(table) = root.table(r, "defaults", "[defaults]".to_owned()) else {
+        return root.value("defaults").is_none().then_some(defaults);
+    };
+    table.check_keys(r, DEFAULTS_KEYS);
+    let mut ok = true;
+    if let Some(keep) = table.integer(r, "keep_releases") {
+        match usize::try_from(keep.value) {
+            Ok(n) if n >= 1 => defaults.keep_releases = n,
+            _ => {
+                r.error(
+                    keep.span.start,
+                    format!("keep_releases must be at least 1, found {}", keep.value),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok &= set_duration(
+        r,
+        &table,
+        "health_timeout",
+        false,
+        &mut defaults.health_timeout,
+    );
+    ok &= set_duration(r, &table, "settle", true, &mut defaults.settle);
+    ok &= set_duration(
+        r,
+        &table,
+        "build_timeout",
+        false,
+        &mut defaults.build_timeout,
+    );
+    ok.then_some(defaults)
+}
+
+/// Overwrites `slot` with the table's `key` when present and valid; false
+/// when the key is present but invalid.
+fn set_duration(
+    r: &mut Reader<'_>,
+    table: &Table<'_, '_>,
+    key: &str,
+    zero_ok: bool,
+    slot: &mut Duration,
+) -> bool {
+    if table.value(key).is_none() {
+        return true;
+    }
+    let Some(d) = duration(r, table, key) else {
+        return false;
+    };
+    if d.value.is_zero() && !zero_ok {
+        r.error(d.span.start, format!("{key:?} must be longer than zero"));
+        return false;
+    }
+    *slot = d.value;
+    true
+}
+
+fn owned(items: Vec<At<&str>>) -> Vec<At<String>> {
+    items
+        .into_iter()
+        .map(|At { span, value }| At {
+            span,
+            value: value.to_owned(),
+        })
+        .collect()
+}
+
+fn values(items: &[At<String>]) -> Vec<String> {
+    items.iter().map(|i| i.value.clone()).collect()
+}
+
+fn read_scope(
+    r: &mut Reader<'_>,
+    name: &str,
+    table: &Table<'_, '_>,
+    defaults: &Option<Defaults>,
+    raw: &DeValue<'_>,
+) -> Part {
+    table.check_keys(r, SCOPE_KEYS);
+    let mut ok = true;
+
+    let owner = table.required_string(r, "owner");
+    let owner = owner.and_then(|o| match o.value {
+        "native" => Some(At {
+            span: o.span,
+            value: Runtime::Native,
+        }),
+        "docker" => Some(At {
+            span: o.span,
+            value: Runtime::Docker,
+        }),
+        other => {
+            r.error(
+                o.span.start,
+                format!("unknown owner {other:?}; expected \"native\" or \"docker\""),
+            );
+            None
+        }
+    });
+
+    let after = owned(
+        table
+            .strings(r, "after")
+            .map(|a| a.value)
+            .unwrap_or_default(),
+    );
+    let paths = table
+        .strings(r, "paths")
+        .map(|a| a.value)
+        .unwrap_or_default();
+    for path in &paths {
+        ok &= check_repo_path(r, path);
+    }
+    let build = table
+        .strings(r, "build")
+        .map(|a| a.value)
+        .unwrap_or_default();
+    for line in &build {
+        if line.value.trim().is_empty() {
+            r.error(line.span.start, "build command must not be empty");
+            ok = false;
+        }
+    }
+
+    let mut units = Vec::new();
+    let native = table
+        .table(r, "native", format!("[scopes.{name}.native]"))
+        .and_then(|t| read_native(r, &t, &mut units));
+    let mut containers = Vec::new();
+    let docker = table
+        .table(r, "docker", format!("[scopes.{name}.docker]"))
+        .and_then(|t| read_docker(r, name, &t, &mut containers));
+
+    let mut health = Vec::new();
+    if let Some(checks) = table.tables(r, "health", |i| {
+        format!("health check {i} of scope {name:?}")
+    }) {
+        for check in checks {
+            match read_health(r, &check) {
+                Some(h) => health.push(h),
+                None => ok = false,
+            }
+        }
+    }
+
+    let mut effective = defaults.clone();
+    if let Some(d) = effective.as_mut() {
+        ok &= set_duration(r, table, "health_timeout", false, &mut d.health_timeout);
+        ok &= set_duration(r, table, "settle", true, &mut d.settle);
+        ok &= set_duration(r, table, "build_timeout", false, &mut d.build_timeout);
+    } else {
+        // Still report bad durations even though the defaults are broken.
+        let mut scratch = Duration::ZERO;
+        for key in ["health_timeout", "settle", "build_timeout"] {
+            set_duration(r, table, key, key == "settle", &mut scratch);
+        }
+    }
+
+    if let Some(o) = &owner {
+        let (present, section) = match o.value {
+            Runtime::Native => (table.value("native").is_some(), "native"),
+            Runtime::Docker => (table.value("docker").is_some(), "docker"),
+        };
+        if !present {
+            r.error(
+                o.span.start,
+                format!(
+                    "scope {name:?} is owned by {section:?} but has no [scopes.{name}.{section}] section"
+                ),
+            );
+            ok = false;
+        }
+    }
+    // A section that is present but invalid has already been reported.
+    ok &= table.value("native").is_none() || native.is_some();
+    ok &= table.value("docker").is_none() || docker.is_some();
+
+    let scope = match (owner, effective, ok) {
+        (Some(owner), Some(d), true) => {
+            let mut section_text = String::new();
+            canonical(raw, &mut section_text);
+            let _ = write!(
+                section_text,
+                "\nhealth_timeout={}\nsettle={}\nbuild_timeout={}",
+                humantime::format_duration(d.health_timeout),
+                humantime::format_duration(d.settle),
+                humantime::format_duration(d.build_timeout),
+            );
+            Some(Scope {
+                name: name.to_owned(),
+                owner: owner.value,
+                after: Vec::new(), // filled once every scope is known
+                paths: paths.iter().map(|p| p.value.to_owned()).collect(),
+                build: build.iter().map(|b| b.value.to_owned()).collect(),
+                native,
+                docker,
+                health,
+                health_timeout: d.health_timeout,
+                settle: d.settle,
+                build_timeout: d.build_timeout,
+                section_text,
+            })
+        }
+        _ => None,
+    };
+    Part {
+        name: name.to_owned(),
+        after,
+        units,
+        containers,
+        scope,
+    }
+}
+
+fn read_native(
+    r: &mut Reader<'_>,
+    table: &Table<'_, '_>,
+    units_seen: &mut Vec<At<String>>,
+) -> Option<NativeSpec> {
+    table.check_keys(r, NATIVE_KEYS);
+    let mut ok = true;
+    let units = table.strings(r, "units");
+    match &units {
+        Some(u) if !u.value.is_empty() => {}
+        Some(u) => {
+            r.error(u.span.start, format!("{} lists no units", table.label));
+            ok = false;
+        }
+        None if table.value("units").is_none() => {
+            r.error(table.span.start, format!("{} lists no units", table.label));
+            ok = false;
+        }
+        None => ok = false,
+    }
+    let units = owned(units.map(|u| u.value).unwrap_or_default());
+    for unit in &units {
+        match unit_name_problem(&unit.value) {
+            Some(problem) => {
+                r.error(unit.span.start, problem);
+                ok = false;
+            }
+            None => units_seen.push(unit.clone()),
+        }
+    }
+    let unit_files = table
+        .strings(r, "unit_files")
+        .map(|u| u.value)
+        .unwrap_or_default();
+    for file in &unit_files {
+        ok &= check_repo_path(r, file);
+    }
+    ok.then(|| NativeSpec {
+        units: values(&units),
+        unit_files: unit_files.iter().map(|f| f.value.to_owned()).collect(),
+    })
+}
+
+fn unit_name_problem(unit: &str) -> Option<String> {
+    let Some(suffix) = UNIT_SUFFIXES.iter().find(|s| unit.ends_with(*s)) else {
+        return Some(format!(
+            "unit {unit:?} has no known suffix; expected one of: {}",
+            UNIT_SUFFIXES.join(", ")
+        ));
+    };
+    let stem = &unit[..unit.len() - suffix.len()];
+    let valid_chars = stem
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '.' | '-' | '\\' | '@'));
+    if stem.is_empty() || !valid_chars || unit.len() > 255 || stem.matches('@').count() > 1 {
+        return Some(format!("invalid unit name {unit:?}"));
+    }
+    if stem.ends_with('@') {
+        return Some(format!(
+            "unit {unit:?} is a template; name an instance such as \"{stem}1{suffix}\""
+        ));
+    }
+    None
+}
+
+fn read_docker(
+    r: &mut Reader<'_>,
+    scope: &str,
+    table: &Table<'_, '_>,
+    names_seen: &mut Vec<At<String>>,
+) -> Option<DockerSpec> {
+    table.check_keys(r, DOCKER_KEYS);
+    let tables = table.tables(r, "containers", |i| {
+        format!("container {i} of scope {scope:?}")
+    });
+    let Some(tables) = tables else {
+        if table.value("containers").is_none() {
+            r.error(
+                table.span.start,
+                format!("{} lists no containers", table.label),
+            );
+        }
+        return None;
+    };
+    if tables.is_empty() {
+        let at = table
+            .value("containers")
+            .map_or(table.span.start, |v| v.span().start);
+        r.error(at, format!("{} lists no containers", table.label));
+        return None;
+    }
+    let mut containers = Vec::new();
+    let mut ok = true;
+    for t in &tables {
+        match read_container(r, t, names_seen) {
+            Some(c) => containers.push(c),
+            None => ok = false,
+        }
+    }
+    ok.then_some(DockerSpec { containers })
+}
+
+fn valid_container_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn read_container(
+    r: &mut Reader<'_>,
+    t: &Table<'_, '_>,
+    names_seen: &mut Vec<At<String>>,
+) -> Option<ContainerSpec> {
+    t.check_keys(r, CONTAINER_KEYS);
+    let mut ok = true;
+    let name = t.required_string(r, "name");
+    if let Some(n) = &name {
+        if valid_container_name(n.value) {
+            names_seen.push(At {
+                span: n.span.clone(),
+                value: n.value.to_owned(),
+            });
+        } else {
+            r.error(
+                n.span.start,
+                format!(
+                    "invalid container name {:?}; use letters, digits, \"_\", \".\" and \"-\", starting with a letter or digit",
+                    n.value
+                ),
+            );
+            ok = false;
+        }
+    }
+    let image = t.required_string(r, "image");
+    if let Some(i) = &image
+        && i.value.trim().is_empty()
+    {
+        r.error(i.span.start, "image must not be empty");
+        ok = false;
+    }
+    let dockerfile = t.string(r, "dockerfile");
+    if let Some(d) = &dockerfile {
+        ok &= check_repo_path(r, d);
+    }
+    let context = t.string(r, "context");
+    if let Some(c) = &context {
+        ok &= check_repo_path(r, c);
+    }
+    let ports = t.strings(r, "ports").map(|p| p.value).unwrap_or_default();
+    let volumes = t.strings(r, "volumes").map(|v| v.value).unwrap_or_default();
+    let mut env = BTreeMap::new();
+    if let Some(table) = t.table(r, "env", format!("env of {}", t.label)) {
+        for (key, value) in table.map.iter() {
+            match value.get_ref() {
+                DeValue::String(s) => {
+                    env.insert(key.get_ref().to_string(), s.to_string());
+                }
+                other => {
+                    r.error(
+                        value.span().start,
+                        format!(
+                            "env value {:?} must be a string, found {}",
+                            key.get_ref(),
+                            super::reader::kind_of(other)
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
+    let env_file = t.string(r, "env_file");
+    if let Some(e) = &env_file
+        && !e.value.starts_with('/')
+    {
+        r.error(
+            e.span.start,
+            format!("env_file {:?} must be an absolute host path", e.value),
+        );
+        ok = false;
+    }
+    let command = t.strings(r, "command");
+    if let Some(c) = &command
+        && c.value.is_empty()
+    {
+        r.error(c.span.start, "\"command\" must not be empty");
+        ok = false;
+    }
+    let restart = t.string(r, "restart");
+    if let Some(p) = &restart
+        && !RESTART_POLICIES.contains(&p.value)
+    {
+        r.error(
+            p.span.start,
+            format!(
+                "restart policy {:?} is not one of: {}",
+                p.value,
+                RESTART_POLICIES.join(", ")
+            ),
+        );
+        ok = false;
+    }
+    for key in ["ports", "volumes", "command"] {
+        ok &= t
+            .value(key)
+            .is_none_or(|v| matches!(v.get_ref(), DeValue::Array(_)));
+    }
+    let strings = |items: Vec<At<&str>>| items.into_iter().map(|i| i.value.to_owned()).collect();
+    Some(ContainerSpec {
+        name: name?.value.to_owned(),
+        image: image?.value.to_owned(),
+        dockerfile: dockerfile.map(|d| d.value.to_owned()),
+        context: context.map_or_else(|| ".".to_owned(), |c| c.value.to_owned()),
+        ports: strings(ports),
+        env,
+        env_file: env_file.map(|e| e.value.to_owned()),
+        volumes: strings(volumes),
+        command: command.map(|c| strings(c.value)),
+        restart: restart.map_or_else(|| "unless-stopped".to_owned(), |p| p.value.to_owned()),
+    })
+    .filter(|_| ok)
+}
+
+fn read_health(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<HealthCheck> {
+    t.check_keys(r, HEALTH_KEYS);
+    let kinds: Vec<&str> = ["http", "tcp", "exec"]
+        .into_iter()
+        .filter(|k| t.value(k).is_some())
+        .collect();
+    if kinds.len() != 1 {
+        r.error(
+            t.span.start,
+            format!("{} must have exactly one of http, tcp, exec", t.label),
+        );
+        return None;
+    }
+    let mut ok = true;
+    if kinds[0] != "http" {
+        for key in ["expect_status", "body_contains"] {
+            if let Some((key_span, _)) = t.entry(key) {
+                r.error(
+                    key_span.start,
+                    format!("{key:?} only applies to http checks"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let mut timeout = Duration::from_secs(5);
+    let mut interval = Duration::from_millis(500);
+    ok &= set_duration(r, t, "timeout", false, &mut timeout);
+    ok &= set_duration(r, t, "interval", false, &mut interval);
+    let kind = match kinds[0] {
+        "http" => {
+            let url = t.string(r, "http");
+            if let Some(u) = &url {
+                let rest = u
+                    .value
+                    .strip_prefix("http://")
+                    .or_else(|| u.value.strip_prefix("https://"));
+                if rest.is_none_or(str::is_empty) {
+                    r.error(
+                        u.span.start,
+                        format!(
+                            "health url {:?} must start with http:// or https://",
+                            u.value
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+            let mut expect_status = 200;
+            if let Some(s) = t.integer(r, "expect_status") {
+                match u16::try_from(s.value) {
+                    Ok(code @ 100..=599) => expect_status = code,
+                    _ => {
+                        r.error(
+                            s.span.start,
+                            format!(
+                                "expect_status {} is not an HTTP status code (100 to 599)",
+                                s.value
+                            ),
+                        );
+                        ok = false;
+                    }
+                }
+            } else if t.value("expect_status").is_some() {
+                ok = false;
+            }
+            let body_contains = t.string(r, "body_contains");
+            ok &= t.value("body_contains").is_none() || body_contains.is_some();
+            HealthKind::Http {
+                url: url?.value.to_owned(),
+                expect_status,
+                body_contains: body_contains.map(|b| b.value.to_owned()),
+            }
+        }
+        "tcp" => {
+            let addr = t.string(r, "tcp")?;
+            let valid = addr.value.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                r.error(
+                    addr.span.start,
+                    format!(
+                        "tcp address {:?} must be \"host:port\", e.g. \"127.0.0.1:4000\"",
+                        addr.value
+                    ),
+                );
+                return None;
+            }
+            HealthKind::Tcp {
+                addr: addr.value.to_owned(),
+            }
+        }
+        _ => {
+            let argv = t.strings(r, "exec")?;
+            if argv.value.is_empty() {
+                r.error(argv.span.start, "\"exec\" must not be empty");
+                return None;
+            }
+            HealthKind::Exec {
+                argv: argv.value.iter().map(|a| a.value.to_owned()).collect(),
+            }
+        }
+    };
+    ok.then_some(HealthCheck {
+        kind,
+        timeout,
+        interval,
+    })
+}
+
+/// Reports `after` entries that name an unknown scope or the scope itself,
+/// drops them, dedupes the rest and copies them into the scopes.
+fn check_after(r: &mut Reader<'_>, parts: &mut [Part]) {
+    let known: BTreeSet<String> = parts.iter().map(|p| p.name.clone()).collect();
+    for part in parts.iter_mut() {
+        let mut kept: Vec<At<String>> = Vec::new();
+        for target in std::mem::take(&mut part.after) {
+            if target.value == part.name {
+                r.error(
+                    target.span.start,
+                    format!("scope {:?} comes after itself", part.name),
+                );
+            } else if !known.contains(&target.value) {
+                r.error(
+                    target.span.start,
+                    format!(
+                        "scope {:?} comes after unknown scope {:?}",
+                        part.name, target.value
+                    ),
+                );
+            } else if !kept.iter().any(|k| k.value == target.value) {
+                kept.push(target);
+            }
+        }
+        if let Some(scope) = part.scope.as_mut() {
+            scope.after = values(&kept);
+        }
+        part.after = kept;
+    }
+}
+
+/// Reports each later occurrence of a unit or container name already used
+/// (in file order), naming the scope of the first one.
+fn check_unique(
+    r: &mut Reader<'_>,
+    parts: &[Part],
+    names: impl Fn(&Part) -> &Vec<At<String>>,
+    what: &str,
+    verb: &str,
+) {
+    let mut all: Vec<(&At<String>, &str)> = parts
+        .iter()
+        .flat_map(|p| names(p).iter().map(move |n| (n, p.name.as_str())))
+        .collect();
+    all.sort_by_key(|(n, _)| n.span.start);
+    let mut first: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, scope) in all {
+        if let Some(owner) = first.get(name.value.as_str()) {
+            r.error(
+                name.span.start,
+                format!(
+                    "{what} {:?} is already {verb} in scope {owner:?}",
+                    name.value
+                ),
+            );
+        } else {
+            first.insert(&name.value, scope);
+        }
+    }
+}
+
+/// Layers scopes into waves by `after`; reports each cycle once, at the
+/// `after` entry of its alphabetically first scope.
+fn order(r: &mut Reader<'_>, parts: &[Part]) -> Vec<Vec<String>> {
+    let deps: BTreeMap<&str, &Vec<At<String>>> =
+        parts.iter().map(|p| (p.name.as_str(), &p.after)).collect();
+    let mut remaining: BTreeSet<&str> = deps.keys().copied().collect();
+    let mut waves = Vec::new();
+    loop {
+        let wave: Vec<&str> = remaining
+            .iter()
+            .copied()
+            .filter(|n| {
+                deps[n]
+                    .iter()
+                    .all(|d| !remaining.contains(d.value.as_str()))
+            })
+            .collect();
+        if wave.is_empty() {
+            break;
+        }
+        for n in &wave {
+            remaining.remove(n);
+        }
+        waves.push(wave.into_iter().map(str::to_owned).collect());
+    }
+    // Every scope left depends on a scope left: walk to find a cycle.
+    while let Some(&start) = remaining.first() {
+        let mut path: Vec<&str> = Vec::new();
+        let mut current = start;
+        let cycle = loop {
+            if let Some(i) = path.iter().position(|p| *p == current) {
+                break path.split_off(i);
+            }
+            path.push(current);
+            let next = deps[current]
+                .iter()
+                .map(|d| d.value.as_str())
+                .filter(|d| remaining.contains(d))
+                .min();
+            match next {
+                Some(next) => current = next,
+                None => break Vec::new(),
+            }
+        };
+        if cycle.is_empty() {
+            remaining.remove(start);
+            continue;
+        }
+        let min = (0..cycle.len())
+            .min_by_key(|&i| cycle[i])
+            .expect("a cycle has at least one scope");
+        let mut rotated: Vec<&str> = cycle[min..].iter().chain(&cycle[..min]).copied().collect();
+        let at = deps[rotated[0]]
+            .iter()
+            .find(|d| d.value == rotated[1])
+            .map_or(0, |d| d.span.start);
+        rotated.push(rotated[0]);
+        r.error(
+            at,
+            format!("scopes form a cycle in \"after\": {}", rotated.join(" -> ")),
+        );
+        for n in &cycle {
+            remaining.remove(n);
+        }
+        // Drop scopes that only waited on the cycle.
+        loop {
+            let free: Vec<&str> = remaining
+                .iter()
+                .copied()
+                .filter(|n| {
+                    deps[n]
+                        .iter()
+                        .all(|d| !remaining.contains(d.value.as_str()))
+                })
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            for n in free {
+                remaining.remove(n);
+            }
+        }
+    }
+    waves
+}
+
+/// A canonical rendering of a TOML value: keys sorted, one fixed spelling
+/// per value, so formatting and key order do not change it.
+fn canonical(value: &DeValue<'_>, out: &mut String) {
+    match value {
+        DeValue::String(s) => {
+            let _ = write!(out, "{:?}", s.as_ref());
+        }
+        DeValue::Integer(i) => match integer_of(value) {
+            Some(n) => {
+                let _ = write!(out, "{n}");
+            }
+            None => out.push_str(i.as_str()),
+        },
+        DeValue::Float(f) => match f.as_str().replace('_', "").parse::<f64>() {
+            Ok(x) => {
+                let _ = write!(out, "{x:?}");
+            }
+            Err(_) => out.push_str(f.as_str()),
+        },
+        DeValue::Boolean(b) => {
+            let _ = write!(out, "{b}");
+        }
+        DeValue::Datetime(d) => {
+            let _ = write!(out, "{d}");
+        }
+        DeValue::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item.get_ref(), out);
+            }
+            out.push(']');
+        }
+        DeValue::Table(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.get_ref().cmp(b.0.get_ref()));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "{:?}=", k.get_ref().as_ref());
+                canonical(v.get_ref(), out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "deploy/moorline.toml";
+
+    /// A manifest that exercises every section; used for the happy path and
+    /// as the base that error cases edit.
+    const EXAMPLE: &str = r#"version = 1
+
+[defaults]
+health_timeout = "90s"
+keep_releases = 3
+
+[scopes.infra]
+owner = "docker"
+
+[scopes.infra.docker]
+[[scopes.infra.docker.containers]]
+name = "nats"
+image = "nats:2.10"
+ports = ["127.0.0.1:4222:4222"]
+
+[scopes.api]
+owner = "native"
+after = ["infra"]
+paths = ["services/api/", "packages/"]
+build = ["./build-api.sh"]
+settle = "1s"
+
+[scopes.api.native]
+units = ["app-api.service", "app-api.socket"]
+unit_files = ["deploy/units/app-api.service"]
+
+[scopes.api.docker]
+[[scopes.api.docker.containers]]
+name = "app-api"
+image = "app-api"
+dockerfile = "deploy/api.Dockerfile"
+env = { API_PORT = "4000" }
+command = ["/bin/api"]
+restart = "always"
+
+[[scopes.api.health]]
+http = "http://127.0.0.1:4000/health"
+body_contains = "ok"
+
+[[scopes.api.health]]
+tcp = "127.0.0.1:4000"
+timeout = "2s"
+
+[scopes.web]
+owner = "native"
+after = ["api"]
+[scopes.web.native]
+units = ["app-web.service"]
+[[scopes.web.health]]
+exec = ["./check.sh", "web"]
+interval = "1s"
+
+[scopes.workers]
+owner = "native"
+after = ["infra"]
+health_timeout = "5m"
+build_timeout = "1h"
+[scopes.workers.native]
+units = ["app-worker@1.service", "app-worker@2.service"]
+"#;
+
+    fn errors(src: &str) -> String {
+        match parse(FILE, src.as_bytes()) {
+            Ok(_) => "parsed".to_owned(),
+            Err(d) => d.to_string(),
+        }
+    }
+
+    #[test]
+    fn example_parses_into_scopes_and_waves() {
+        let m = parse(FILE, EXAMPLE.as_bytes()).expect("the example is valid");
+        assert_eq!(m.version, 1);
+        assert_eq!(m.defaults.keep_releases, 3);
+        assert_eq!(m.defaults.health_timeout, Duration::from_secs(90));
+        assert_eq!(
+            m.waves,
+            vec![vec!["infra"], vec!["api", "workers"], vec!["web"]]
+        );
+        let api = &m.scopes["api"];
+        assert_eq!(api.owner, Runtime::Native);
+        assert_eq!(api.after, vec!["infra"]);
+        assert_eq!(api.paths, vec!["services/api/", "packages/"]);
+        assert_eq!(api.build, vec!["./build-api.sh"]);
+        assert_eq!(
+            (api.health_timeout, api.settle, api.build_timeout),
+            (
+                Duration::from_secs(90),
+                Duration::from_secs(1),
+                Duration::from_secs(600)
+            )
+        );
+        assert_eq!(
+            api.native,
+            Some(NativeSpec {
+                units: vec!["app-api.service".into(), "app-api.socket".into()],
+                unit_files: vec!["deploy/units/app-api.service".into()],
+            })
+        );
+        assert_eq!(
+            api.docker,
+            Some(DockerSpec {
+                containers: vec![ContainerSpec {
+                    name: "app-api".into(),
+                    image: "app-api".into(),
+                    dockerfile: Some("deploy/api.Dockerfile".into()),
+                    context: ".".into(),
+                    ports: vec![],
+                    env: BTreeMap::from([("API_PORT".into(), "4000".into())]),
+                    env_file: None,
+                    volumes: vec![],
+                    command: Some(vec!["/bin/api".into()]),
+                    restart: "always".into(),
+                }]
+            })
+        );
+        assert_eq!(
+            api.health,
+            vec![
+                HealthCheck {
+                    kind: HealthKind::Http {
+                        url: "http://127.0.0.1:4000/health".into(),
+                        expect_status: 200,
+                        body_contains: Some("ok".into()),
+                    },
+                    timeout: Duration::from_secs(5),
+                    interval: Duration::from_millis(500),
+                },
+                HealthCheck {
+                    kind: HealthKind::Tcp {
+                        addr: "127.0.0.1:4000".into()
+                    },
+                    timeout: Duration::from_secs(2),
+                    interval: Duration::from_millis(500),
+                },
+            ]
+        );
+        let web = &m.scopes["web"];
+        assert_eq!(
+            web.health,
+            vec![HealthCheck {
+                kind: HealthKind::Exec {
+                    argv: vec!["./check.sh".into(), "web".into()]
+                },
+                timeout: Duration::from_secs(5),
+                interval: Duration::from_secs(1),
+            }]
+        );
+        let infra = &m.scopes["infra"];
+        assert_eq!(infra.owner, Runtime::Docker);
+        let nats = &infra.docker.as_ref().expect("infra has docker").containers[0];
+        assert_eq!(nats.restart, "unless-stopped");
+        assert_eq!(nats.ports, vec!["127.0.0.1:4222:4222"]);
+        let workers = &m.scopes["workers"];
+        assert_eq!(
+            (
+                workers.health_timeout,
+                workers.settle,
+                workers.build_timeout
+            ),
+            (
+                Duration::from_secs(300),
+                Duration::from_secs(3),
+                Duration::from_secs(3600)
+            )
+        );
+    }
+
+    #[test]
+    fn defaults_apply_without_a_defaults_table() {
+        let m = parse(
+            FILE,
+            b"version = 1\n[scopes.a]\nowner = \"native\"\n[scopes.a.native]\nunits = [\"a.service\"]\n",
+        )
+        .expect("minimal manifest is valid");
+        assert_eq!(m.defaults.keep_releases, 5);
+        let a = &m.scopes["a"];
+        assert_eq!(
+            (a.health_timeout, a.settle, a.build_timeout),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(3),
+                Duration::from_secs(600)
+            )
+        );
+        assert_eq!(m.waves, vec![vec!["a"]]);
+    }
+
+    /// The scope `api` of a manifest whose only scope is `body`.
+    fn section_text(body: &str) -> String {
+        let src = format!("version = 1\n{body}");
+        let m = parse(FILE, src.as_bytes()).expect("section test manifest is valid");
+        m.scopes["api"].section_text.clone()
+    }
+
+    #[test]
+    fn section_text_ignores_formatting_but_not_values() {
+        let base = section_text(
+            "[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+        );
+        let reformatted = section_text(
+            "# the api\n[scopes.api.native]\nunits=[ 'api.service', ]  # units\n\n[scopes.api]\npaths = [\n  \"a/\",\n  \"b/\",\n]\nowner   =   \"native\"\n",
+        );
+        assert_eq!(base, reformatted);
+        let dotted = section_text(
+            "[scopes.api]\nnative.units = [\"api.service\"]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n",
+        );
+        assert_eq!(base, dotted);
+        let changed = [
+            "[scopes.api]\nowner = \"native\"\npaths = [\"b/\", \"a/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+            "[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api2.service\"]\n",
+            "[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\nsettle = \"3s\"\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+            "[defaults]\nsettle = \"4s\"\n[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+            "[defaults]\nhealth_timeout = \"61s\"\n[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+            "[defaults]\nbuild_timeout = \"11m\"\n[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+        ];
+        for body in changed {
+            assert_ne!(base, section_text(body), "{body}");
+        }
+        // keep_releases is not part of any scope.
+        let keep = section_text(
+            "[defaults]\nkeep_releases = 9\n[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+        );
+        assert_eq!(base, keep);
+        // An explicit value equal to the default is the same deployment.
+        let explicit = section_text(
+            "[scopes.api]\nowner = \"native\"\npaths = [\"a/\", \"b/\"]\n[scopes.api.native]\nunits = [\"api.service\"]\n",
+        );
+        assert_eq!(base, explicit);
+    }
+
+    /// A valid scope `ok` appended so single-scope errors stand alone.
+    const OK_SCOPE: &str =
+        "[scopes.ok]\nowner = \"native\"\n[scopes.ok.native]\nunits = [\"ok.service\"]\n";
+
+    #[test]
+    fn error_messages() {
+        let v = "version = 1\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{v}[scopes.api]\nownr = \"native\"\n"),
+                "deploy/moorline.toml:2:1: missing key \"owner\" in [scopes.api]\n\
+                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout",
+            ),
+            (
+                format!("{v}[defaults]\nkeep_releases = \"5\"\n{OK_SCOPE}"),
+                "deploy/moorline.toml:3:17: \"keep_releases\" must be an integer, found a string",
+            ),
+            (
+                format!("{v}[defaults]\nkeep_releases = 0\n{OK_SCOPE}"),
+                "deploy/moorline.toml:3:17: keep_releases must be at least 1, found 0",
+            ),
+            (
+                format!("version = 2\n{OK_SCOPE}"),
+                "deploy/moorline.toml:1:11: unsupported manifest version 2; this moorline reads version 1",
+            ),
+            (
+                OK_SCOPE.to_owned(),
+                "deploy/moorline.toml:1:1: missing key \"version\" at the top level; this moorline reads version 1",
+            ),
+            (
+                v.to_owned(),
+                "deploy/moorline.toml:1:1: manifest defines no scopes; add a [scopes.NAME] table",
+            ),
+            (
+                format!("{v}scopes = {{}}\n"),
+                "deploy/moorline.toml:2:10: manifest defines no scopes; add a [scopes.NAME] table",
+            ),
+            (
+                format!(
+                    "{v}[scopes.Api]\nowner = \"native\"\n[scopes.Api.native]\nunits = [\"a.service\"]\n"
+                ),
+                "deploy/moorline.toml:2:9: invalid scope name \"Api\"; use lowercase letters, digits, \"_\" and \"-\", starting with a letter or digit",
+            ),
+            (
+                format!("{v}[scopes]\napi = 3\n"),
+                "deploy/moorline.toml:3:7: scope \"api\" must be a table, found an integer",
+            ),
+            (
+                format!("{v}[scopes.api]\nowner = \"podman\"\n"),
+                "deploy/moorline.toml:3:9: unknown owner \"podman\"; expected \"native\" or \"docker\"",
+            ),
+            (
+                format!("{v}[scopes.api]\nowner = \"native\"\n"),
+                "deploy/moorline.toml:3:9: scope \"api\" is owned by \"native\" but has no [scopes.api.native] section",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"docker\"\n[scopes.api.native]\nunits = [\"a.service\"]\n"
+                ),
+                "deploy/moorline.toml:3:9: scope \"api\" is owned by \"docker\" but has no [scopes.api.docker] section",
+            ),
+            (
+                format!(
+                    "{v}[scopes.ok]\nafter = [\"apx\"]\nowner = \"native\"\n[scopes.ok.native]\nunits = [\"ok.service\"]\n"
+                ),
+                "deploy/moorline.toml:3:10: scope \"ok\" comes after unknown scope \"apx\"",
+            ),
+            (
+                format!(
+                    "{v}[scopes.ok]\nowner = \"native\"\nafter = [\"ok\"]\n[scopes.ok.native]\nunits = [\"ok.service\"]\n"
+                ),
+                "deploy/moorline.toml:4:10: scope \"ok\" comes after itself",
+            ),
+            (
+                format!(
+                    "{v}[scopes.web]\nowner = \"native\"\nafter = [\"api\"]\n[scopes.web.native]\nunits = [\"w.service\"]\n\
+                     [scopes.api]\nowner = \"native\"\nafter = [\"web\"]\n[scopes.api.native]\nunits = [\"a.service\"]\n"
+                ),
+                "deploy/moorline.toml:9:10: scopes form a cycle in \"after\": api -> web -> api",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"native\"\npaths = [\"../etc/passwd\", \"/etc/passwd\", \"a/../..\"]\n[scopes.api.native]\nunits = [\"a.service\"]\n"
+                ),
+                "deploy/moorline.toml:4:10: path \"../etc/passwd\" leaves the repository\n\
+                 deploy/moorline.toml:4:27: path \"/etc/passwd\" must be relative to the repository\n\
+                 deploy/moorline.toml:4:42: path \"a/../..\" leaves the repository",
+            ),
+            (
+                format!("{v}[scopes.api]\nowner = \"native\"\n[scopes.api.native]\nunits = []\n"),
+                "deploy/moorline.toml:5:9: [scopes.api.native] lists no units",
+            ),
+            (
+                format!("{v}[scopes.api]\nowner = \"native\"\n[scopes.api.native]\n"),
+                "deploy/moorline.toml:4:1: [scopes.api.native] lists no units",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"native\"\n[scopes.api.native]\nunits = [\"api\", \"a b.service\", \"t@.timer\"]\nunit_files = [\"/x\"]\n"
+                ),
+                "deploy/moorline.toml:5:10: unit \"api\" has no known suffix; expected one of: .service, .socket, .timer, .target, .path\n\
+                 deploy/moorline.toml:5:17: invalid unit name \"a b.service\"\n\
+                 deploy/moorline.toml:5:32: unit \"t@.timer\" is a template; name an instance such as \"t@1.timer\"\n\
+                 deploy/moorline.toml:6:15: path \"/x\" must be relative to the repository",
+            ),
+            (
+                format!(
+                    "{v}{OK_SCOPE}[scopes.two]\nowner = \"native\"\n[scopes.two.native]\nunits = [\"ok.service\"]\n"
+                ),
+                "deploy/moorline.toml:9:10: unit \"ok.service\" is already listed in scope \"ok\"",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"docker\"\n[scopes.api.docker]\ncontainers = []\n"
+                ),
+                "deploy/moorline.toml:5:14: [scopes.api.docker] lists no containers",
+            ),
+            (
+                format!("{v}[scopes.api]\nowner = \"docker\"\n[scopes.api.docker]\n"),
+                "deploy/moorline.toml:4:1: [scopes.api.docker] lists no containers",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"docker\"\n[[scopes.api.docker.containers]]\nname = \"-x\"\nimge = \"a\"\n\
+                     restart = \"sometimes\"\nenv = {{ A = 1 }}\nenv_file = \"x.env\"\ncommand = []\ncontext = \"..\"\n"
+                ),
+                "deploy/moorline.toml:4:1: missing key \"image\" in container 1 of scope \"api\"\n\
+                 deploy/moorline.toml:5:8: invalid container name \"-x\"; use letters, digits, \"_\", \".\" and \"-\", starting with a letter or digit\n\
+                 deploy/moorline.toml:6:1: unknown key \"imge\" in container 1 of scope \"api\"; expected one of: name, image, dockerfile, context, ports, env, env_file, volumes, command, restart\n\
+                 deploy/moorline.toml:7:11: restart policy \"sometimes\" is not one of: no, always, unless-stopped, on-failure\n\
+                 deploy/moorline.toml:8:13: env value \"A\" must be a string, found an integer\n\
+                 deploy/moorline.toml:9:12: env_file \"x.env\" must be an absolute host path\n\
+                 deploy/moorline.toml:10:11: \"command\" must not be empty\n\
+                 deploy/moorline.toml:11:11: path \"..\" leaves the repository",
+            ),
+            (
+                format!(
+                    "{v}[scopes.api]\nowner = \"docker\"\n[[scopes.api.docker.containers]]\nname = \"c\"\nimage = \"i\"\n\
+                     [[scopes.api.docker.containers]]\nname = \"c\"\nimage = \"i\"\n"
+                ),
+                "deploy/moorline.toml:8:8: container \"c\" is already defined in scope \"api\"",
+            ),
+            (
+                format!(
+                    "{v}{OK_SCOPE}[[scopes.ok.health]]\nhttp = \"http://x\"\ntcp = \"x:1\"\n[[scopes.ok.health]]\n"
+                ),
+                "deploy/moorline.toml:6:1: health check 1 of scope \"ok\" must have exactly one of http, tcp, exec\n\
+                 deploy/moorline.toml:9:1: health check 2 of scope \"ok\" must have exactly one of http, tcp, exec",
+            ),
+            (
+                format!(
+                    "{v}{OK_SCOPE}[[scopes.ok.health]]\nhttp = \"ftp://x\"\nexpect_status = 600\n\
+                     [[scopes.ok.health]]\ntcp = \"localhost\"\nbody_contains = \"x\"\n[[scopes.ok.health]]\nexec = []\n\
+                     [[scopes.ok.health]]\nexec = [\"true\"]\ntimeout = \"0s\"\ninterval = \"5 minutes\"\n"
+                ),
+                "deploy/moorline.toml:7:8: health url \"ftp://x\" must start with http:// or https://\n\
+                 deploy/moorline.toml:8:17: expect_status 600 is not an HTTP status code (100 to 599)\n\
+                 deploy/moorline.toml:10:7: tcp address \"localhost\" must be \"host:port\", e.g. \"127.0.0.1:4000\"\n\
+                 deploy/moorline.toml:11:1: \"body_contains\" only applies to http checks\n\
+                 deploy/moorline.toml:13:8: \"exec\" must not be empty\n\
+                 deploy/moorline.toml:16:11: \"timeout\" must be longer than zero\n\
+                 deploy/moorline.toml:17:12: duration \"5 minutes\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"",
+            ),
+            (
+                format!(
+                    "{v}[defaults]\nsettle = \"3 s\"\nbuild_timeout = 5\n[scopes.ok]\nowner = \"native\"\nhealth_timeout = \"1d\"\n[scopes.ok.native]\nunits = [\"ok.service\"]\n"
+                ),
+                "deploy/moorline.toml:3:10: duration \"3 s\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"\n\
+                 deploy/moorline.toml:4:17: \"build_timeout\" must be a string, found an integer\n\
+                 deploy/moorline.toml:7:18: duration \"1d\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"",
+            ),
+            (
+                format!(
+                    "{v}[scopes.ok]\npaths = \"a/\"\nbuild = [\"make\", 3]\nowner = \"native\"\n[scopes.ok.native]\nunits = [\"ok.service\"]\n"
+                ),
+                "deploy/moorline.toml:3:9: \"paths\" must be an array of strings, found a string\n\
+                 deploy/moorline.toml:4:18: elements of \"build\" must be strings, found an integer",
+            ),
+            (
+                format!("{v}verison = 1\n{OK_SCOPE}"),
+                "deploy/moorline.toml:2:1: unknown key \"verison\" at the top level; expected one of: version, defaults, scopes",
+            ),
+            (
+                format!("{v}{OK_SCOPE}[scopes.ok]\n"),
+                "deploy/moorline.toml:6:9: invalid TOML: duplicate key \"ok\"",
+            ),
+            (
+                format!("{v}version = 1\n{OK_SCOPE}"),
+                "deploy/moorline.toml:2:1: invalid TOML: duplicate key \"version\"",
+            ),
+            (
+                "version = 1\n[scopes.api\n".to_owned(),
+                "deploy/moorline.toml:2:12: invalid TOML: unclosed table, expected `]`",
+            ),
+            (
+                "version 1\n".to_owned(),
+                "deploy/moorline.toml:1:9: invalid TOML: key with no value, expected `=`",
+            ),
+        ];
+        let failures: Vec<String> = cases
+            .iter()
+            .filter(|(src, want)| errors(src) != *want)
+            .map(|(src, want)| format!("input:\n{src}\nwant:\n{want}\ngot:\n{}\n", errors(src)))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn non_utf8_points_at_the_first_bad_byte() {
+        let mut src = b"version = 1\n# caf\xc3\xa9 ".to_vec();
+        src.extend_from_slice(b"\xff\xfe\n");
+        assert_eq!(
+            parse(FILE, &src).map(|_| ()).map_err(|d| d.to_string()),
+            Err("deploy/moorline.toml:2:8: file is not valid UTF-8".to_owned())
+        );
+    }
+
+    #[test]
+    fn huge_file_is_refused() {
+        let mut src = b"version = 1\n".to_vec();
+        src.resize(1024 * 1024 + 1, b'\n');
+        assert_eq!(
+            parse(FILE, &src).map(|_| ()).map_err(|d| d.to_string()),
+            Err("deploy/moorline.toml:1:1: file is larger than 1 MiB".to_owned())
+        );
+        src.truncate(1024 * 1024);
+        assert!(matches!(parse(FILE, &src), Err(d) if d.to_string().contains("no scopes")));
+    }
+}
