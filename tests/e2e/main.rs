@@ -176,8 +176,12 @@ fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
     let rollout = host.wait_rollout(&bad);
     assert_eq!(rollout["outcome"], "failed");
     let error = rollout["error"].as_str().expect("error recorded");
-    assert!(error.starts_with("deploy/moorline.toml:11:1: "), "{error}");
-    assert!(error.contains("\"ownr\""), "{error}");
+    assert_eq!(
+        error,
+        "deploy/moorline.toml:10:1: missing key \"owner\" in [scopes.api]\n\
+         deploy/moorline.toml:11:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, \
+         build, native, docker, health, health_timeout, settle, build_timeout"
+    );
     assert_eq!(invocations(&host), before, "nothing was restarted");
     assert!(host.api().is_some(), "api still answers");
     assert_eq!(host.json(&["status", "--json"])["source"]["deployed_commit"], first.as_str());
