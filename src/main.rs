@@ -8,5 +8,7 @@ mod config;
 mod manifest;
 /// Runtimes that run a scope's members: systemd user units and Docker.
 mod runtime;
+/// Triggers that wake the agent: filesystem watch and webhook.
+mod source;
 
 fn main() {}
