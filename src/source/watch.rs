@@ -4,12 +4,14 @@
 //!
 //! The watch follows git's files ref backend: the loose ref file
 //! `refs/heads/<branch>` (written as `<ref>.lock` and renamed into place) and
-//! `packed-refs` (rewritten by `git gc` / `git pack-refs`). Events are reduced
-//! to "something about our ref may have changed"; a burst of them produces one
-//! immediate wake plus, at the end of each coalescing window, another wake if
-//! the ref's value differs from the one seen at the last wake. That last check
-//! reads the ref itself, so an event inotify never delivered (a directory made
-//! and filled before its watch was added) cannot lose the final state.
+//! `packed-refs` (rewritten by `git gc` / `git pack-refs`). Events only tell
+//! "something about our ref may have changed"; the coalescer then reads the
+//! ref's value itself and wakes when it differs from the value at the last
+//! wake: at once for the first update of a burst, then at most once per
+//! [`COALESCE_WINDOW`], with a final read when the burst ends so its last state
+//! is never lost. Reading the value also covers events inotify never delivered
+//! (a directory made and filled before its watch was added), and keeps
+//! `git gc` from waking the agent for a ref whose value did not change.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ use super::Wake;
 
 /// At most one wake per window while events keep coming; the first event of a
 /// burst wakes immediately.
-pub const COALESCE_WINDOW: Duration = Duration::from_millis(100);
+pub const COALESCE_WINDOW: Duration = Duration::from_millis(200);
 
 /// Whether the watch is working; shown by `moorline status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +102,9 @@ impl Drop for RefWatcher {
 /// Branch names may be nested (`release/2026/q4`) and their directories may not
 /// exist yet. Other refs are ignored. A full channel already means a wake is
 /// pending, so sends never block.
+///
+/// Updates are compared with the value the ref has when the watch starts, so
+/// start the watch before the agent's first fetch.
 pub fn watch_ref(
     repo: &Path,
     branch: &str,
@@ -154,10 +159,13 @@ pub fn watch_ref(
             source,
         })?;
 
+    // Read once the watch is in place: any later update is then either in this
+    // value or announced by an event.
+    let initial = interest.read_value();
     let coalescer_health = Arc::clone(&health);
     let coalescer = std::thread::Builder::new()
         .name("moorline-watch".to_owned())
-        .spawn(move || coalesce(&signal_rx, &interest, &tx, &coalescer_health))
+        .spawn(move || coalesce(&signal_rx, &interest, &tx, &coalescer_health, initial))
         .map_err(|source| WatchError::Thread {
             path: common.clone(),
             source,
@@ -188,17 +196,25 @@ enum RefValue {
     Unreadable(String),
 }
 
-/// Turns a stream of change signals into wakes: the first signal of a burst
-/// wakes at once; at the end of each window, a changed ref wakes again and opens
-/// a new window, an unchanged one ends the burst.
+/// Turns a stream of change signals into wakes.
+///
+/// Every signal re-reads the ref; a value different from the one at the last
+/// wake wakes at once (so the first completed update of a burst wakes with no
+/// delay, while `<ref>.lock` being created does not) and starts a window in
+/// which further signals are only noted. When a window ends, the ref is read
+/// again: changed, it wakes and starts another window; unchanged, the burst is
+/// over. A signal that did not change the value also opens a window, so an
+/// update whose own events were missed is still found when it ends.
 fn coalesce(
     signals: &std_mpsc::Receiver<Signal>,
     interest: &Interest,
     tx: &mpsc::Sender<Wake>,
     health: &Mutex<WatchHealth>,
+    mut last_woken: RefValue,
 ) {
     let mut window_end: Option<Instant> = None;
-    let mut last_woken = RefValue::Absent;
+    // Whether a wake was sent in the current window.
+    let mut cooling = false;
     loop {
         let signal = match window_end {
             None => signals
@@ -206,28 +222,34 @@ fn coalesce(
                 .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
             Some(end) => signals.recv_timeout(end.saturating_duration_since(Instant::now())),
         };
-        let woke = match signal {
+        let window_over = match signal {
             Ok(Signal::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            Ok(Signal::Changed) if window_end.is_some() => continue,
-            Ok(Signal::Changed) => {
-                last_woken = interest.read_value();
-                send_wake(tx, "ref event")
-            }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                let now = interest.read_value();
-                if now == last_woken {
-                    window_end = None;
-                    continue;
-                }
-                last_woken = now;
-                send_wake(tx, "ref changed during the burst")
-            }
+            Ok(Signal::Changed) if cooling => continue,
+            Ok(Signal::Changed) => false,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => true,
         };
-        if !woke {
+        let now = interest.read_value();
+        if now == last_woken {
+            if window_over {
+                window_end = None;
+                cooling = false;
+            } else if window_end.is_none() {
+                window_end = Some(Instant::now() + COALESCE_WINDOW);
+            }
+            continue;
+        }
+        let reason = if window_over {
+            "ref changed during the burst"
+        } else {
+            "ref changed"
+        };
+        if !send_wake(tx, reason) {
             *health.lock().unwrap_or_else(PoisonError::into_inner) =
                 WatchHealth::Failed("the agent stopped listening for wakes".to_owned());
             return;
         }
+        last_woken = now;
+        cooling = true;
         window_end = Some(Instant::now() + COALESCE_WINDOW);
     }
 }
@@ -386,4 +408,387 @@ fn read_git_file(path: &Path) -> Result<String, WatchError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    /// Long enough for any wake that is coming to arrive, however loaded the
+    /// machine; only ever waited in full when nothing is expected.
+    const PATIENCE: Duration = Duration::from_secs(10);
+    /// Five coalescing windows without a wake: the watcher is quiet.
+    const QUIET: Duration = Duration::from_secs(1);
+
+    /// A bare repository `origin.git` and a clone `work` of it, made by real git
+    /// with pinned dates and no user or system configuration.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        commits: u32,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("a temporary directory can be made");
+            let mut fixture = Fixture { dir, commits: 0 };
+            fixture.git(
+                ".",
+                &["init", "--quiet", "--bare", "-b", "main", "origin.git"],
+            );
+            fixture.git(".", &["clone", "--quiet", "origin.git", "work"]);
+            fixture.git("work", &["checkout", "--quiet", "-b", "main"]);
+            fixture.commit();
+            fixture.git("work", &["push", "--quiet", "origin", "main"]);
+            fixture
+        }
+
+        fn path(&self, rel: &str) -> PathBuf {
+            self.dir.path().join(rel)
+        }
+
+        fn bare(&self) -> PathBuf {
+            self.path("origin.git")
+        }
+
+        fn git(&self, rel: &str, args: &[&str]) -> String {
+            let date = format!("2026-01-01T00:{:02}:00Z", self.commits % 60);
+            let out = Command::new("git")
+                .args(args)
+                .current_dir(self.path(rel))
+                .env("HOME", self.dir.path())
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_AUTHOR_NAME", "Moor Line")
+                .env("GIT_AUTHOR_EMAIL", "moorline@example.invalid")
+                .env("GIT_COMMITTER_NAME", "Moor Line")
+                .env("GIT_COMMITTER_EMAIL", "moorline@example.invalid")
+                .env("GIT_AUTHOR_DATE", &date)
+                .env("GIT_COMMITTER_DATE", &date)
+                .output()
+                .expect("git runs");
+            assert!(
+                out.status.success(),
+                "git {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+
+        /// A new commit in `work` on whatever is checked out; returns its id.
+        fn commit(&mut self) -> String {
+            self.commits += 1;
+            let n = self.commits;
+            std::fs::write(self.path("work/file.txt"), format!("change {n}\n"))
+                .expect("the work tree is writable");
+            self.git("work", &["add", "file.txt"]);
+            self.git("work", &["commit", "--quiet", "-m", &format!("change {n}")]);
+            self.git("work", &["rev-parse", "HEAD"])
+        }
+
+        fn push(&self, refspec: &str) {
+            self.git("work", &["push", "--quiet", "--force", "origin", refspec]);
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a test runtime starts")
+    }
+
+    fn recv_within(rx: &mut mpsc::Receiver<Wake>, limit: Duration) -> Option<Wake> {
+        rt().block_on(async { tokio::time::timeout(limit, rx.recv()).await.ok().flatten() })
+    }
+
+    /// Waits for one wake (or fails), then for the burst it belongs to to end.
+    fn expect_wake(rx: &mut mpsc::Receiver<Wake>, what: &str) {
+        assert_eq!(
+            recv_within(rx, PATIENCE),
+            Some(Wake::Watch),
+            "no wake after {what}"
+        );
+        drain_until_quiet(rx);
+    }
+
+    /// Receives wakes until none came for [`QUIET`]; returns how many came.
+    fn drain_until_quiet(rx: &mut mpsc::Receiver<Wake>) -> usize {
+        let mut n = 0;
+        while recv_within(rx, QUIET).is_some() {
+            n += 1;
+        }
+        n
+    }
+
+    fn expect_no_wake(rx: &mut mpsc::Receiver<Wake>, what: &str) {
+        assert_eq!(recv_within(rx, QUIET), None, "woken by {what}");
+    }
+
+    fn watch(repo: &Path, branch: &str) -> (RefWatcher, mpsc::Receiver<Wake>) {
+        let (tx, rx) = mpsc::channel(64);
+        let watcher = watch_ref(repo, branch, tx).expect("the watch starts");
+        assert_eq!(watcher.health(), WatchHealth::Active);
+        (watcher, rx)
+    }
+
+    #[test]
+    fn push_to_the_branch_wakes_and_other_branches_do_not() {
+        let mut fx = Fixture::new();
+        let (watcher, mut rx) = watch(&fx.bare(), "main");
+
+        fx.git("work", &["checkout", "--quiet", "-b", "feature"]);
+        fx.commit();
+        fx.push("feature");
+        expect_no_wake(&mut rx, "a push to another branch");
+        fx.git("work", &["tag", "v1"]);
+        fx.push("v1");
+        expect_no_wake(&mut rx, "a pushed tag");
+
+        fx.git("work", &["checkout", "--quiet", "main"]);
+        fx.commit();
+        fx.push("main");
+        expect_wake(&mut rx, "a push to main");
+        assert_eq!(watcher.health(), WatchHealth::Active);
+    }
+
+    #[test]
+    fn a_nested_branch_created_after_the_watch_started_wakes() {
+        let mut fx = Fixture::new();
+        let (_watcher, mut rx) = watch(&fx.bare(), "release/2026/q4");
+        assert!(!fx.bare().join("refs/heads/release").exists());
+
+        fx.git("work", &["checkout", "--quiet", "-b", "release/2026/q4"]);
+        let first = fx.commit();
+        fx.push("release/2026/q4");
+        expect_wake(&mut rx, "creating release/2026/q4");
+        assert_eq!(
+            fx.git("origin.git", &["rev-parse", "release/2026/q4"]),
+            first
+        );
+
+        fx.commit();
+        fx.push("release/2026/q4");
+        expect_wake(&mut rx, "a second push to release/2026/q4");
+
+        // A sibling in the same directory is another branch.
+        fx.git("work", &["checkout", "--quiet", "-b", "release/2026/q3"]);
+        fx.commit();
+        fx.push("release/2026/q3");
+        expect_no_wake(&mut rx, "a push to release/2026/q3");
+    }
+
+    #[test]
+    fn pushes_still_wake_after_the_refs_are_packed() {
+        let mut fx = Fixture::new();
+        let (_watcher, mut rx) = watch(&fx.bare(), "main");
+        let loose = fx.bare().join("refs/heads/main");
+
+        fx.git("origin.git", &["pack-refs", "--all"]);
+        assert!(!loose.exists(), "pack-refs left the loose ref");
+        // Packing moved the ref without changing its value: no wake.
+        expect_no_wake(&mut rx, "pack-refs");
+        fx.commit();
+        fx.push("main");
+        expect_wake(&mut rx, "a push after pack-refs");
+
+        fx.git("origin.git", &["gc", "--quiet"]);
+        assert!(!loose.exists(), "gc left the loose ref");
+        expect_no_wake(&mut rx, "gc");
+        fx.commit();
+        fx.push("main");
+        expect_wake(&mut rx, "a push after gc");
+    }
+
+    #[test]
+    fn update_ref_wakes() {
+        let mut fx = Fixture::new();
+        let older = fx.git("origin.git", &["rev-parse", "main"]);
+        fx.commit();
+        fx.push("main");
+        let (_watcher, mut rx) = watch(&fx.bare(), "main");
+
+        fx.git("origin.git", &["update-ref", "refs/heads/main", &older]);
+        expect_wake(&mut rx, "git update-ref");
+        fx.git("origin.git", &["update-ref", "refs/heads/other", &older]);
+        expect_no_wake(&mut rx, "git update-ref of another branch");
+        fx.git("origin.git", &["update-ref", "-d", "refs/heads/main"]);
+        expect_wake(&mut rx, "deleting the branch");
+    }
+
+    #[test]
+    fn a_burst_of_pushes_is_coalesced_and_its_end_is_seen() {
+        let mut fx = Fixture::new();
+        let (_watcher, mut rx) = watch(&fx.bare(), "main");
+        let loose = fx.bare().join("refs/heads/main");
+
+        // A consumer that reads the ref at every wake, as the agent's fetch would.
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel::<String>();
+        let consumer = std::thread::spawn({
+            let loose = loose.clone();
+            move || {
+                rt().block_on(async {
+                    let mut wakes = 0_usize;
+                    while let Ok(Some(_)) = tokio::time::timeout(PATIENCE, rx.recv()).await {
+                        wakes += 1;
+                        let value = std::fs::read_to_string(&loose).unwrap_or_default();
+                        if seen_tx.send(value.trim().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    wakes
+                })
+            }
+        });
+
+        let started = Instant::now();
+        let mut last = String::new();
+        for _ in 0..20 {
+            last = fx.commit();
+            fx.push("main");
+        }
+        let burst = started.elapsed();
+
+        // The final state is seen by a wake: some wake reads the last commit.
+        let mut seen_last = false;
+        while let Ok(value) = seen_rx.recv_timeout(PATIENCE) {
+            if value == last {
+                seen_last = true;
+                break;
+            }
+        }
+        assert!(seen_last, "no wake saw the last push {last}");
+        drop(seen_rx);
+        // The consumer stops at its next wake (its sender fails) or after PATIENCE.
+        let wakes = consumer.join().expect("the consumer does not panic");
+
+        // At most one wake per window while the burst lasts, plus the trailing one.
+        let windows = (burst.as_millis() / COALESCE_WINDOW.as_millis()) as usize + 2;
+        // A wake needs a new value, so never more wakes than pushes.
+        assert!(
+            wakes <= windows.min(20),
+            "{wakes} wakes for 20 pushes over {burst:?} ({windows} windows)"
+        );
+    }
+
+    #[test]
+    fn a_work_tree_repository_wakes_on_commit_and_on_push() {
+        let mut fx = Fixture::new();
+        // Watch the clone: committing in it moves its refs/heads/main.
+        let (_watcher, mut rx) = watch(&fx.path("work"), "main");
+        fx.commit();
+        expect_wake(&mut rx, "a commit in the work tree");
+
+        // A non-bare repository that receives pushes.
+        fx.git(".", &["init", "--quiet", "-b", "main", "target"]);
+        fx.git(
+            "target",
+            &["config", "receive.denyCurrentBranch", "updateInstead"],
+        );
+        let (_target_watcher, mut target_rx) = watch(&fx.path("target"), "main");
+        fx.git("work", &["push", "--quiet", "../target", "main"]);
+        expect_wake(&mut target_rx, "a push into a work tree");
+    }
+
+    #[test]
+    fn a_linked_worktree_watches_the_shared_refs() {
+        let mut fx = Fixture::new();
+        fx.git(
+            "work",
+            &["worktree", "add", "--quiet", "-b", "side", "../linked"],
+        );
+        assert!(fx.path("linked/.git").is_file());
+        let (_watcher, mut rx) = watch(&fx.path("linked"), "main");
+        fx.commit();
+        expect_wake(&mut rx, "a commit to main in the main work tree");
+    }
+
+    #[test]
+    fn dropping_the_watcher_stops_wakes() {
+        let mut fx = Fixture::new();
+        let (watcher, mut rx) = watch(&fx.bare(), "main");
+        drop(watcher);
+        fx.commit();
+        fx.push("main");
+        // The sender went away with the watcher: the channel is closed, not empty.
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
+    }
+
+    #[test]
+    fn setup_errors_name_the_path() {
+        let dir = tempfile::tempdir().expect("a temporary directory can be made");
+        let (tx, _rx) = mpsc::channel(1);
+        let plain = dir.path().join("plain");
+        std::fs::create_dir(&plain).expect("a directory can be made");
+        let err = watch_ref(&plain, "main", tx.clone())
+            .err()
+            .expect("a plain directory is refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" is not a git repository (no .git, and no HEAD, objects/ and refs/)",
+                plain.display()
+            )
+        );
+
+        let missing = dir.path().join("missing");
+        let err = watch_ref(&missing, "main", tx.clone())
+            .err()
+            .expect("a missing path is refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" is not a git repository (no .git, and no HEAD, objects/ and refs/)",
+                missing.display()
+            )
+        );
+
+        std::fs::write(plain.join(".git"), "not a pointer\n").expect("a file can be written");
+        let err = watch_ref(&plain, "main", tx.clone())
+            .err()
+            .expect("a bad .git file is refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" does not start with \"gitdir: \"",
+                plain.join(".git").display()
+            )
+        );
+
+        let fx = Fixture::new();
+        for bad in [
+            "",
+            "../main",
+            "a//b",
+            "main.lock",
+            ".hidden",
+            "a b",
+            "/main",
+        ] {
+            let err = watch_ref(&fx.bare(), bad, tx.clone())
+                .err()
+                .expect("a bad branch is refused");
+            assert_eq!(err.to_string(), format!("invalid branch name \"{bad}\""));
+        }
+    }
+
+    #[test]
+    fn packed_refs_lookup() {
+        let packed = "# pack-refs with: peeled fully-peeled sorted \n\
+                      1111111111111111111111111111111111111111 refs/heads/main\n\
+                      2222222222222222222222222222222222222222 refs/heads/main2\n\
+                      3333333333333333333333333333333333333333 refs/tags/v1\n\
+                      ^4444444444444444444444444444444444444444\n";
+        assert_eq!(
+            parse_packed(packed, "refs/heads/main"),
+            Some("1111111111111111111111111111111111111111")
+        );
+        assert_eq!(
+            parse_packed(packed, "refs/heads/main2"),
+            Some("2222222222222222222222222222222222222222")
+        );
+        assert_eq!(parse_packed(packed, "refs/heads/mai"), None);
+        assert_eq!(parse_packed(packed, "refs/heads/v1"), None);
+    }
 }
