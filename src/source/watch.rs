@@ -71,6 +71,14 @@ pub struct RefWatcher {
     coalescer: Option<JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for RefWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefWatcher")
+            .field("health", &self.health())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RefWatcher {
     pub fn health(&self) -> WatchHealth {
         self.health
@@ -127,6 +135,15 @@ pub fn watch_ref(
     let mut watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
             Ok(event) => {
+                if let Some(gone) = handler_interest.root_gone(&event) {
+                    warn!(path = %gone.display(), "the watched repository went away; relying on polling");
+                    *handler_health
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = WatchHealth::Failed(format!(
+                        "\"{}\" was removed or moved; relying on polling",
+                        gone.display()
+                    ));
+                }
                 if handler_interest.is_relevant(&event) {
                     // The coalescer only ends when the watch is dropped.
                     let _ = events_tx.send(Signal::Changed);
@@ -272,6 +289,8 @@ fn send_wake(tx: &mpsc::Sender<Wake>, reason: &'static str) -> bool {
 /// The paths whose changes concern the watched branch.
 #[derive(Debug, Clone)]
 struct Interest {
+    /// The watched directories: the git (common) dir and its `refs`.
+    roots: [PathBuf; 2],
     full_name: String,
     loose: PathBuf,
     loose_lock: PathBuf,
@@ -296,6 +315,7 @@ impl Interest {
             dir = d.parent();
         }
         Interest {
+            roots: [common.to_path_buf(), common.join("refs")],
             loose_lock: common.join(format!("{full_name}.lock")),
             loose,
             packed: common.join("packed-refs"),
@@ -318,6 +338,24 @@ impl Interest {
                     || self.ancestors.contains(p)
             }),
         }
+    }
+
+    /// The watched directory this event says was removed or moved away, after
+    /// which no further events come.
+    fn root_gone<'e>(&self, event: &'e notify::Event) -> Option<&'e Path> {
+        let gone = matches!(
+            event.kind,
+            EventKind::Remove(_)
+                | EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::From))
+        );
+        if !gone {
+            return None;
+        }
+        event
+            .paths
+            .iter()
+            .find(|p| self.roots.contains(p))
+            .map(PathBuf::as_path)
     }
 
     /// The ref's value: the loose file wins over packed-refs, as in git.
@@ -582,7 +620,7 @@ mod tests {
     #[test]
     fn pushes_still_wake_after_the_refs_are_packed() {
         let mut fx = Fixture::new();
-        let (_watcher, mut rx) = watch(&fx.bare(), "main");
+        let (watcher, mut rx) = watch(&fx.bare(), "main");
         let loose = fx.bare().join("refs/heads/main");
 
         fx.git("origin.git", &["pack-refs", "--all"]);
@@ -599,6 +637,7 @@ mod tests {
         fx.commit();
         fx.push("main");
         expect_wake(&mut rx, "a push after gc");
+        assert_eq!(watcher.health(), WatchHealth::Active);
     }
 
     #[test]
@@ -705,6 +744,36 @@ mod tests {
     }
 
     #[test]
+    fn removing_the_repository_fails_the_health() {
+        let fx = Fixture::new();
+        let (watcher, _rx) = watch(&fx.bare(), "main");
+        std::fs::remove_dir_all(fx.bare()).expect("the repository can be removed");
+        let deadline = Instant::now() + PATIENCE;
+        while watcher.health() == WatchHealth::Active && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let canonical = fx
+            .dir
+            .path()
+            .canonicalize()
+            .expect("the fixture directory exists");
+        let health = watcher.health();
+        // Which of the two watched directories is reported first depends on event order.
+        let refs = format!(
+            "\"{}\" was removed or moved; relying on polling",
+            canonical.join("origin.git/refs").display()
+        );
+        let root = format!(
+            "\"{}\" was removed or moved; relying on polling",
+            canonical.join("origin.git").display()
+        );
+        assert!(
+            health == WatchHealth::Failed(refs) || health == WatchHealth::Failed(root),
+            "{health:?}"
+        );
+    }
+
+    #[test]
     fn dropping_the_watcher_stops_wakes() {
         let mut fx = Fixture::new();
         let (watcher, mut rx) = watch(&fx.bare(), "main");
@@ -721,9 +790,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(1);
         let plain = dir.path().join("plain");
         std::fs::create_dir(&plain).expect("a directory can be made");
-        let err = watch_ref(&plain, "main", tx.clone())
-            .err()
-            .expect("a plain directory is refused");
+        let err = watch_ref(&plain, "main", tx.clone()).expect_err("a plain directory is refused");
         assert_eq!(
             err.to_string(),
             format!(
@@ -733,9 +800,7 @@ mod tests {
         );
 
         let missing = dir.path().join("missing");
-        let err = watch_ref(&missing, "main", tx.clone())
-            .err()
-            .expect("a missing path is refused");
+        let err = watch_ref(&missing, "main", tx.clone()).expect_err("a missing path is refused");
         assert_eq!(
             err.to_string(),
             format!(
@@ -745,9 +810,7 @@ mod tests {
         );
 
         std::fs::write(plain.join(".git"), "not a pointer\n").expect("a file can be written");
-        let err = watch_ref(&plain, "main", tx.clone())
-            .err()
-            .expect("a bad .git file is refused");
+        let err = watch_ref(&plain, "main", tx.clone()).expect_err("a bad .git file is refused");
         assert_eq!(
             err.to_string(),
             format!(
@@ -766,9 +829,7 @@ mod tests {
             "a b",
             "/main",
         ] {
-            let err = watch_ref(&fx.bare(), bad, tx.clone())
-                .err()
-                .expect("a bad branch is refused");
+            let err = watch_ref(&fx.bare(), bad, tx.clone()).expect_err("a bad branch is refused");
             assert_eq!(err.to_string(), format!("invalid branch name \"{bad}\""));
         }
     }
