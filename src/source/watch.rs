@@ -820,6 +820,26 @@ mod tests {
         );
 
         let fx = Fixture::new();
+        fx.git(
+            ".",
+            &[
+                "init",
+                "--quiet",
+                "--bare",
+                "--ref-format=reftable",
+                "table.git",
+            ],
+        );
+        let err = watch_ref(&fx.path("table.git"), "main", tx.clone())
+            .expect_err("a reftable repository is refused");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" keeps its refs in the reftable format, which cannot be watched; polling only",
+                fx.path("table.git").display()
+            )
+        );
+
         for bad in [
             "",
             "../main",
