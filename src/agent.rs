@@ -11,7 +11,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView, StatusReport};
+use crate::api::{
+    self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView,
+    StatusReport,
+};
 use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle, native::short};
 use crate::runtime::systemd::Systemd;
@@ -46,15 +49,19 @@ fn wake_name(wake: &Wake) -> &'static str {
         Wake::Watch => "watch",
         Wake::Webhook { .. } => "webhook",
         Wake::Sync => "sync",
-        Wake::Poll => "poll",
     }
 }
 
 /// Create the state directory owner-only (and tighten an existing one).
 pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict state directory \"{}\" to its owner", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
+        format!(
+            "cannot restrict state directory \"{}\" to its owner",
+            dir.display()
+        )
+    })?;
     Ok(())
 }
 
@@ -65,7 +72,9 @@ pub fn next_delay(poll: Duration, failures: u32, seed: u64) -> Duration {
         poll
     } else {
         let factor = 1u32 << failures.min(16);
-        poll.saturating_mul(factor).min(Duration::from_secs(900)).max(poll)
+        poll.saturating_mul(factor)
+            .min(Duration::from_secs(900))
+            .max(poll)
     };
     let spread = base.as_millis() as u64 / 10;
     if spread == 0 {
@@ -112,6 +121,7 @@ impl Agent {
         let host = self.store.host().unwrap_or_default();
         let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
         let sd = self.systemd().await;
+        let docker = crate::runtime::docker::Docker::connect(&self.config.docker.host).ok();
         let mut scopes = Vec::new();
         for (name, state) in &host.scopes {
             let mut members = Vec::new();
@@ -123,9 +133,22 @@ impl Agent {
                         Ok(u) => format!("{} ({})", u.active_state, u.sub_state),
                         Err(e) => format!("unknown: {e}"),
                     },
+                    (_, "docker") => match &docker {
+                        Some(dk) => match dk.inspect(member).await {
+                            Ok(Some(c)) if c.running => format!(
+                                "running (image {}, id {})",
+                                c.image_ref,
+                                c.id.get(..12).unwrap_or(&c.id)
+                            ),
+                            Ok(Some(c)) => format!("{} (exit code {})", c.status, c.exit_code),
+                            Ok(None) => "missing".to_string(),
+                            Err(e) => format!("unknown: {e}"),
+                        },
+                        None => "unknown: docker is not reachable".to_string(),
+                    },
                     _ => "unknown".to_string(),
                 };
-                if !text.starts_with("active") {
+                if !(text.starts_with("active") || text.starts_with("running")) {
                     problems.push(format!("{member} is {text}"));
                 }
                 members.push(MemberView {
@@ -134,7 +157,10 @@ impl Agent {
                 });
             }
             let (health, detail) = if !state.healthy {
-                ("unhealthy", Some("the last rollout of this scope did not pass verification".to_string()))
+                (
+                    "unhealthy",
+                    Some("the last rollout of this scope did not pass verification".to_string()),
+                )
             } else if !problems.is_empty() {
                 ("unhealthy", Some(problems.join("; ")))
             } else {
@@ -149,6 +175,7 @@ impl Agent {
                 detail,
                 members,
                 rollout: state.current.rollout,
+                problem: state.problem.clone(),
             });
         }
         StatusReport {
@@ -216,12 +243,17 @@ impl api::Handler for Agent {
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status().await)),
-            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit) {
-                Ok(records) => Response::History(records.iter().map(api::RolloutView::from).collect()),
+            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit)
+            {
+                Ok(records) => {
+                    Response::History(records.iter().map(api::RolloutView::from).collect())
+                }
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Show { id } => match self.store.rollout(id) {
-                Ok(record) => Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r)))),
+                Ok(record) => {
+                    Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r))))
+                }
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Sync => {
@@ -230,7 +262,11 @@ impl api::Handler for Agent {
             }
             Request::Plan { rev } => {
                 let engine = Engine::new(self.config.clone(), self.store.clone());
-                match tokio::task::spawn_blocking(move || crate::cli::plan::compute(&engine, rev.as_deref())).await {
+                match tokio::task::spawn_blocking(move || {
+                    crate::cli::plan::compute(&engine, rev.as_deref())
+                })
+                .await
+                {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),
                     Err(e) => Response::Error(e.to_string()),
@@ -247,8 +283,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&dir)?;
     let mut engine = Engine::new(config.clone(), store.clone());
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
-        warn!(rollout = id, "closed a rollout interrupted by a previous stop");
+        warn!(
+            rollout = id,
+            "closed a rollout interrupted by a previous stop"
+        );
     }
+    audit(&mut engine, true).await;
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
     let live = Arc::new(Mutex::new(Live {
         since: now_ms(),
@@ -292,7 +332,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 });
                 notify_status(&format!("deploying {}", short(&head)));
                 match engine.converge(head.clone(), &trigger, fetch_ms).await {
-                    Ok(Converged::Rolled { record, .. }) => {
+                    Ok(Converged::Rolled(record)) => {
+                        audit(&mut engine, false).await;
                         notify_status(&format!(
                             "rollout {} of {}: {}",
                             record.id,
@@ -300,10 +341,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             record.outcome.as_str()
                         ));
                     }
-                    Ok(Converged::Idle { why, .. }) => {
+                    Ok(Converged::Idle(why)) => {
                         let text = match why {
                             Idle::UpToDate => format!("up to date at {}", short(&head)),
-                            Idle::FailedBefore => format!("{} failed; waiting for a newer commit", short(&head)),
+                            Idle::FailedBefore => {
+                                format!("{} failed; waiting for a newer commit", short(&head))
+                            }
                         };
                         notify_status(&text);
                     }
@@ -347,6 +390,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run the ownership audit; findings are logged (and stored by the engine).
+async fn audit(engine: &mut Engine, drift: bool) {
+    match engine.audit(drift).await {
+        Ok(findings) => {
+            for f in findings {
+                warn!(scope = %f.scope, "audit: {}", f.text);
+            }
+        }
+        Err(e) => warn!(error = %e, "audit failed"),
+    }
+}
+
 /// Read the snapshot a (stopped) agent left, marked as not running.
 pub fn read_snapshot(state_dir: &Path) -> Option<StatusReport> {
     let bytes = std::fs::read(snapshot_path(state_dir)).ok()?;
@@ -369,6 +424,9 @@ mod tests {
         assert_eq!(next_delay(poll, 1, 12_000), Duration::from_secs(120));
         assert_eq!(next_delay(poll, 3, 48_000), Duration::from_secs(480));
         assert_eq!(next_delay(poll, 10, 90_000), Duration::from_secs(900));
-        assert_eq!(next_delay(Duration::from_secs(3600), 5, 360_000), Duration::from_secs(3600));
+        assert_eq!(
+            next_delay(Duration::from_secs(3600), 5, 360_000),
+            Duration::from_secs(3600)
+        );
     }
 }

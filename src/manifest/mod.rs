@@ -18,7 +18,6 @@ mod proptests;
 pub(crate) mod reader;
 
 pub use parse::parse;
-pub use reader::parse_duration;
 
 /// Where a problem is: the file as the user named it, 1-based line and column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +74,10 @@ pub enum Runtime {
 /// A validated manifest.
 #[derive(Debug, Clone)]
 pub struct Manifest {
+    #[allow(
+        dead_code,
+        reason = "always 1 once validated; kept for the next format"
+    )]
     pub version: u32,
     pub defaults: Defaults,
     /// Scopes by name.
@@ -171,4 +174,3 @@ pub enum HealthKind {
         argv: Vec<String>,
     },
 }
-

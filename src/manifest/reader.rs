@@ -35,11 +35,6 @@ impl<'s> Reader<'s> {
         !self.found.is_empty()
     }
 
-    /// The source text under `span`, for messages that quote it.
-    pub fn text(&self, span: Range<usize>) -> &'s str {
-        self.text.get(span).unwrap_or("")
-    }
-
     /// Every collected problem, sorted by position (stable for equal places).
     pub fn finish(self) -> Diagnostics {
         let mut found = self.found;

@@ -3,8 +3,12 @@
 //! verification fails. Every side effect is journaled in the store before it
 //! happens, and the rollout record is complete whatever the outcome.
 
+/// The ownership audit at start-up and after every rollout.
+pub mod audit;
 /// Build commands: output tail, timeout.
 pub mod build;
+/// The `docker` runtime: images, containers kept for rollback.
+pub mod docker;
 /// The `native` runtime: unit files, drop-ins, restarts.
 pub mod native;
 /// Release directories: checkout, registry, pruning.
@@ -20,11 +24,12 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::manifest::{self, Manifest, Runtime, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
+use crate::runtime::docker::{Docker, Labels};
 use crate::runtime::systemd::Systemd;
 use crate::source::git::Source;
 use crate::store::{
-    DeployedScope, HostState, JournalEntry, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
-    ScopeState, Store, now_ms,
+    DeployedScope, HostState, JournalEntry, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION,
+    ScopeRecord, ScopeState, Store, now_ms,
 };
 
 /// Appends intent and result of side effects to the rollout record, writing
@@ -93,6 +98,7 @@ pub struct Engine {
     pub source: Source,
     pub http: reqwest::Client,
     systemd: Option<Systemd>,
+    docker: Option<Docker>,
 }
 
 /// Why no rollout ran for a fetched commit.
@@ -106,8 +112,8 @@ pub enum Idle {
 
 #[derive(Debug)]
 pub enum Converged {
-    Idle { head: String, why: Idle },
-    Rolled { head: String, record: Box<RolloutRecord> },
+    Idle(Idle),
+    Rolled(Box<RolloutRecord>),
 }
 
 impl Engine {
@@ -119,6 +125,7 @@ impl Engine {
             source,
             http: crate::health::client(),
             systemd: None,
+            docker: None,
         }
     }
 
@@ -126,13 +133,22 @@ impl Engine {
         self.config.state.dir.join("releases")
     }
 
-    async fn systemd(&mut self) -> Result<Systemd, String> {
+    pub(crate) async fn systemd(&mut self) -> Result<Systemd, String> {
         if let Some(sd) = &self.systemd {
             return Ok(sd.clone());
         }
         let sd = Systemd::connect().await.map_err(|e| e.to_string())?;
         self.systemd = Some(sd.clone());
         Ok(sd)
+    }
+
+    pub(crate) fn docker(&mut self) -> Result<Docker, String> {
+        if let Some(dk) = &self.docker {
+            return Ok(dk.clone());
+        }
+        let dk = Docker::connect(&self.config.docker.host).map_err(|e| e.to_string())?;
+        self.docker = Some(dk.clone());
+        Ok(dk)
     }
 
     /// Fetch the branch. `Err` is a fetch failure (not a rollout).
@@ -145,25 +161,21 @@ impl Engine {
     }
 
     /// Bring the host to `head` if it is not there yet and did not fail before.
-    pub async fn converge(&mut self, head: String, trigger: &str, fetch_ms: u64) -> Result<Converged, String> {
+    pub async fn converge(
+        &mut self,
+        head: String,
+        trigger: &str,
+        fetch_ms: u64,
+    ) -> Result<Converged, String> {
         let host = self.store.host().map_err(|e| e.to_string())?;
         if host.deployed_commit.as_deref() == Some(head.as_str()) {
-            return Ok(Converged::Idle {
-                head,
-                why: Idle::UpToDate,
-            });
+            return Ok(Converged::Idle(Idle::UpToDate));
         }
         if host.failed_commit.as_deref() == Some(head.as_str()) {
-            return Ok(Converged::Idle {
-                head,
-                why: Idle::FailedBefore,
-            });
+            return Ok(Converged::Idle(Idle::FailedBefore));
         }
         let record = self.rollout(&head, trigger, fetch_ms, host).await?;
-        Ok(Converged::Rolled {
-            head,
-            record: Box::new(record),
-        })
+        Ok(Converged::Rolled(Box::new(record)))
     }
 
     /// Read and validate the manifest at `commit`.
@@ -173,7 +185,12 @@ impl Engine {
             .source
             .read_file(commit, path)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("manifest \"{path}\" not found in commit {}", native::short(commit)))?;
+            .ok_or_else(|| {
+                format!(
+                    "manifest \"{path}\" not found in commit {}",
+                    native::short(commit)
+                )
+            })?;
         manifest::parse(path, &bytes).map_err(|d| d.to_string())
     }
 
@@ -184,7 +201,11 @@ impl Engine {
         let releases = self.store.releases().map_err(|e| e.to_string())?;
         let mut inputs = BTreeMap::new();
         for (name, scope) in &manifest.scopes {
-            let path_ids = self.source.path_ids(commit, &scope.paths).map_err(|e| e.to_string())?;
+            let paths = plan::input_paths(scope);
+            let path_ids = self
+                .source
+                .path_ids(commit, &paths)
+                .map_err(|e| e.to_string())?;
             inputs.insert(
                 name.clone(),
                 ScopeInputs {
@@ -197,7 +218,26 @@ impl Engine {
         Ok((manifest, plan))
     }
 
-    async fn rollout(&mut self, head: &str, trigger: &str, fetch_ms: u64, host: HostState) -> Result<RolloutRecord, String> {
+    /// Drop a cached bus connection that no longer works (the user manager
+    /// restarted), so the rollout connects afresh.
+    async fn check_runtimes(&mut self) {
+        if let Some(sd) = &self.systemd
+            && let Err(e) = sd.unit_state("-.slice").await
+            && e.is_transient()
+        {
+            warn!(error = %e, "the user manager connection broke; reconnecting");
+            self.systemd = None;
+        }
+    }
+
+    async fn rollout(
+        &mut self,
+        head: &str,
+        trigger: &str,
+        fetch_ms: u64,
+        host: HostState,
+    ) -> Result<RolloutRecord, String> {
+        self.check_runtimes().await;
         let id = self.store.next_rollout_id().map_err(|e| e.to_string())?;
         let record = RolloutRecord {
             schema: SCHEMA_VERSION,
@@ -240,10 +280,17 @@ impl Engine {
         journal.save();
         match &journal.record.error {
             None => info!(rollout = id, outcome = outcome.as_str(), "rollout finished"),
-            Some(e) => warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished"),
+            Some(e) => {
+                warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished")
+            }
         }
         if outcome == Outcome::Succeeded
-            && let Err(e) = releases::prune(&self.store, &self.releases_dir(), &host, journal_keep(&self.manifest_at(head)))
+            && let Err(e) = releases::prune(
+                &self.store,
+                &self.releases_dir(),
+                &host,
+                journal_keep(&self.manifest_at(head)),
+            )
         {
             warn!(error = %e, "cannot prune releases");
         }
@@ -251,7 +298,12 @@ impl Engine {
     }
 
     /// The rollout proper. `Err` carries the outcome to record and why.
-    async fn run(&mut self, journal: &mut Journal<'_>, head: &str, mut host: HostState) -> Result<Outcome, (Outcome, String)> {
+    async fn run(
+        &mut self,
+        journal: &mut Journal<'_>,
+        head: &str,
+        mut host: HostState,
+    ) -> Result<Outcome, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
@@ -300,54 +352,56 @@ impl Engine {
         journal.phase("prepare", started);
         prepared.map_err(failed)?;
 
-        let sd = self.systemd().await.map_err(failed)?;
-        let mut switched: Vec<(ScopePlan, Option<ScopeState>)> = Vec::new();
+        let mut switched: Vec<Switched> = Vec::new();
         let mut failure = None;
-        let mut switch_ms = 0;
-        let mut verify_ms = 0;
+        let (mut switch_ms, mut verify_ms) = (0u64, 0u64);
         for step in plan.scopes.iter().filter(|s| s.action != Action::Unchanged) {
             let previous = host.scopes.get(&step.scope).cloned();
-            let release_dir = self.releases_dir().join(&step.release);
             if step.action == Action::Remove {
-                let units = previous.as_ref().map(|p| p.current.members.clone()).unwrap_or_default();
                 let started = Instant::now();
-                let result = native::stop(&sd, &units, journal).await;
+                let result = match &previous {
+                    Some(p) => {
+                        self.stop_members(&p.current.owner, &p.current.members, true, journal)
+                            .await
+                    }
+                    None => Ok(()),
+                };
                 switch_ms += started.elapsed().as_millis() as u64;
                 if let Err(e) = result {
-                    failure = Some(e);
+                    failure = Some(format!("removing scope \"{}\" failed: {e}", step.scope));
                     break;
                 }
                 host.scopes.remove(&step.scope);
-                self.set_result(journal, &step.scope, "stopped");
+                set_result(journal, &step.scope, "stopped");
                 continue;
             }
             let Some(scope) = manifest.scopes.get(&step.scope) else {
                 continue;
             };
-            if scope.owner == Runtime::Docker {
-                failure = Some(format!(
-                    "scope \"{}\" is owned by \"docker\", which this build of moorline cannot run yet",
-                    scope.name
-                ));
-                break;
-            }
-            switched.push((step.clone(), previous.clone()));
+            let release_dir = self.releases_dir().join(&step.release);
+            switched.push(Switched {
+                step: step.clone(),
+                scope: scope.clone(),
+                previous: previous.clone(),
+            });
             let started = Instant::now();
-            let result = native::switch(&sd, scope, &release_dir, &step.release, journal).await;
+            let result = self
+                .switch(journal, step, scope, previous.as_ref(), &release_dir)
+                .await;
             switch_ms += started.elapsed().as_millis() as u64;
             if let Err(e) = result {
                 failure = Some(format!("switching scope \"{}\" failed: {e}", scope.name));
                 break;
             }
-            self.set_result(journal, &step.scope, "switched");
+            set_result(journal, &step.scope, "switched");
             let started = Instant::now();
-            let verified = native::verify(&sd, scope, &release_dir, &self.http).await;
+            let verified = self.verify(scope, &release_dir).await;
             verify_ms += started.elapsed().as_millis() as u64;
             if let Err(e) = verified {
                 failure = Some(format!("scope \"{}\" failed verification: {e}", scope.name));
                 break;
             }
-            self.set_result(journal, &step.scope, "healthy");
+            set_result(journal, &step.scope, "healthy");
             let current = DeployedScope {
                 owner: plan::runtime_name(scope.owner).to_string(),
                 release: step.release.clone(),
@@ -365,6 +419,7 @@ impl Engine {
                     current: current.clone(),
                     healthy: true,
                     last_healthy: Some(current),
+                    problem: None,
                 },
             );
         }
@@ -377,12 +432,15 @@ impl Engine {
             duration_ms: verify_ms,
         });
         let Some(reason) = failure else {
-            self.store.put_host(&host).map_err(|e| failed(e.to_string()))?;
+            self.store
+                .put_host(&host)
+                .map_err(|e| failed(e.to_string()))?;
+            self.finish_switched(journal, &switched).await;
             return Ok(Outcome::Succeeded);
         };
 
         let started = Instant::now();
-        let restored = self.roll_back(journal, &sd, switched).await;
+        let restored = self.roll_back(journal, switched).await;
         journal.phase("rollback", started);
         match restored {
             Ok(()) => Err((Outcome::RolledBack, reason)),
@@ -390,15 +448,112 @@ impl Engine {
         }
     }
 
-    fn set_result(&self, journal: &mut Journal<'_>, scope: &str, result: &str) {
-        if let Some(s) = journal.scope_mut(scope) {
-            s.result = Some(result.to_string());
+    fn labels(&self, scope: &str, release: &str) -> Labels {
+        Labels {
+            source: self.source.url_text(),
+            scope: scope.to_string(),
+            commit: release.to_string(),
         }
-        journal.save();
     }
 
-    /// Check out the release if a scope needs it and run the builds.
-    async fn prepare(&self, journal: &mut Journal<'_>, manifest: &Manifest, plan: &Plan) -> Result<(), String> {
+    /// Bring one scope onto `release`. For a cutover every member of the old
+    /// owner is stopped before the first member of the new one starts.
+    async fn switch(
+        &mut self,
+        journal: &mut Journal<'_>,
+        step: &ScopePlan,
+        scope: &Scope,
+        previous: Option<&ScopeState>,
+        release_dir: &Path,
+    ) -> Result<(), String> {
+        if let (Action::Cutover { .. }, Some(previous)) = (step.action, previous) {
+            self.stop_members(
+                &previous.current.owner,
+                &previous.current.members,
+                false,
+                journal,
+            )
+            .await?;
+        }
+        match scope.owner {
+            Runtime::Native => {
+                let sd = self.systemd().await?;
+                native::switch(&sd, scope, release_dir, &step.release, journal).await
+            }
+            Runtime::Docker => {
+                let dk = self.docker()?;
+                let labels = self.labels(&scope.name, &step.release);
+                docker::replace(&dk, &labels, scope, release_dir, &step.release, journal).await
+            }
+        }
+    }
+
+    async fn verify(&mut self, scope: &Scope, release_dir: &Path) -> Result<(), String> {
+        match scope.owner {
+            Runtime::Native => {
+                let sd = self.systemd().await?;
+                native::verify(&sd, scope, release_dir, &self.http).await
+            }
+            Runtime::Docker => {
+                let dk = self.docker()?;
+                docker::verify(&dk, scope, release_dir, &self.http).await
+            }
+        }
+    }
+
+    /// Stop a scope's members on `owner` ("native" or "docker"); containers
+    /// are removed when `remove`, else kept for a way back.
+    async fn stop_members(
+        &mut self,
+        owner: &str,
+        members: &[String],
+        remove: bool,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        if owner == "docker" {
+            let dk = self.docker()?;
+            docker::stop(&dk, members, remove, journal).await
+        } else {
+            let sd = self.systemd().await?;
+            native::stop(&sd, members, journal).await
+        }
+    }
+
+    /// Every switched scope is healthy: drop what was kept for a way back
+    /// (replaced containers, the containers of a scope cut over to native).
+    async fn finish_switched(&mut self, journal: &mut Journal<'_>, switched: &[Switched]) {
+        for sw in switched {
+            let result = match (sw.step.action, sw.scope.owner, &sw.previous) {
+                (
+                    Action::Cutover {
+                        from: Runtime::Docker,
+                    },
+                    _,
+                    Some(previous),
+                ) => {
+                    self.stop_members("docker", &previous.current.members, true, journal)
+                        .await
+                }
+                (_, Runtime::Docker, _) => match self.docker() {
+                    Ok(dk) => docker::drop_previous(&dk, &sw.scope, journal).await,
+                    Err(e) => Err(e),
+                },
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                warn!(scope = %sw.scope.name, error = %e, "cannot clean up after the switch");
+            }
+        }
+    }
+
+    /// Check out the release if a scope needs it, run the builds, and make
+    /// sure every image a docker scope will run exists.
+    async fn prepare(
+        &mut self,
+        journal: &mut Journal<'_>,
+        manifest: &Manifest,
+        plan: &Plan,
+    ) -> Result<(), String> {
         let dir = self.releases_dir().join(&plan.commit);
         let fresh = plan.needs_checkout() && !dir.exists();
         if fresh {
@@ -418,32 +573,80 @@ impl Engine {
         }
         let mut tail = build::Tail::default();
         let mut built = BTreeMap::new();
-        for step in plan.scopes.iter().filter(|s| s.build) {
+        let mut result = Ok(());
+        for step in plan.scopes.iter() {
             let Some(scope) = manifest.scopes.get(&step.scope) else {
                 continue;
             };
-            let result = if scope.build.is_empty() {
-                Ok(())
-            } else {
-                journal
+            if matches!(step.action, Action::Unchanged | Action::Remove) {
+                continue;
+            }
+            if step.build && !scope.build.is_empty() {
+                result = journal
                     .step(
                         format!("build scope {}", scope.name),
-                        build::run(&scope.name, &scope.build, &dir, &plan.commit, scope.build_timeout, &mut tail),
+                        build::run(
+                            &scope.name,
+                            &scope.build,
+                            &dir,
+                            &plan.commit,
+                            scope.build_timeout,
+                            &mut tail,
+                        ),
                     )
-                    .await
-            };
-            journal.record.build_tail = tail.lines();
-            if let Some(s) = journal.scope_mut(&step.scope) {
-                s.built = !scope.build.is_empty();
-            }
-            if let Err(e) = result {
-                journal.save();
-                if fresh {
-                    releases::discard(&dir);
+                    .await;
+                if let Some(s) = journal.scope_mut(&step.scope) {
+                    s.built = true;
                 }
-                return Err(e);
+                if result.is_err() {
+                    break;
+                }
             }
-            built.insert(step.scope.clone(), step.fingerprint.clone());
+            if scope.owner == Runtime::Docker {
+                let dk = match self.docker() {
+                    Ok(dk) => dk,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                };
+                let labels = self.labels(&scope.name, &step.release);
+                let release_dir = self.releases_dir().join(&step.release);
+                let mut on_line = |line: &str| tail.push(line.to_string());
+                let images = docker::ensure_images(
+                    &dk,
+                    &labels,
+                    scope,
+                    &release_dir,
+                    &step.release,
+                    journal,
+                    &mut on_line,
+                );
+                let images = tokio::time::timeout(scope.build_timeout, images)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "building the images of scope \"{}\" did not finish within {}",
+                            scope.name,
+                            humantime::format_duration(scope.build_timeout)
+                        ))
+                    });
+                if let Err(e) = images {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if step.build {
+                built.insert(step.scope.clone(), step.fingerprint.clone());
+            }
+        }
+        journal.record.build_tail = tail.lines();
+        if let Err(e) = result {
+            journal.save();
+            if fresh {
+                releases::discard(&dir);
+            }
+            return Err(e);
         }
         if plan.needs_checkout() {
             releases::register(&self.store, &plan.commit, built).map_err(|e| e.to_string())?;
@@ -452,66 +655,123 @@ impl Engine {
         Ok(())
     }
 
-    /// Return every switched scope, newest first, to its last healthy
-    /// release; scopes that had none are stopped.
+    /// Return every switched scope, newest first, to how it ran before:
+    /// native scopes to their last healthy release, docker scopes to the
+    /// containers kept for that, cutovers to the old owner. Scopes that had
+    /// no earlier healthy state are stopped.
     async fn roll_back(
         &mut self,
         journal: &mut Journal<'_>,
-        sd: &Systemd,
-        switched: Vec<(ScopePlan, Option<ScopeState>)>,
+        switched: Vec<Switched>,
     ) -> Result<(), String> {
         let mut host = self.store.host().map_err(|e| e.to_string())?;
         let mut problems = Vec::new();
-        for (step, previous) in switched.into_iter().rev() {
-            let target = previous.as_ref().and_then(|p| p.last_healthy.clone());
-            let Some(target) = target else {
-                let units = members(self.manifest_at(&journal.record.commit).ok().as_ref().and_then(|m| m.scopes.get(&step.scope)));
-                let stopped = native::stop(sd, &units, journal).await;
-                self.set_result(journal, &step.scope, "failed: stopped, no earlier healthy release");
-                host.scopes.remove(&step.scope);
-                problems.push(format!("scope \"{}\" has no earlier healthy release and was stopped", step.scope));
+        for sw in switched.into_iter().rev() {
+            let name = sw.scope.name.clone();
+            let new_members = members(Some(&sw.scope));
+            let new_owner = plan::runtime_name(sw.scope.owner);
+            let Some(target) = sw.previous.as_ref().and_then(|p| p.last_healthy.clone()) else {
+                let stopped = self
+                    .stop_members(new_owner, &new_members, true, journal)
+                    .await;
+                set_result(
+                    journal,
+                    &name,
+                    "failed: stopped, no earlier healthy release",
+                );
+                host.scopes.remove(&name);
+                problems.push(format!(
+                    "scope \"{name}\" has no earlier healthy release and was stopped"
+                ));
                 if let Err(e) = stopped {
                     problems.push(e);
                 }
                 continue;
             };
-            let release_dir = self.releases_dir().join(&target.release);
-            let restored = match self.scope_from_release(&target.release, &step.scope) {
-                Ok(scope) => {
-                    let switched = native::switch(sd, &scope, &release_dir, &target.release, journal).await;
-                    match switched {
-                        Ok(()) => native::verify(sd, &scope, &release_dir, &self.http).await,
-                        Err(e) => Err(e),
-                    }
-                }
-                Err(e) => Err(e),
-            };
+            let restored = self.restore(journal, &sw, &target, &new_members).await;
             let healthy = restored.is_ok();
             match restored {
-                Ok(()) => self.set_result(journal, &step.scope, "rolled-back"),
+                Ok(()) => set_result(journal, &name, "rolled-back"),
                 Err(e) => {
-                    self.set_result(journal, &step.scope, &format!("failed: rollback unhealthy: {e}"));
-                    problems.push(format!("rolling back scope \"{}\" failed: {e}", step.scope));
+                    set_result(journal, &name, &format!("failed: rollback unhealthy: {e}"));
+                    problems.push(format!("rolling back scope \"{name}\" failed: {e}"));
                 }
             }
             host.scopes.insert(
-                step.scope.clone(),
+                name,
                 ScopeState {
                     current: target.clone(),
                     healthy,
                     last_healthy: Some(target),
+                    problem: None,
                 },
             );
         }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
-        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Undo one scope's switch and verify what runs again.
+    async fn restore(
+        &mut self,
+        journal: &mut Journal<'_>,
+        sw: &Switched,
+        target: &DeployedScope,
+        new_members: &[String],
+    ) -> Result<(), String> {
+        let old = self.scope_from_release(&target.release, &sw.scope.name)?;
+        let release_dir = self.releases_dir().join(&target.release);
+        match (sw.step.action, sw.scope.owner) {
+            (Action::Cutover { .. }, Runtime::Docker) => {
+                // Back from docker to native: the units still point at their release.
+                let dk = self.docker()?;
+                docker::restore(&dk, new_members, false, journal).await?;
+                let sd = self.systemd().await?;
+                for unit in &target.members {
+                    journal
+                        .step(format!("start {unit}"), sd.start(unit))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            (Action::Cutover { .. }, Runtime::Native) => {
+                self.stop_members("native", new_members, false, journal)
+                    .await?;
+                let dk = self.docker()?;
+                docker::start(&dk, &target.members, journal).await?;
+            }
+            (_, Runtime::Docker) => {
+                let dk = self.docker()?;
+                if !docker::restore(&dk, new_members, true, journal).await? {
+                    // Nothing kept (an interrupted earlier attempt): recreate.
+                    docker::stop(&dk, new_members, true, journal).await?;
+                    let labels = self.labels(&old.name, &target.release);
+                    docker::start_new(&dk, &labels, &old, &release_dir, &target.release, journal)
+                        .await?;
+                }
+            }
+            (_, Runtime::Native) => {
+                let sd = self.systemd().await?;
+                native::switch(&sd, &old, &release_dir, &target.release, journal).await?;
+            }
+        }
+        self.verify(&old, &release_dir).await
     }
 
     /// The scope as the manifest inside release `commit` describes it.
     fn scope_from_release(&self, commit: &str, name: &str) -> Result<Scope, String> {
-        let path = self.releases_dir().join(commit).join(&self.config.source.manifest);
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
-        let manifest = manifest::parse(&path.display().to_string(), &bytes).map_err(|d| d.to_string())?;
+        let path = self
+            .releases_dir()
+            .join(commit)
+            .join(&self.config.source.manifest);
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
+        let manifest =
+            manifest::parse(&path.display().to_string(), &bytes).map_err(|d| d.to_string())?;
         manifest
             .scopes
             .get(name)
@@ -522,7 +782,11 @@ impl Engine {
     /// Close rollouts a previous agent left in progress.
     pub fn close_interrupted(&self) -> Result<Vec<u64>, String> {
         let mut closed = Vec::new();
-        for mut record in self.store.unfinished_rollouts().map_err(|e| e.to_string())? {
+        for mut record in self
+            .store
+            .unfinished_rollouts()
+            .map_err(|e| e.to_string())?
+        {
             record.outcome = Outcome::Interrupted;
             record.finished_at = Some(now_ms());
             let last = record
@@ -542,8 +806,25 @@ impl Engine {
     }
 }
 
+fn set_result(journal: &mut Journal<'_>, scope: &str, result: &str) {
+    if let Some(s) = journal.scope_mut(scope) {
+        s.result = Some(result.to_string());
+    }
+    journal.save();
+}
+
+/// A scope this rollout switched, with what undoing it needs.
+struct Switched {
+    step: ScopePlan,
+    scope: Scope,
+    previous: Option<ScopeState>,
+}
+
 fn journal_keep(manifest: &Result<Manifest, String>) -> usize {
-    manifest.as_ref().map(|m| m.defaults.keep_releases).unwrap_or(5)
+    manifest
+        .as_ref()
+        .map(|m| m.defaults.keep_releases)
+        .unwrap_or(5)
 }
 
 /// The unit or container names of a scope's owning runtime.
@@ -552,16 +833,15 @@ pub fn members(scope: Option<&Scope>) -> Vec<String> {
         return vec![];
     };
     match scope.owner {
-        Runtime::Native => scope.native.as_ref().map(|n| n.units.clone()).unwrap_or_default(),
+        Runtime::Native => scope
+            .native
+            .as_ref()
+            .map(|n| n.units.clone())
+            .unwrap_or_default(),
         Runtime::Docker => scope
             .docker
             .as_ref()
             .map(|d| d.containers.iter().map(|c| c.name.clone()).collect())
             .unwrap_or_default(),
     }
-}
-
-/// Whether `path` is a release directory (used by status to show it exists).
-pub fn release_exists(releases: &Path, commit: &str) -> bool {
-    releases.join(commit).is_dir()
 }

@@ -196,11 +196,6 @@ impl Systemd {
         })
     }
 
-    /// Where user unit files and drop-ins are written.
-    pub fn unit_dir(&self) -> &Path {
-        &self.unit_dir
-    }
-
     /// Copies a unit file into the unit directory atomically; `Ok(true)` if its content changed.
     pub async fn install_unit_file(&self, src: &Path, unit: &str) -> Result<bool, SystemdError> {
         check_unit_name(unit)?;

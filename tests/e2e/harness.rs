@@ -50,7 +50,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -94,6 +97,9 @@ pub struct Host {
     pub root: TempDir,
     pub web_port: u16,
     pub api_port: u16,
+    /// Prefix of this host's container and image names (Docker's names are
+    /// global, unlike a private user manager's units).
+    pub prefix: String,
     agent: Option<Child>,
     agent_runs: u32,
 }
@@ -101,13 +107,27 @@ pub struct Host {
 impl Host {
     /// A host whose example repository has one commit, not yet deployed.
     pub fn new() -> Host {
+        Host::with(|_| {})
+    }
+
+    /// Like `new`, with `edit` applied to the example before its first commit.
+    pub fn with(edit: impl FnOnce(&Path)) -> Host {
+        static HOSTS: AtomicU64 = AtomicU64::new(0);
         let um = UserManager::start();
-        let root = tempfile::Builder::new().prefix("moorline-e2e-").tempdir().expect("tempdir");
+        let root = tempfile::Builder::new()
+            .prefix("moorline-e2e-")
+            .tempdir()
+            .expect("tempdir");
         let host = Host {
             um,
             root,
             web_port: free_port(),
             api_port: free_port(),
+            prefix: format!(
+                "mlt{}x{}-",
+                std::process::id(),
+                HOSTS.fetch_add(1, Ordering::SeqCst)
+            ),
             agent: None,
             agent_runs: 0,
         };
@@ -118,9 +138,21 @@ impl Host {
             &work,
         );
         host.retarget_ports();
-        git(host.root.path(), &["init", "-q", "--bare", "-b", "main", "app.git"]);
+        edit(&work);
+        git(
+            host.root.path(),
+            &["init", "-q", "--bare", "-b", "main", "app.git"],
+        );
         git(&work, &["init", "-q", "-b", "main"]);
-        git(&work, &["remote", "add", "origin", host.bare().to_str().expect("utf-8 path")]);
+        git(
+            &work,
+            &[
+                "remote",
+                "add",
+                "origin",
+                host.bare().to_str().expect("utf-8 path"),
+            ],
+        );
         host.commit_and_push("initial import", |_| {});
         let config = format!(
             "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"60s\"\n\n[trigger]\nwatch = false\n\n[state]\ndir = \"{}\"\n",
@@ -163,7 +195,9 @@ impl Host {
             let text = std::fs::read_to_string(&path).expect("read example file");
             let text = text
                 .replace("14000", &self.api_port.to_string())
-                .replace("18080", &self.web_port.to_string());
+                .replace("18080", &self.web_port.to_string())
+                .replace("name = \"app-", &format!("name = \"{}app-", self.prefix))
+                .replace("image = \"app-", &format!("image = \"{}app-", self.prefix));
             std::fs::write(&path, text).expect("write example file");
         }
     }
@@ -179,12 +213,9 @@ impl Host {
         git(&work, &["rev-parse", "HEAD"])
     }
 
-    pub fn write(&self, file: &str, text: &str) {
-        let path = self.work().join(file);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).expect("mkdir");
-        }
-        std::fs::write(path, text).expect("write work file");
+    /// This host's name for an example container (`app-web` → `mlt..-app-web`).
+    pub fn container(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -241,12 +272,20 @@ impl Host {
             .spawn()
             .expect("agent starts");
         self.agent = Some(child);
-        wait_for("the agent's control socket", Duration::from_secs(20), || {
-            if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("the agent exited with {status}:\n{}", self.agent_log());
-            }
-            self.status_running().then_some(())
-        });
+        wait_for(
+            "the agent's control socket",
+            Duration::from_secs(20),
+            || {
+                if let Some(status) = self
+                    .agent
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!("the agent exited with {status}:\n{}", self.agent_log());
+                }
+                self.status_running().then_some(())
+            },
+        );
     }
 
     fn status_running(&self) -> bool {
@@ -259,12 +298,15 @@ impl Host {
     /// Stop the agent with SIGTERM (as systemd would) and wait for it.
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
 
     /// Kill the agent with SIGKILL.
+    #[allow(dead_code, reason = "used by the crash tests")]
     pub fn kill_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
@@ -290,15 +332,21 @@ impl Host {
 
     /// Wait until a finished rollout of `commit` is in history; return it.
     pub fn wait_rollout(&self, commit: &str) -> Value {
-        wait_for(&format!("a finished rollout of {commit}"), Duration::from_secs(90), || {
-            self.history()
-                .into_iter()
-                .find(|r| r["commit"] == commit && r["outcome"] != "in-progress")
-        })
+        wait_for(
+            &format!("a finished rollout of {commit}"),
+            Duration::from_secs(90),
+            || {
+                self.history()
+                    .into_iter()
+                    .find(|r| r["commit"] == commit && r["outcome"] != "in-progress")
+            },
+        )
     }
 
     pub fn unit_property(&self, unit: &str, property: &str) -> String {
-        let output = self.um.systemctl(&["show", "-p", property, "--value", unit]);
+        let output = self
+            .um
+            .systemctl(&["show", "-p", property, "--value", unit]);
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
@@ -319,9 +367,43 @@ impl Host {
     }
 }
 
+/// Set `owner` of `scope` in the manifest of the work tree at `work`.
+pub fn set_owner(work: &Path, scope: &str, owner: &str) {
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    let header = format!("[scopes.{scope}]\nowner = \"");
+    let start = text.find(&header).expect("scope header followed by owner") + header.len();
+    let end = start + text[start..].find('"').expect("closing quote");
+    let edited = format!("{}{owner}{}", &text[..start], &text[end..]);
+    std::fs::write(&path, edited).expect("write manifest");
+}
+
+/// `docker` CLI, for tests to observe and clean up.
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI runs")
+}
+
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop_agent();
+        let source = format!("label=moorline.source={}", self.bare().display());
+        let quiet = |args: &[&str]| {
+            Command::new("docker")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                .unwrap_or_default()
+        };
+        for id in quiet(&["ps", "-aq", "--filter", &source]).split_whitespace() {
+            quiet(&["rm", "-f", id]);
+        }
+        let reference = format!("reference={}*", self.prefix);
+        for id in quiet(&["images", "-q", "--filter", &reference]).split_whitespace() {
+            quiet(&["rmi", "-f", id]);
+        }
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.agent_log());
         }

@@ -1,0 +1,273 @@
+//! Switching, verifying, stopping and restoring a scope owned by the
+//! `docker` runtime. A replaced container is stopped and renamed to
+//! `<name>.moorline-prev` until the new one is healthy, so a rollback brings
+//! back the very container that ran before.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use super::Journal;
+use super::native::short;
+use crate::manifest::{ContainerSpec, Scope};
+use crate::runtime::docker::{Docker, Labels};
+
+/// Suffix of a replaced container kept for rollback.
+pub const PREV_SUFFIX: &str = ".moorline-prev";
+/// How long a container gets to stop before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn prev_name(name: &str) -> String {
+    format!("{name}{PREV_SUFFIX}")
+}
+
+/// The image a container runs at `release`: built images are tagged with the
+/// release's commit; others are references that exist locally.
+pub fn image_ref(container: &ContainerSpec, release: &str) -> String {
+    if container.dockerfile.is_some() {
+        format!("{}:{release}", container.image)
+    } else {
+        container.image.clone()
+    }
+}
+
+pub fn containers(scope: &Scope) -> &[ContainerSpec] {
+    scope
+        .docker
+        .as_ref()
+        .map(|d| d.containers.as_slice())
+        .unwrap_or_default()
+}
+
+pub fn names(scope: &Scope) -> Vec<String> {
+    containers(scope).iter().map(|c| c.name.clone()).collect()
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Make sure every image of the scope exists for `release`, building the
+/// missing ones from the release directory. Build output goes to `on_line`.
+pub async fn ensure_images(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+    on_line: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), String> {
+    for container in containers(scope) {
+        let reference = image_ref(container, release);
+        if docker.image_id(&reference).await.map_err(text)?.is_some() {
+            continue;
+        }
+        let Some(dockerfile) = &container.dockerfile else {
+            return Err(format!(
+                "image \"{reference}\" of container \"{}\" does not exist locally",
+                container.name
+            ));
+        };
+        let context = release_dir.join(&container.context);
+        let dockerfile = release_dir.join(dockerfile);
+        let dockerfile = dockerfile.to_string_lossy().into_owned();
+        journal
+            .step(
+                format!("build image {}:{}", container.image, short(release)),
+                docker.build_image(&context, &dockerfile, &reference, labels, on_line),
+            )
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// Replace the scope's containers with new ones on `release`. Existing
+/// containers of the same names are stopped and kept as `<name>.moorline-prev`.
+pub async fn replace(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for container in containers(scope) {
+        let name = &container.name;
+        if docker.inspect(name).await.map_err(text)?.is_some() {
+            journal
+                .step(
+                    format!("stop container {name}"),
+                    docker.stop(name, STOP_TIMEOUT),
+                )
+                .await
+                .map_err(text)?;
+            let prev = prev_name(name);
+            docker.remove(&prev).await.map_err(text)?;
+            journal
+                .step(
+                    format!("keep container {name} as {prev}"),
+                    docker.rename(name, &prev),
+                )
+                .await
+                .map_err(text)?;
+        }
+    }
+    start_new(docker, labels, scope, release_dir, release, journal).await
+}
+
+/// Create and start the scope's containers (no container of those names exists).
+pub async fn start_new(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    let env = [
+        ("MOORLINE_COMMIT".to_string(), release.to_string()),
+        (
+            "MOORLINE_RELEASE".to_string(),
+            release_dir.display().to_string(),
+        ),
+    ];
+    for container in containers(scope) {
+        let name = &container.name;
+        let image = image_ref(container, release);
+        journal
+            .step(
+                format!("create container {name} from {image}"),
+                docker.create(container, &image, labels, &env, release_dir),
+            )
+            .await
+            .map_err(text)?;
+        journal
+            .step(format!("start container {name}"), docker.start(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// Every container stays up through the settle window (and its image's own
+/// HEALTHCHECK passes), and every health check passes, watched at once.
+pub async fn verify(
+    docker: &Docker,
+    scope: &Scope,
+    release_dir: &Path,
+    http: &reqwest::Client,
+) -> Result<(), String> {
+    let settle = join_all(
+        containers(scope)
+            .iter()
+            .map(|c| docker.settle(&c.name, scope.settle, scope.health_timeout)),
+    );
+    let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
+    let (settled, healthy) = tokio::join!(settle, health);
+    for result in settled {
+        result.map_err(text)?;
+    }
+    healthy
+}
+
+/// The new containers are healthy: drop the kept ones.
+pub async fn drop_previous(
+    docker: &Docker,
+    scope: &Scope,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names(scope) {
+        let prev = prev_name(&name);
+        if docker.inspect(&prev).await.map_err(text)?.is_some() {
+            journal
+                .step(format!("remove container {prev}"), docker.remove(&prev))
+                .await
+                .map_err(text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Undo `replace`: remove the new containers and put the kept ones back
+/// under their names, started when `start` is set. Returns whether every
+/// container had a kept predecessor.
+pub async fn restore(
+    docker: &Docker,
+    names: &[String],
+    start: bool,
+    journal: &mut Journal<'_>,
+) -> Result<bool, String> {
+    let mut all_restored = true;
+    for name in names {
+        journal
+            .step(format!("remove container {name}"), docker.remove(name))
+            .await
+            .map_err(text)?;
+        let prev = prev_name(name);
+        if docker.inspect(&prev).await.map_err(text)?.is_none() {
+            all_restored = false;
+            continue;
+        }
+        journal
+            .step(
+                format!("restore container {name} from {prev}"),
+                docker.rename(&prev, name),
+            )
+            .await
+            .map_err(text)?;
+        if start {
+            journal
+                .step(format!("start container {name}"), docker.start(name))
+                .await
+                .map_err(text)?;
+        }
+    }
+    Ok(all_restored)
+}
+
+/// Stop containers, keeping them (cutovers) or removing them.
+pub async fn stop(
+    docker: &Docker,
+    names: &[String],
+    remove: bool,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        if remove {
+            journal
+                .step(format!("remove container {name}"), async {
+                    docker.stop(name, STOP_TIMEOUT).await?;
+                    docker.remove(name).await
+                })
+                .await
+                .map_err(text)?;
+        } else {
+            journal
+                .step(
+                    format!("stop container {name}"),
+                    docker.stop(name, STOP_TIMEOUT),
+                )
+                .await
+                .map_err(text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Start stopped containers again (undoing a cutover away from docker).
+pub async fn start(
+    docker: &Docker,
+    names: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        journal
+            .step(format!("start container {name}"), docker.start(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The Docker runtime and cutovers, against a real Docker engine and a real
+//! user manager: a scope is owned by exactly one runtime at any instant.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{self, Host, docker, set_owner, wait_for};
+use crate::scope;
+
+/// Whether a container runs, asked of the engine's socket directly (a CLI
+/// call is too slow to sample every 20 ms).
+fn container_running(name: &str) -> bool {
+    let Ok(mut stream) = UnixStream::connect("/var/run/docker.sock") else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(
+        stream,
+        "GET /containers/{name}/json HTTP/1.0\r\nHost: docker\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.contains("\"Running\":true")
+}
+
+fn inspect(name: &str) -> Value {
+    let output = docker(&["inspect", name]);
+    let list: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    list[0].clone()
+}
+
+/// Samples both runtimes of one scope every 20 ms until stopped.
+struct Exclusivity {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Exclusivity {
+    fn watch(host: &Host, unit: &str, container: &str) -> Exclusivity {
+        let stop = Arc::new(AtomicBool::new(false));
+        let env = host.um.env();
+        let (unit, container, flag) = (unit.to_string(), container.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut samples = 0;
+            let mut both = Vec::new();
+            let started = Instant::now();
+            while !flag.load(Ordering::SeqCst) {
+                let tick = Instant::now();
+                let output = std::process::Command::new("systemctl")
+                    .args(["--user", "is-active", &unit])
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .output()
+                    .expect("systemctl runs");
+                let state = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                let native = matches!(
+                    state.as_str(),
+                    "active" | "activating" | "deactivating" | "reloading"
+                );
+                let docker = container_running(&container);
+                samples += 1;
+                if native && docker {
+                    both.push(format!(
+                        "at {:?}: {unit} is {state} and {container} runs",
+                        started.elapsed()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20).saturating_sub(tick.elapsed()));
+            }
+            (samples, both)
+        });
+        Exclusivity {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop sampling; panics if both runtimes ever ran the scope.
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let (samples, both) = self
+            .thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("sampler thread");
+        assert!(both.is_empty(), "both runtimes ran the scope: {both:#?}");
+        samples
+    }
+}
+
+fn web_docker(work: &std::path::Path) {
+    set_owner(work, "web", "docker");
+}
+
+#[test]
+fn a_docker_scope_deploys_updates_and_rolls_back_a_failing_image() {
+    let mut host = Host::with(web_docker);
+    let web = host.container("app-web");
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    let rollout = host.wait_rollout(&first);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(scope(&rollout, "web")["owner"], "docker");
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v1")));
+    let container = inspect(&web);
+    assert_eq!(container["Config"]["Image"], format!("{web}:{first}"));
+    assert_eq!(container["Config"]["Labels"]["moorline.scope"], "web");
+    assert_eq!(
+        container["Config"]["Labels"]["moorline.commit"],
+        first.as_str()
+    );
+    let env = container["Config"]["Env"].to_string();
+    assert!(env.contains(&format!("MOORLINE_COMMIT={first}")), "{env}");
+    assert_eq!(
+        host.unit_property("app-web.service", "ActiveState"),
+        "inactive"
+    );
+    let status = host.json(&["status", "--json"]);
+    let web_status = status["scopes"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .expect("web in status")
+        .clone();
+    assert_eq!(web_status["owner"], "docker");
+    let member = web_status["members"][0]["state"]
+        .as_str()
+        .expect("member state");
+    assert!(
+        member.starts_with(&format!("running (image {web}:{first}, id ")),
+        "{member}"
+    );
+
+    let second = host.commit_and_push("web: v2", |work| {
+        std::fs::write(work.join("services/web/www/index.html"), "<p>web v2</p>\n").expect("write");
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&second);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v2")));
+    let v2 = inspect(&web);
+    assert_eq!(v2["Config"]["Image"], format!("{web}:{second}"));
+    assert_ne!(v2["Id"], container["Id"], "the container was replaced");
+    assert_eq!(
+        docker(&["image", "inspect", &format!("{web}:{first}")])
+            .status
+            .code(),
+        Some(0),
+        "v1 image kept"
+    );
+
+    let broken = host.commit_and_push("web: an image that exits", |work| {
+        let path = work.join("deploy/docker/web.Dockerfile");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let text = text.replace(
+            "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
+            "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"sleep 1; exit 3\"]",
+        );
+        std::fs::write(&path, text).expect("write");
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&broken);
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    let error = rollout["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("scope \"web\" failed verification: "),
+        "{error}"
+    );
+    assert_eq!(scope(&rollout, "web")["result"], "rolled-back");
+    let restored = inspect(&web);
+    assert_eq!(
+        restored["Id"], v2["Id"],
+        "the very container that ran before is back"
+    );
+    assert_eq!(restored["State"]["Running"], true);
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v2")));
+    let prev = format!("{web}.moorline-prev");
+    assert_ne!(
+        docker(&["inspect", &prev]).status.code(),
+        Some(0),
+        "no kept container is left"
+    );
+}
+
+#[test]
+fn cutover_goes_both_ways_without_both_runtimes_ever_running_the_scope() {
+    let mut host = Host::new();
+    let api = host.container("app-api");
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    assert_eq!(
+        host.unit_property("app-api.service", "ActiveState"),
+        "active"
+    );
+
+    let to_docker = host.commit_and_push("api: cut over to docker", |work| {
+        set_owner(work, "api", "docker")
+    });
+    let plan = host.json(&["plan", &to_docker, "--json"]);
+    let planned = plan["scopes"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["scope"] == "api"))
+        .expect("api planned")
+        .clone();
+    assert_eq!(planned["action"], "cutover");
+    assert_eq!(planned["reason"], "owner changed from native to docker");
+    let plan_text =
+        String::from_utf8_lossy(&host.moorline(&["plan", &to_docker]).stdout).to_string();
+    assert!(
+        plan_text
+            .contains("  api      docker  cutover    owner changed from native to docker; build\n"),
+        "{plan_text}"
+    );
+
+    let sampler = Exclusivity::watch(&host, "app-api.service", &api);
+    host.sync();
+    let rollout = host.wait_rollout(&to_docker);
+    assert!(sampler.finish() > 20, "the sampler ran through the cutover");
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(scope(&rollout, "api")["action"], "cutover");
+    assert_eq!(
+        host.unit_property("app-api.service", "ActiveState"),
+        "inactive"
+    );
+    assert_eq!(inspect(&api)["State"]["Running"], true);
+    assert_eq!(
+        host.api(),
+        Some((200, "ok v1\n".to_string())),
+        "the docker form answers"
+    );
+
+    let to_native = host.commit_and_push("api: back to native", |work| {
+        set_owner(work, "api", "native")
+    });
+    let sampler = Exclusivity::watch(&host, "app-api.service", &api);
+    host.sync();
+    let rollout = host.wait_rollout(&to_native);
+    assert!(sampler.finish() > 20);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(
+        scope(&rollout, "api")["reason"],
+        "owner changed from docker to native"
+    );
+    assert_eq!(
+        host.unit_property("app-api.service", "ActiveState"),
+        "active"
+    );
+    assert_ne!(
+        docker(&["inspect", &api]).status.code(),
+        Some(0),
+        "the old containers are removed"
+    );
+    assert!(
+        host.api()
+            .is_some_and(|(_, body)| body.starts_with("ok v1 ")),
+        "the native form answers"
+    );
+}
+
+#[test]
+fn a_cutover_whose_new_owner_fails_returns_to_the_old_owner() {
+    let mut host = Host::new();
+    let api = host.container("app-api");
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let before = host.unit_property("app-api.service", "InvocationID");
+
+    let bad = host.commit_and_push("api: cut over to a docker form on the wrong port", |work| {
+        set_owner(work, "api", "docker");
+        let path = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let port = host_port(&text);
+        std::fs::write(
+            &path,
+            text.replacen(&format!("127.0.0.1:{port}:8080"), "127.0.0.1:1:8080", 1),
+        )
+        .expect("write");
+    });
+    let sampler = Exclusivity::watch(&host, "app-api.service", &api);
+    host.sync();
+    let rollout = host.wait_rollout(&bad);
+    assert!(sampler.finish() > 20);
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    assert_eq!(scope(&rollout, "api")["result"], "rolled-back");
+    assert_eq!(
+        host.unit_property("app-api.service", "ActiveState"),
+        "active"
+    );
+    assert_ne!(
+        host.unit_property("app-api.service", "InvocationID"),
+        before,
+        "the unit was started again"
+    );
+    assert_ne!(
+        docker(&["inspect", &api]).status.code(),
+        Some(0),
+        "the failed containers are removed"
+    );
+    assert!(
+        host.api()
+            .is_some_and(|(_, body)| body.starts_with("ok v1 "))
+    );
+    let status = host.json(&["status", "--json"]);
+    assert_eq!(status["source"]["failed_commit"], bad.as_str());
+}
+
+/// The host port the api's docker form publishes, from the manifest text.
+fn host_port(manifest: &str) -> String {
+    let start =
+        manifest.find("ports = [\"127.0.0.1:").expect("api ports") + "ports = [\"127.0.0.1:".len();
+    manifest[start..]
+        .split(':')
+        .next()
+        .expect("port")
+        .to_string()
+}
+
+#[test]
+fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it() {
+    let mut host = Host::new();
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let to_docker = host.commit_and_push("api: cut over to docker", |work| {
+        set_owner(work, "api", "docker")
+    });
+    host.sync();
+    assert_eq!(host.wait_rollout(&to_docker)["outcome"], "succeeded");
+    host.stop_agent();
+
+    // Someone starts the native unit by hand while docker owns the scope:
+    // both would consume the same queues.
+    let started = host.um.systemctl(&["start", "app-api.service"]);
+    assert!(started.status.success());
+    wait_for(
+        "app-api.service to be active",
+        Duration::from_secs(10),
+        || (host.unit_property("app-api.service", "ActiveState") == "active").then_some(()),
+    );
+    host.start_agent();
+    wait_for(
+        "the audit to stop app-api.service",
+        Duration::from_secs(30),
+        || (host.unit_property("app-api.service", "ActiveState") == "inactive").then_some(()),
+    );
+    let audit = wait_for("the audit in history", Duration::from_secs(10), || {
+        host.history().into_iter().find(|r| r["trigger"] == "audit")
+    });
+    assert_eq!(
+        scope(&audit, "api")["reason"],
+        "app-api.service was running although docker owns scope \"api\"; stopped it"
+    );
+    let status = host.json(&["status", "--json"]);
+    let api = status["scopes"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "api"))
+        .expect("api in status")
+        .clone();
+    assert_eq!(api["owner"], "docker");
+    let problem = api["problem"].as_str().expect("the violation is shown");
+    assert!(
+        problem.starts_with(
+            "app-api.service was running although docker owns scope \"api\"; stopped it (audit at "
+        ),
+        "{problem}"
+    );
+    assert_eq!(
+        inspect(&host.container("app-api"))["State"]["Running"],
+        true,
+        "the owner keeps running"
+    );
+}
