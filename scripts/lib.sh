@@ -30,13 +30,23 @@ start_user_manager() {
 stop_user_manager() {
   [ -n "${UM_PID:-}" ] || return 0
   kill -TERM "$UM_PID" 2>/dev/null || true
-  local i
+  local i d p
   for i in $(seq 1 100); do kill -0 "$UM_PID" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$UM_PID" 2>/dev/null || true
+  # Whatever is left anywhere below the manager's cgroups (its services
+  # live in nested cgroups) is killed, then the cgroups removed bottom-up.
   for d in $UM_CGROUPS; do
-    [ -f "$d/cgroup.procs" ] && for p in $(cat "$d/cgroup.procs"); do kill -KILL "$p" 2>/dev/null || true; done
-    rmdir "$d" 2>/dev/null || true
+    [ -d "$d" ] || continue
+    for p in $(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
   done
+  for d in $UM_CGROUPS; do
+    [ -d "$d" ] || continue
+    for i in $(seq 1 50); do
+      find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+      [ -d "$d" ] || break
+      sleep 0.1
+    done
+  done
+  UM_PID=
 }
 
 # make_example_repo DIR WEB_PORT API_PORT: DIR/app.git (bare) and DIR/work (a clone
