@@ -19,6 +19,8 @@ use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle, native::short};
 use crate::runtime::systemd::Systemd;
 use crate::source::Wake;
+use crate::source::watch::{RefWatcher, WatchHealth, watch_ref};
+use crate::source::webhook::WebhookServer;
 use crate::store::{Store, now_ms};
 
 pub const SNAPSHOT_NAME: &str = "status.json";
@@ -32,8 +34,49 @@ pub struct Live {
     pub last_fetch: Option<u64>,
     pub last_fetch_error: Option<String>,
     pub next_fetch: Option<u64>,
-    pub watch: String,
+    /// "off", "listening on <addr>", or why the listener is not running.
+    pub webhook: String,
+    /// A wake-up that arrived during the running rollout.
     pub queued: Option<String>,
+}
+
+/// The filesystem watch of a local source, as far as the agent knows it.
+#[derive(Debug, Default)]
+enum WatchState {
+    /// `watch = false`, or the source is not a local repository.
+    #[default]
+    Off,
+    Running(RefWatcher),
+    /// `watch_ref` refused; retried before every fetch.
+    SetupFailed(String),
+}
+
+/// What `status` shows for the watch: "off", "active", or
+/// "failed: <reason>; polling every <poll>".
+fn watch_text(state: &WatchState, poll: Duration) -> String {
+    let failed = |reason: &str| format!("failed: {reason}; polling every {}", duration_text(poll));
+    match state {
+        WatchState::Off => "off".into(),
+        WatchState::Running(watcher) => match watcher.health() {
+            WatchHealth::Active => "active".into(),
+            WatchHealth::Failed(reason) => failed(&reason),
+        },
+        WatchState::SetupFailed(reason) => failed(reason),
+    }
+}
+
+/// A poll interval as a user wrote it: "60s", "1s", "250ms".
+fn duration_text(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// What `status` shows for a wake-up that arrived during a rollout.
+fn queued_text(wake: &Wake, at_ms: u64) -> String {
+    format!("{} wake-up at {}", wake_name(wake), api::time_text(at_ms))
 }
 
 /// The closed set of things the loop reacts to.
@@ -49,6 +92,7 @@ fn wake_name(wake: &Wake) -> &'static str {
         Wake::Watch => "watch",
         Wake::Webhook { .. } => "webhook",
         Wake::Sync => "sync",
+        Wake::Poll => "poll",
     }
 }
 
@@ -101,9 +145,59 @@ struct Agent {
     live: Arc<Mutex<Live>>,
     wake: mpsc::Sender<Wake>,
     systemd: tokio::sync::OnceCell<Option<Systemd>>,
+    watch: Mutex<WatchState>,
 }
 
 impl Agent {
+    fn watch_text(&self) -> String {
+        self.watch
+            .lock()
+            .map(|w| watch_text(&w, self.config.source.poll))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// Start the ref watch when it is wanted and not working: before the
+    /// first fetch (updates are compared with the ref's value at this point),
+    /// and again before every fetch after it failed or was lost, so a
+    /// repository that comes back is watched again.
+    fn ensure_watch(&self, repo: Option<&Path>) {
+        let Some(repo) = repo.filter(|_| self.config.trigger.watch) else {
+            return;
+        };
+        let Ok(mut state) = self.watch.lock() else {
+            return;
+        };
+        if let WatchState::Running(watcher) = &*state
+            && watcher.health() == WatchHealth::Active
+        {
+            return;
+        }
+        // Stop a lost watch before starting its replacement.
+        let was = std::mem::take(&mut *state);
+        let previous = match &was {
+            WatchState::SetupFailed(reason) => Some(reason.clone()),
+            WatchState::Running(w) => match w.health() {
+                WatchHealth::Failed(reason) => Some(reason),
+                WatchHealth::Active => None,
+            },
+            WatchState::Off => None,
+        };
+        drop(was);
+        *state = match watch_ref(repo, &self.config.source.branch, self.wake.clone()) {
+            Ok(watcher) => {
+                info!(repo = %repo.display(), branch = %self.config.source.branch, "watching the branch for pushes");
+                WatchState::Running(watcher)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if previous.as_deref() != Some(reason.as_str()) {
+                    warn!(repo = %repo.display(), error = %reason, "cannot watch the repository; polling only");
+                }
+                WatchState::SetupFailed(reason)
+            }
+        };
+    }
+
     fn live(&self) -> Live {
         self.live.lock().map(|l| l.clone()).unwrap_or_default()
     }
@@ -196,7 +290,8 @@ impl Agent {
                 last_fetch: live.last_fetch.map(api::time_text),
                 last_fetch_error: live.last_fetch_error.clone(),
                 next_fetch: live.next_fetch.map(api::time_text),
-                watch: live.watch.clone(),
+                watch: self.watch_text(),
+                webhook: live.webhook.clone(),
                 queued: live.queued.clone(),
             },
             scopes,
@@ -293,7 +388,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let live = Arc::new(Mutex::new(Live {
         since: now_ms(),
         activity: "starting".into(),
-        watch: "off".into(),
+        webhook: "off".into(),
         ..Live::default()
     }));
     let agent = Arc::new(Agent {
@@ -302,24 +397,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         live: live.clone(),
         wake: wake_tx.clone(),
         systemd: tokio::sync::OnceCell::new(),
+        watch: Mutex::new(WatchState::Off),
     });
     let listener = api::bind(&dir)?;
     let server = tokio::spawn(api::serve(listener, agent.clone()));
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let set_live = |f: &dyn Fn(&mut Live)| {
         if let Ok(mut l) = live.lock() {
             f(&mut l);
         }
     };
+    let (stop_webhook, webhook) = start_webhook(&config, wake_tx.clone(), &live).await;
 
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(source = %source_text(&config), branch = %config.source.branch, "agent started");
+    let local = engine.source.local_path().map(Path::to_path_buf);
     let mut trigger = "startup".to_string();
     let mut failures: u32 = 0;
     loop {
-        set_live(&|l| l.activity = "fetching".into());
+        agent.ensure_watch(local.as_deref());
+        set_live(&|l| {
+            l.activity = "fetching".into();
+            l.queued = None;
+        });
         let started = Instant::now();
+        // A wake-up that arrives while this turn converges: not interleaved
+        // with the rollout, but the reason to fetch again right after it.
+        let mut queued: Option<Wake> = None;
         match engine.fetch().await {
             Ok(head) => {
                 failures = 0;
@@ -331,7 +436,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     l.activity = format!("rolling out {}", short(&head));
                 });
                 notify_status(&format!("deploying {}", short(&head)));
-                match engine.converge(head.clone(), &trigger, fetch_ms).await {
+                let converged = {
+                    let converge = engine.converge(head.clone(), &trigger, fetch_ms);
+                    tokio::pin!(converge);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            converged = &mut converge => break converged,
+                            Some(wake) = wake_rx.recv(), if queued.is_none() => {
+                                let text = queued_text(&wake, now_ms());
+                                info!(queued = %text, "wake-up during a rollout; fetching again when it ends");
+                                set_live(&|l| l.queued = Some(text.clone()));
+                                queued = Some(wake);
+                            }
+                        }
+                    }
+                };
+                match converged {
                     Ok(Converged::Rolled(record)) => {
                         audit(&mut engine, false).await;
                         notify_status(&format!(
@@ -363,11 +484,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 });
             }
         }
+        if let Some(wake) = queued {
+            // Straight to the newest commit: the next fetch reads the branch as it is now.
+            trigger = wake_name(&wake).to_string();
+            continue;
+        }
         let delay = next_delay(config.source.poll, failures, seed());
         set_live(&|l| {
             l.activity = "idle".into();
             l.next_fetch = Some(now_ms() + delay.as_millis() as u64);
-            l.queued = None;
         });
         agent.snapshot().await;
 
@@ -378,13 +503,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = terminate.recv() => Event::Shutdown,
         };
         trigger = match event {
-            Event::Tick => "poll".to_string(),
+            Event::Tick => wake_name(&Wake::Poll).to_string(),
             Event::Wake(wake) => wake_name(&wake).to_string(),
             Event::Shutdown => break,
         };
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("agent stopping");
+    drop(stop_webhook);
+    if let Some(task) = webhook {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "the webhook listener failed"),
+            Err(e) => warn!(error = %e, "the webhook listener task failed"),
+        }
+    }
+    if let Ok(mut watch) = agent.watch.lock() {
+        *watch = WatchState::Off;
+    }
     server.abort();
     let _ = std::fs::remove_file(dir.join(api::SOCKET_NAME));
     Ok(())
@@ -402,6 +538,48 @@ async fn audit(engine: &mut Engine, drift: bool) {
     }
 }
 
+type WebhookTask = tokio::task::JoinHandle<Result<(), crate::source::webhook::WebhookError>>;
+
+/// Bind the webhook listener when one is configured and serve it until the
+/// returned sender is dropped. A secret or bind error is logged and shown in
+/// `status`; the agent goes on polling.
+async fn start_webhook(
+    config: &Config,
+    wake: mpsc::Sender<Wake>,
+    live: &Mutex<Live>,
+) -> (tokio::sync::oneshot::Sender<()>, Option<WebhookTask>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let Some(cfg) = &config.trigger.webhook else {
+        return (stop_tx, None);
+    };
+    match WebhookServer::bind(cfg).await {
+        Ok(server) => {
+            let text = format!("listening on {}", server.local_addr());
+            if let Ok(mut l) = live.lock() {
+                l.webhook = text;
+            }
+            let branch = config.source.branch.clone();
+            let shutdown = async move {
+                // Sent or dropped: either way the agent is stopping.
+                let _ = stop_rx.await;
+            };
+            let task = tokio::spawn(async move { server.run(&branch, wake, shutdown).await });
+            (stop_tx, Some(task))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot start the webhook listener; polling only");
+            let text = format!(
+                "failed: {e}; polling every {}",
+                duration_text(config.source.poll)
+            );
+            if let Ok(mut l) = live.lock() {
+                l.webhook = text;
+            }
+            (stop_tx, None)
+        }
+    }
+}
+
 /// Read the snapshot a (stopped) agent left, marked as not running.
 pub fn read_snapshot(state_dir: &Path) -> Option<StatusReport> {
     let bytes = std::fs::read(snapshot_path(state_dir)).ok()?;
@@ -415,6 +593,34 @@ pub fn read_snapshot(state_dir: &Path) -> Option<StatusReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trigger_states_read_as_status_shows_them() {
+        let poll = Duration::from_secs(60);
+        assert_eq!(watch_text(&WatchState::Off, poll), "off");
+        assert_eq!(
+            watch_text(
+                &WatchState::SetupFailed("\"/srv/app.git\" was removed or moved".into()),
+                poll
+            ),
+            "failed: \"/srv/app.git\" was removed or moved; polling every 60s"
+        );
+        assert_eq!(duration_text(Duration::from_secs(1)), "1s");
+        assert_eq!(duration_text(Duration::from_millis(250)), "250ms");
+        assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(
+            queued_text(&Wake::Watch, 0),
+            "watch wake-up at 1970-01-01T00:00:00Z"
+        );
+        let hook = Wake::Webhook {
+            provider: "github",
+            delivery: None,
+        };
+        assert_eq!(
+            queued_text(&hook, 1_000),
+            "webhook wake-up at 1970-01-01T00:00:01Z"
+        );
+    }
 
     #[test]
     fn polling_jitters_and_backs_off_with_a_cap() {

@@ -74,6 +74,9 @@ pub struct SourceView {
     pub next_fetch: Option<String>,
     /// "active", "off", or why the watch is not working.
     pub watch: String,
+    /// "off", "listening on <addr>", or why the webhook listener is not running.
+    #[serde(default)]
+    pub webhook: String,
     /// A wake-up that arrived during the running rollout.
     pub queued: Option<String>,
 }
@@ -120,6 +123,9 @@ pub struct RolloutView {
     pub previous_commit: Option<String>,
     pub trigger: String,
     pub started: String,
+    /// `started` in milliseconds since the epoch (for latency measurements).
+    #[serde(default)]
+    pub started_ms: u64,
     pub finished: Option<String>,
     pub duration_ms: Option<u64>,
     pub outcome: String,
@@ -185,6 +191,7 @@ impl From<&RolloutRecord> for RolloutView {
             previous_commit: r.previous_commit.clone(),
             trigger: r.trigger.clone(),
             started: time_text(r.started_at),
+            started_ms: r.started_at,
             finished: r.finished_at.map(time_text),
             duration_ms: r.finished_at.map(|f| f.saturating_sub(r.started_at)),
             outcome: r.outcome.as_str().to_string(),

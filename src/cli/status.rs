@@ -84,6 +84,12 @@ pub fn render(r: &StatusReport) -> String {
         r.source.next_fetch.as_deref().unwrap_or("-"),
         r.source.watch
     ));
+    if r.source.webhook != "off" && !r.source.webhook.is_empty() {
+        out.push_str(&format!("webhook:   {}\n", r.source.webhook));
+    }
+    if let Some(queued) = &r.source.queued {
+        out.push_str(&format!("queued:    {queued}\n"));
+    }
     if let Some(last) = &r.last_rollout {
         out.push_str(&format!(
             "last:      rollout {} of {} {} ({}, {}){}\n",

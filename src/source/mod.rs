@@ -27,4 +27,6 @@ pub enum Wake {
     },
     /// `moorline sync` asked for a fetch.
     Sync,
+    /// The polling interval elapsed.
+    Poll,
 }

@@ -140,7 +140,7 @@ pub fn watch_ref(
                     *handler_health
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner) = WatchHealth::Failed(format!(
-                        "\"{}\" was removed or moved; relying on polling",
+                        "\"{}\" was removed or moved",
                         gone.display()
                     ));
                 }
@@ -760,11 +760,11 @@ mod tests {
         let health = watcher.health();
         // Which of the two watched directories is reported first depends on event order.
         let refs = format!(
-            "\"{}\" was removed or moved; relying on polling",
+            "\"{}\" was removed or moved",
             canonical.join("origin.git/refs").display()
         );
         let root = format!(
-            "\"{}\" was removed or moved; relying on polling",
+            "\"{}\" was removed or moved",
             canonical.join("origin.git").display()
         );
         assert!(

@@ -144,20 +144,6 @@ impl WebhookServer {
     }
 }
 
-/// Read the secret, bind `cfg.listen` and serve until `shutdown` resolves. See
-/// [`WebhookServer`] to learn the bound address first.
-pub async fn serve(
-    cfg: &WebhookConfig,
-    branch: &str,
-    tx: mpsc::Sender<Wake>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), WebhookError> {
-    WebhookServer::bind(cfg)
-        .await?
-        .run(branch, tx, shutdown)
-        .await
-}
-
 async fn read_secret(path: &Path) -> Result<Secret, WebhookError> {
     let mut bytes =
         tokio::fs::read(path)

@@ -57,6 +57,36 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// POST `body` to `path` on a loopback port with extra `headers`; the status
+/// and body of the answer, `None` when nothing answers.
+pub fn http_post(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    stream.write_all(body).ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let output = Command::new("git")
         .args(args)
@@ -154,14 +184,19 @@ impl Host {
             ],
         );
         host.commit_and_push("initial import", |_| {});
-        let config = format!(
-            "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"60s\"\n\n[trigger]\nwatch = false\n\n[state]\ndir = \"{}\"\n",
-            host.bare().display(),
-            host.state_dir().display()
-        );
         std::fs::create_dir_all(host.home().join(".config/moorline")).expect("mkdir config");
-        std::fs::write(host.config_path(), config).expect("write config");
+        host.configure("60s", "watch = false\n");
         host
+    }
+
+    /// Write the host config with this poll interval and `[trigger]` table body.
+    pub fn configure(&self, poll: &str, trigger: &str) {
+        let config = format!(
+            "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"{poll}\"\n\n[trigger]\n{trigger}\n[state]\ndir = \"{}\"\n",
+            self.bare().display(),
+            self.state_dir().display()
+        );
+        std::fs::write(self.config_path(), config).expect("write config");
     }
 
     pub fn home(&self) -> PathBuf {

@@ -6,6 +6,7 @@ mod user_manager;
 
 mod docker;
 mod harness;
+mod triggers;
 
 use std::time::Duration;
 
