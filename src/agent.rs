@@ -11,7 +11,10 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView, StatusReport};
+use crate::api::{
+    self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView,
+    StatusReport,
+};
 use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle, native::short};
 use crate::runtime::systemd::Systemd;
@@ -52,9 +55,14 @@ fn wake_name(wake: &Wake) -> &'static str {
 
 /// Create the state directory owner-only (and tighten an existing one).
 pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("cannot restrict state directory \"{}\" to its owner", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
+        format!(
+            "cannot restrict state directory \"{}\" to its owner",
+            dir.display()
+        )
+    })?;
     Ok(())
 }
 
@@ -65,7 +73,9 @@ pub fn next_delay(poll: Duration, failures: u32, seed: u64) -> Duration {
         poll
     } else {
         let factor = 1u32 << failures.min(16);
-        poll.saturating_mul(factor).min(Duration::from_secs(900)).max(poll)
+        poll.saturating_mul(factor)
+            .min(Duration::from_secs(900))
+            .max(poll)
     };
     let spread = base.as_millis() as u64 / 10;
     if spread == 0 {
@@ -134,7 +144,10 @@ impl Agent {
                 });
             }
             let (health, detail) = if !state.healthy {
-                ("unhealthy", Some("the last rollout of this scope did not pass verification".to_string()))
+                (
+                    "unhealthy",
+                    Some("the last rollout of this scope did not pass verification".to_string()),
+                )
             } else if !problems.is_empty() {
                 ("unhealthy", Some(problems.join("; ")))
             } else {
@@ -216,12 +229,17 @@ impl api::Handler for Agent {
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status().await)),
-            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit) {
-                Ok(records) => Response::History(records.iter().map(api::RolloutView::from).collect()),
+            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit)
+            {
+                Ok(records) => {
+                    Response::History(records.iter().map(api::RolloutView::from).collect())
+                }
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Show { id } => match self.store.rollout(id) {
-                Ok(record) => Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r)))),
+                Ok(record) => {
+                    Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r))))
+                }
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Sync => {
@@ -230,7 +248,11 @@ impl api::Handler for Agent {
             }
             Request::Plan { rev } => {
                 let engine = Engine::new(self.config.clone(), self.store.clone());
-                match tokio::task::spawn_blocking(move || crate::cli::plan::compute(&engine, rev.as_deref())).await {
+                match tokio::task::spawn_blocking(move || {
+                    crate::cli::plan::compute(&engine, rev.as_deref())
+                })
+                .await
+                {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),
                     Err(e) => Response::Error(e.to_string()),
@@ -247,8 +269,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&dir)?;
     let mut engine = Engine::new(config.clone(), store.clone());
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
-        warn!(rollout = id, "closed a rollout interrupted by a previous stop");
+        warn!(
+            rollout = id,
+            "closed a rollout interrupted by a previous stop"
+        );
     }
+    engine.recover().await;
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
     let live = Arc::new(Mutex::new(Live {
         since: now_ms(),
@@ -303,7 +329,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Ok(Converged::Idle { why, .. }) => {
                         let text = match why {
                             Idle::UpToDate => format!("up to date at {}", short(&head)),
-                            Idle::FailedBefore => format!("{} failed; waiting for a newer commit", short(&head)),
+                            Idle::FailedBefore => {
+                                format!("{} failed; waiting for a newer commit", short(&head))
+                            }
                         };
                         notify_status(&text);
                     }
@@ -369,6 +397,9 @@ mod tests {
         assert_eq!(next_delay(poll, 1, 12_000), Duration::from_secs(120));
         assert_eq!(next_delay(poll, 3, 48_000), Duration::from_secs(480));
         assert_eq!(next_delay(poll, 10, 90_000), Duration::from_secs(900));
-        assert_eq!(next_delay(Duration::from_secs(3600), 5, 360_000), Duration::from_secs(3600));
+        assert_eq!(
+            next_delay(Duration::from_secs(3600), 5, 360_000),
+            Duration::from_secs(3600)
+        );
     }
 }

@@ -10,6 +10,8 @@ mod api;
 mod cli;
 /// Host configuration: raw TOML → validated settings.
 mod config;
+/// Named kill points for crash tests (`fault-injection` feature only).
+mod fault;
 /// Health checks: http, tcp, exec.
 mod health;
 /// The manifest committed in the source: schema, validation, fingerprints.
@@ -31,7 +33,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "moorline", version, about = "Pull-based GitOps deploy agent for systemd units and Docker containers")]
+#[command(
+    name = "moorline",
+    version,
+    about = "Pull-based GitOps deploy agent for systemd units and Docker containers"
+)]
 struct Cli {
     /// Host configuration file [default: ~/.config/moorline/config.toml]
     #[arg(long, global = true, value_name = "FILE")]
@@ -117,7 +123,9 @@ fn main() -> ExitCode {
                 }
             },
             Command::Status { json } => cli::status::run(&config, json).await,
-            Command::History { scope, limit, json } => cli::history::history(&config, scope, limit as usize, json).await,
+            Command::History { scope, limit, json } => {
+                cli::history::history(&config, scope, limit as usize, json).await
+            }
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,

@@ -171,4 +171,3 @@ pub enum HealthKind {
         argv: Vec<String>,
     },
 }
-

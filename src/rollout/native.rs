@@ -31,7 +31,10 @@ pub async fn switch(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| file.clone());
         journal
-            .step(format!("install {unit} from {short}"), sd.install_unit_file(&src, &unit))
+            .step(
+                format!("install {unit} from {short}"),
+                sd.install_unit_file(&src, &unit),
+            )
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -48,6 +51,8 @@ pub async fn switch(
         .step("reload the user manager".to_string(), sd.daemon_reload())
         .await
         .map_err(|e| e.to_string())?;
+    // Unit files and drop-ins now name the new release; nothing restarted yet.
+    crate::fault::point("after-stop");
     // systemd's own start timeout may be infinite; the rollout's is not.
     let limit = scope.health_timeout.max(Duration::from_secs(30));
     for unit in &native.units {
@@ -60,15 +65,26 @@ pub async fn switch(
                 )),
             }
         };
-        journal.step(format!("restart {unit} on {short}"), restart).await?;
+        journal
+            .step(format!("restart {unit} on {short}"), restart)
+            .await?;
     }
     Ok(())
 }
 
 /// Every unit stays up through the settle window and every health check
 /// passes within the scope's timeout; both are watched at once.
-pub async fn verify(sd: &Systemd, scope: &Scope, release_dir: &Path, http: &reqwest::Client) -> Result<(), String> {
-    let units: &[String] = scope.native.as_ref().map(|n| n.units.as_slice()).unwrap_or_default();
+pub async fn verify(
+    sd: &Systemd,
+    scope: &Scope,
+    release_dir: &Path,
+    http: &reqwest::Client,
+) -> Result<(), String> {
+    let units: &[String] = scope
+        .native
+        .as_ref()
+        .map(|n| n.units.as_slice())
+        .unwrap_or_default();
     let settle = join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)));
     let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
     let (settled, healthy) = tokio::join!(settle, health);
