@@ -267,6 +267,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dir = config.state.dir.clone();
     prepare_state_dir(&dir)?;
     let store = Store::open(&dir)?;
+    crate::privacy::restrict_state_dir(&dir).with_context(|| {
+        format!(
+            "cannot restrict state directory \"{}\" to its owner",
+            dir.display()
+        )
+    })?;
     let mut engine = Engine::new(config.clone(), store.clone());
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
         warn!(
@@ -355,6 +361,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             l.queued = None;
         });
         agent.snapshot().await;
+        if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
+            warn!(error = %e, "cannot restrict the state directory to its owner");
+        }
 
         let event = tokio::select! {
             wake = wake_rx.recv() => wake.map(Event::Wake).unwrap_or(Event::Shutdown),

@@ -18,6 +18,8 @@ mod health;
 mod manifest;
 /// (manifest, recorded state, inputs) → what each scope needs; pure.
 mod plan;
+/// Owner-only modes for the state directory and the history.
+mod privacy;
 /// The rollout engine: prepare, switch, verify, roll back, record.
 mod rollout;
 /// Runtimes that run a scope's members: systemd user units and Docker.

@@ -7,6 +7,7 @@ mod user_manager;
 
 mod crash;
 mod harness;
+mod privilege;
 
 use std::time::Duration;
 
