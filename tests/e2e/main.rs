@@ -2,7 +2,6 @@
 //! repositories and a real systemd user manager (see MACHINE-NOTES.md).
 
 #[path = "../support/user_manager.rs"]
-#[allow(dead_code)]
 mod user_manager;
 
 mod crash;
@@ -47,7 +46,7 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
         .filter_map(|p| p["phase"].as_str())
         .collect();
     assert_eq!(phases, ["fetch", "plan", "prepare", "switch", "verify"]);
-    assert_eq!(host.builds(), [first.clone()]);
+    assert_eq!(host.builds(), std::slice::from_ref(&first));
     let short = &first[..7];
     assert_eq!(host.api(), Some((200, format!("ok v1 {short}\n"))));
     let release = host.state_dir().join("releases").join(&first);
