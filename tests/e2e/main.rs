@@ -4,6 +4,7 @@
 #[path = "../support/user_manager.rs"]
 mod user_manager;
 
+mod bad_input;
 mod crash;
 mod harness;
 mod privilege;
