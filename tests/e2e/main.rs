@@ -6,6 +6,7 @@ mod user_manager;
 
 mod bad_input;
 mod crash;
+mod git_faults;
 mod harness;
 mod privilege;
 
