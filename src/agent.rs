@@ -11,10 +11,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{
-    self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView,
-    StatusReport,
-};
+use crate::api::{self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView, StatusReport};
 use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle, native::short};
 use crate::runtime::systemd::Systemd;
@@ -55,14 +52,9 @@ fn wake_name(wake: &Wake) -> &'static str {
 
 /// Create the state directory owner-only (and tighten an existing one).
 pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "cannot restrict state directory \"{}\" to its owner",
-            dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict state directory \"{}\" to its owner", dir.display()))?;
     Ok(())
 }
 
@@ -73,9 +65,7 @@ pub fn next_delay(poll: Duration, failures: u32, seed: u64) -> Duration {
         poll
     } else {
         let factor = 1u32 << failures.min(16);
-        poll.saturating_mul(factor)
-            .min(Duration::from_secs(900))
-            .max(poll)
+        poll.saturating_mul(factor).min(Duration::from_secs(900)).max(poll)
     };
     let spread = base.as_millis() as u64 / 10;
     if spread == 0 {
@@ -144,10 +134,7 @@ impl Agent {
                 });
             }
             let (health, detail) = if !state.healthy {
-                (
-                    "unhealthy",
-                    Some("the last rollout of this scope did not pass verification".to_string()),
-                )
+                ("unhealthy", Some("the last rollout of this scope did not pass verification".to_string()))
             } else if !problems.is_empty() {
                 ("unhealthy", Some(problems.join("; ")))
             } else {
@@ -229,17 +216,12 @@ impl api::Handler for Agent {
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status().await)),
-            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit)
-            {
-                Ok(records) => {
-                    Response::History(records.iter().map(api::RolloutView::from).collect())
-                }
+            Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit) {
+                Ok(records) => Response::History(records.iter().map(api::RolloutView::from).collect()),
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Show { id } => match self.store.rollout(id) {
-                Ok(record) => {
-                    Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r))))
-                }
+                Ok(record) => Response::Show(record.as_ref().map(|r| Box::new(api::RolloutView::from(r)))),
                 Err(e) => Response::Error(e.to_string()),
             },
             Request::Sync => {
@@ -248,11 +230,7 @@ impl api::Handler for Agent {
             }
             Request::Plan { rev } => {
                 let engine = Engine::new(self.config.clone(), self.store.clone());
-                match tokio::task::spawn_blocking(move || {
-                    crate::cli::plan::compute(&engine, rev.as_deref())
-                })
-                .await
-                {
+                match tokio::task::spawn_blocking(move || crate::cli::plan::compute(&engine, rev.as_deref())).await {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),
                     Err(e) => Response::Error(e.to_string()),
@@ -267,18 +245,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dir = config.state.dir.clone();
     prepare_state_dir(&dir)?;
     let store = Store::open(&dir)?;
-    crate::privacy::restrict_state_dir(&dir).with_context(|| {
-        format!(
-            "cannot restrict state directory \"{}\" to its owner",
-            dir.display()
-        )
-    })?;
+    crate::privacy::restrict_state_dir(&dir)
+        .with_context(|| format!("cannot restrict state directory \"{}\" to its owner", dir.display()))?;
     let mut engine = Engine::new(config.clone(), store.clone());
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
-        warn!(
-            rollout = id,
-            "closed a rollout interrupted by a previous stop"
-        );
+        warn!(rollout = id, "closed a rollout interrupted by a previous stop");
     }
     engine.recover().await;
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
@@ -335,9 +306,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Ok(Converged::Idle { why, .. }) => {
                         let text = match why {
                             Idle::UpToDate => format!("up to date at {}", short(&head)),
-                            Idle::FailedBefore => {
-                                format!("{} failed; waiting for a newer commit", short(&head))
-                            }
+                            Idle::FailedBefore => format!("{} failed; waiting for a newer commit", short(&head)),
                         };
                         notify_status(&text);
                     }
@@ -406,9 +375,6 @@ mod tests {
         assert_eq!(next_delay(poll, 1, 12_000), Duration::from_secs(120));
         assert_eq!(next_delay(poll, 3, 48_000), Duration::from_secs(480));
         assert_eq!(next_delay(poll, 10, 90_000), Duration::from_secs(900));
-        assert_eq!(
-            next_delay(Duration::from_secs(3600), 5, 360_000),
-            Duration::from_secs(3600)
-        );
+        assert_eq!(next_delay(Duration::from_secs(3600), 5, 360_000), Duration::from_secs(3600));
     }
 }

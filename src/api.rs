@@ -249,10 +249,7 @@ pub enum ApiError {
     #[error("the agent at \"{path}\" did not answer properly: {detail}")]
     Protocol { path: PathBuf, detail: String },
     #[error("cannot listen on \"{path}\": {source}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Listen { path: PathBuf, source: std::io::Error },
 }
 
 /// Send one request to the agent whose state directory is `state_dir`.
@@ -267,10 +264,7 @@ pub async fn request(state_dir: &Path, request: &Request) -> Result<Response, Ap
         .map_err(|_| ApiError::Unreachable { path: path.clone() })?;
     let mut line = serde_json::to_vec(request).expect("requests always serialize");
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
+    stream.write_all(&line).await.map_err(|e| protocol(e.to_string()))?;
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut answer))
@@ -311,10 +305,7 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == own_uid => {}
             Ok(cred) => {
-                warn!(
-                    uid = cred.uid(),
-                    "refused a control connection from another user"
-                );
+                warn!(uid = cred.uid(), "refused a control connection from another user");
                 continue;
             }
             Err(e) => {

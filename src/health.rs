@@ -19,11 +19,7 @@ pub fn describe(check: &HealthCheck) -> String {
 }
 
 /// Run one attempt of `check`; `Err` says why it did not pass.
-pub async fn probe(
-    check: &HealthCheck,
-    release: &Path,
-    http: &reqwest::Client,
-) -> Result<(), String> {
+pub async fn probe(check: &HealthCheck, release: &Path, http: &reqwest::Client) -> Result<(), String> {
     let attempt = async {
         match &check.kind {
             HealthKind::Http {
@@ -53,10 +49,7 @@ pub async fn probe(
     };
     match timeout(check.timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(format!(
-            "no answer within {}",
-            humantime::format_duration(check.timeout)
-        )),
+        Err(_) => Err(format!("no answer within {}", humantime::format_duration(check.timeout))),
     }
 }
 
@@ -99,11 +92,7 @@ async fn run_exec(argv: &[String], release: &Path) -> Result<(), String> {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let last = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     match output.status.code() {
         Some(code) if last.is_empty() => Err(format!("exited with status {code}")),
         Some(code) => Err(format!("exited with status {code}: {last}")),
@@ -113,12 +102,7 @@ async fn run_exec(argv: &[String], release: &Path) -> Result<(), String> {
 
 /// Retry every check until all have passed, or fail naming the first one
 /// that did not pass within `limit` and its last error.
-pub async fn wait_all(
-    checks: &[HealthCheck],
-    release: &Path,
-    limit: Duration,
-    http: &reqwest::Client,
-) -> Result<(), String> {
+pub async fn wait_all(checks: &[HealthCheck], release: &Path, limit: Duration, http: &reqwest::Client) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     for check in checks {
         loop {
@@ -163,9 +147,7 @@ mod tests {
 
     /// A one-route HTTP server on loopback answering with `status` and `body`.
     async fn serve(status: u16, body: &'static str) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
@@ -217,21 +199,12 @@ mod tests {
     async fn tcp_and_exec_checks_report_why_they_fail() {
         let http = client();
         let dir = tempfile::tempdir().expect("tempdir");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let open = listener.local_addr().expect("addr").to_string();
-        assert_eq!(
-            probe(&check(HealthKind::Tcp { addr: open }), dir.path(), &http).await,
-            Ok(())
-        );
+        assert_eq!(probe(&check(HealthKind::Tcp { addr: open }), dir.path(), &http).await, Ok(()));
         drop(listener);
 
-        std::fs::write(
-            dir.path().join("check.sh"),
-            "#!/bin/sh\necho not ready >&2\nexit 3\n",
-        )
-        .expect("write");
+        std::fs::write(dir.path().join("check.sh"), "#!/bin/sh\necho not ready >&2\nexit 3\n").expect("write");
         std::fs::set_permissions(
             dir.path().join("check.sh"),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
@@ -245,17 +218,9 @@ mod tests {
             Err("exited with status 3: not ready".to_string())
         );
         let pwd = check(HealthKind::Exec {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                format!("test \"$PWD\" = '{}'", dir.path().display()),
-            ],
+            argv: vec!["sh".into(), "-c".into(), format!("test \"$PWD\" = '{}'", dir.path().display())],
         });
-        assert_eq!(
-            probe(&pwd, dir.path(), &http).await,
-            Ok(()),
-            "exec runs in the release"
-        );
+        assert_eq!(probe(&pwd, dir.path(), &http).await, Ok(()), "exec runs in the release");
     }
 
     #[tokio::test]
@@ -274,9 +239,7 @@ mod tests {
         .await
         .expect_err("nothing listens");
         assert!(
-            err.starts_with(&format!(
-                "health check tcp \"{addr}\" did not pass within 300ms: connect failed:"
-            )),
+            err.starts_with(&format!("health check tcp \"{addr}\" did not pass within 300ms: connect failed:")),
             "{err}"
         );
     }

@@ -16,10 +16,10 @@ mod fault;
 mod health;
 /// The manifest committed in the source: schema, validation, fingerprints.
 mod manifest;
-/// (manifest, recorded state, inputs) → what each scope needs; pure.
-mod plan;
 /// Owner-only modes for the state directory and the history.
 mod privacy;
+/// (manifest, recorded state, inputs) → what each scope needs; pure.
+mod plan;
 /// The rollout engine: prepare, switch, verify, roll back, record.
 mod rollout;
 /// Runtimes that run a scope's members: systemd user units and Docker.
@@ -35,11 +35,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "moorline",
-    version,
-    about = "Pull-based GitOps deploy agent for systemd units and Docker containers"
-)]
+#[command(name = "moorline", version, about = "Pull-based GitOps deploy agent for systemd units and Docker containers")]
 struct Cli {
     /// Host configuration file [default: ~/.config/moorline/config.toml]
     #[arg(long, global = true, value_name = "FILE")]
@@ -125,9 +121,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Status { json } => cli::status::run(&config, json).await,
-            Command::History { scope, limit, json } => {
-                cli::history::history(&config, scope, limit as usize, json).await
-            }
+            Command::History { scope, limit, json } => cli::history::history(&config, scope, limit as usize, json).await,
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,

@@ -37,9 +37,7 @@ pub enum Action {
     /// Restart the scope's members on a (new or reused) release.
     Deploy,
     /// The owner changed: stop the old runtime's members, start the new one's.
-    Cutover {
-        from: Runtime,
-    },
+    Cutover { from: Runtime },
     Unchanged,
     /// The scope left the manifest: stop its members.
     Remove,
@@ -87,9 +85,9 @@ impl Plan {
 
     /// Whether the planned commit's release directory is needed.
     pub fn needs_checkout(&self) -> bool {
-        self.scopes.iter().any(|s| {
-            s.action != Action::Unchanged && s.action != Action::Remove && s.release == self.commit
-        })
+        self.scopes
+            .iter()
+            .any(|s| s.action != Action::Unchanged && s.action != Action::Remove && s.release == self.commit)
     }
 }
 
@@ -124,27 +122,14 @@ pub fn plan(
             Some(state) => {
                 let current = &state.current;
                 if current.owner != owner {
-                    let from = if current.owner == "docker" {
-                        Runtime::Docker
-                    } else {
-                        Runtime::Native
-                    };
-                    (
-                        Action::Cutover { from },
-                        format!("owner changed from {} to {owner}", current.owner),
-                    )
+                    let from = if current.owner == "docker" { Runtime::Docker } else { Runtime::Native };
+                    (Action::Cutover { from }, format!("owner changed from {} to {owner}", current.owner))
                 } else if current.section_text != input.section_text {
                     (Action::Deploy, "manifest section changed".to_string())
                 } else if current.fingerprint != fingerprint {
-                    (
-                        Action::Deploy,
-                        changed_paths(&current.path_ids, &input.path_ids),
-                    )
+                    (Action::Deploy, changed_paths(&current.path_ids, &input.path_ids))
                 } else if !state.healthy {
-                    (
-                        Action::Deploy,
-                        "last deploy was not healthy; trying again".to_string(),
-                    )
+                    (Action::Deploy, "last deploy was not healthy; trying again".to_string())
                 } else {
                     (Action::Unchanged, "unchanged".to_string())
                 }
@@ -179,11 +164,7 @@ pub fn plan(
         if manifest.scopes.contains_key(name) {
             continue;
         }
-        let owner = if state.current.owner == "docker" {
-            Runtime::Docker
-        } else {
-            Runtime::Native
-        };
+        let owner = if state.current.owner == "docker" { Runtime::Docker } else { Runtime::Native };
         scopes.push(ScopePlan {
             scope: name.clone(),
             owner,
@@ -230,7 +211,7 @@ fn changed_paths(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{DeployedScope, SCHEMA_VERSION, ScopeState};
+    use crate::store::{DeployedScope, ScopeState, SCHEMA_VERSION};
 
     const MANIFEST: &str = r#"
 version = 1
@@ -257,31 +238,18 @@ units = ["web.service"]
 "#;
 
     fn manifest(text: &str) -> Manifest {
-        crate::manifest::parse("deploy/moorline.toml", text.as_bytes())
-            .expect("fixture manifest is valid")
+        crate::manifest::parse("deploy/moorline.toml", text.as_bytes()).expect("fixture manifest is valid")
     }
 
     fn ids(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn inputs(
-        m: &Manifest,
-        api: &str,
-        packages: &str,
-        web: &str,
-        root: &str,
-    ) -> BTreeMap<String, ScopeInputs> {
+    fn inputs(m: &Manifest, api: &str, packages: &str, web: &str, root: &str) -> BTreeMap<String, ScopeInputs> {
         let mut out = BTreeMap::new();
         for (name, path_ids) in [
             ("infra", ids(&[("*", root)])),
-            (
-                "api",
-                ids(&[("services/api/", api), ("packages/", packages)]),
-            ),
+            ("api", ids(&[("services/api/", api), ("packages/", packages)])),
             ("web", ids(&[("web/", web)])),
         ] {
             out.insert(
@@ -364,13 +332,7 @@ units = ["web.service"]
     #[test]
     fn planning_follows_paths_sections_owners_and_reuses_identical_releases() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
         assert_eq!(
             summary(&first),
             [
@@ -383,13 +345,7 @@ units = ["web.service"]
         let releases = vec![built("A", &first)];
 
         // Only web/ changed: infra has no paths, so any change is its change.
-        let second = plan(
-            "B",
-            &m,
-            &inputs(&m, "a1", "p1", "w2", "r2"),
-            &host,
-            &releases,
-        );
+        let second = plan("B", &m, &inputs(&m, "a1", "p1", "w2", "r2"), &host, &releases);
         assert_eq!(
             summary(&second),
             [
@@ -402,13 +358,7 @@ units = ["web.service"]
         // A revert to A's files reuses release A without a build.
         let host_b = deployed(&second, &[]);
         let releases_b = vec![built("A", &first), built("B", &second)];
-        let revert = plan(
-            "C",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &host_b,
-            &releases_b,
-        );
+        let revert = plan("C", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host_b, &releases_b);
         assert_eq!(
             summary(&revert),
             [
@@ -419,13 +369,7 @@ units = ["web.service"]
         );
 
         // A shared path changes api only.
-        let shared = plan(
-            "D",
-            &m,
-            &inputs(&m, "a1", "p2", "w1", "r1"),
-            &host,
-            &releases,
-        );
+        let shared = plan("D", &m, &inputs(&m, "a1", "p2", "w1", "r1"), &host, &releases);
         assert_eq!(shared.scopes[1].reason, "paths packages/ changed");
         assert_eq!(shared.scopes[2].action, Action::Unchanged);
     }
@@ -433,53 +377,19 @@ units = ["web.service"]
     #[test]
     fn owner_and_section_changes_and_removed_scopes_are_named() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
         let host = deployed(&first, &[("api", "docker")]);
-        let next = plan(
-            "B",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
-        assert_eq!(
-            next.scopes[1].action,
-            Action::Cutover {
-                from: Runtime::Docker
-            }
-        );
+        let next = plan("B", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(next.scopes[1].action, Action::Cutover { from: Runtime::Docker });
         assert_eq!(next.scopes[1].reason, "owner changed from docker to native");
 
-        let edited =
-            manifest(&MANIFEST.replace("units = [\"web.service\"]", "units = [\"web2.service\"]"));
+        let edited = manifest(&MANIFEST.replace("units = [\"web.service\"]", "units = [\"web2.service\"]"));
         let host = deployed(&first, &[]);
-        let next = plan(
-            "B",
-            &edited,
-            &inputs(&edited, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
-        assert_eq!(
-            summary(&next)[2],
-            "web deploy release=B build=true (manifest section changed)"
-        );
+        let next = plan("B", &edited, &inputs(&edited, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(summary(&next)[2], "web deploy release=B build=true (manifest section changed)");
 
-        let without_web =
-            manifest(&MANIFEST[..MANIFEST.find("[scopes.web]").expect("fixture has web")]);
-        let next = plan(
-            "B",
-            &without_web,
-            &inputs(&without_web, "a1", "p1", "w1", "r1"),
-            &host,
-            &[],
-        );
+        let without_web = manifest(&MANIFEST[..MANIFEST.find("[scopes.web]").expect("fixture has web")]);
+        let next = plan("B", &without_web, &inputs(&without_web, "a1", "p1", "w1", "r1"), &host, &[]);
         let last = next.scopes.last().expect("a removed scope is planned");
         assert_eq!((last.scope.as_str(), last.action), ("web", Action::Remove));
         assert_eq!(last.reason, "scope removed from the manifest");
@@ -488,26 +398,11 @@ units = ["web.service"]
     #[test]
     fn an_unhealthy_scope_is_retried_on_the_next_commit() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = plan("A", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &HostState::default(), &[]);
         let mut host = deployed(&first, &[]);
         host.scopes.get_mut("web").expect("web deployed").healthy = false;
-        let next = plan(
-            "B",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
-        assert_eq!(
-            next.scopes[2].reason,
-            "last deploy was not healthy; trying again"
-        );
+        let next = plan("B", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host, &[built("A", &first)]);
+        assert_eq!(next.scopes[2].reason, "last deploy was not healthy; trying again");
         assert_eq!(next.scopes[2].release, "A");
     }
 }

@@ -28,9 +28,7 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
-    #[error(
-        "record {key:?} in \"{path}\" has schema version {found}; this moorline reads {SCHEMA_VERSION}"
-    )]
+    #[error("record {key:?} in \"{path}\" has schema version {found}; this moorline reads {SCHEMA_VERSION}")]
     Schema {
         path: PathBuf,
         key: String,
@@ -216,37 +214,26 @@ impl Store {
         Ok(())
     }
 
-    fn put<T: Serialize>(
-        &self,
-        tree: &sled::Tree,
-        key: &[u8],
-        value: &T,
-    ) -> Result<(), StoreError> {
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).expect("records always serialize");
-        tree.insert(key, bytes)
-            .map_err(|source| StoreError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+        tree.insert(key, bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
         self.flush()
     }
 
-    fn decode<T: for<'de> Deserialize<'de>>(
-        &self,
-        key: &[u8],
-        bytes: &[u8],
-    ) -> Result<T, StoreError> {
+    fn decode<T: for<'de> Deserialize<'de>>(&self, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
         let key_text = key_name(key);
         #[derive(Deserialize)]
         struct Version {
             schema: u32,
         }
-        let version: Version =
-            serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
-                path: self.path.clone(),
-                key: key_text.clone(),
-                source,
-            })?;
+        let version: Version = serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+            path: self.path.clone(),
+            key: key_text.clone(),
+            source,
+        })?;
         if version.schema != SCHEMA_VERSION {
             return Err(StoreError::Schema {
                 path: self.path.clone(),
@@ -290,11 +277,7 @@ impl Store {
     }
 
     /// Newest first; `scope` keeps only rollouts that touched that scope.
-    pub fn rollouts(
-        &self,
-        scope: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<RolloutRecord>, StoreError> {
+    pub fn rollouts(&self, scope: Option<&str>, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.rollouts.iter().rev() {
             if out.len() >= limit {
@@ -302,12 +285,7 @@ impl Store {
             }
             let (key, bytes) = item.map_err(|e| self.read_err(e))?;
             let record: RolloutRecord = self.decode(&key, &bytes)?;
-            let touches = |s: &str| {
-                record
-                    .scopes
-                    .iter()
-                    .any(|r| r.scope == s && r.action != "unchanged")
-            };
+            let touches = |s: &str| record.scopes.iter().any(|r| r.scope == s && r.action != "unchanged");
             if scope.is_none_or(touches) {
                 out.push(record);
             }
@@ -435,31 +413,14 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         assert_eq!(store.next_rollout_id().expect("id"), 1);
         for (id, scope) in [(1, "web"), (2, "api"), (3, "web")] {
-            store
-                .put_rollout(&record(id, scope, Outcome::Succeeded))
-                .expect("put");
+            store.put_rollout(&record(id, scope, Outcome::Succeeded)).expect("put");
         }
         assert_eq!(store.next_rollout_id().expect("id"), 4);
-        let all: Vec<u64> = store
-            .rollouts(None, 10)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let all: Vec<u64> = store.rollouts(None, 10).expect("list").iter().map(|r| r.id).collect();
         assert_eq!(all, vec![3, 2, 1]);
-        let web: Vec<u64> = store
-            .rollouts(Some("web"), 10)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let web: Vec<u64> = store.rollouts(Some("web"), 10).expect("list").iter().map(|r| r.id).collect();
         assert_eq!(web, vec![3, 1]);
-        let limited: Vec<u64> = store
-            .rollouts(None, 1)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let limited: Vec<u64> = store.rollouts(None, 1).expect("list").iter().map(|r| r.id).collect();
         assert_eq!(limited, vec![3]);
     }
 
@@ -468,25 +429,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store
-                .put_rollout(&record(1, "web", Outcome::Succeeded))
-                .expect("put");
-            store
-                .put_rollout(&record(2, "web", Outcome::InProgress))
-                .expect("put");
+            store.put_rollout(&record(1, "web", Outcome::Succeeded)).expect("put");
+            store.put_rollout(&record(2, "web", Outcome::InProgress)).expect("put");
         }
         let store = Store::open(dir.path()).expect("reopen");
-        let unfinished: Vec<u64> = store
-            .unfinished_rollouts()
-            .expect("scan")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let unfinished: Vec<u64> = store.unfinished_rollouts().expect("scan").iter().map(|r| r.id).collect();
         assert_eq!(unfinished, vec![2]);
-        assert_eq!(
-            store.rollout(1).expect("get"),
-            Some(record(1, "web", Outcome::Succeeded))
-        );
+        assert_eq!(store.rollout(1).expect("get"), Some(record(1, "web", Outcome::Succeeded)));
     }
 
     #[test]

@@ -17,26 +17,17 @@ async fn ask(config: &Config, request: Request) -> Result<Response, String> {
 /// Answer from the store directly: the agent is not holding it.
 fn offline(config: &Config, request: Request) -> Result<Response, String> {
     if !config.state.dir.join("history").exists() {
-        return Err(format!(
-            "no history in \"{}\": the agent has never run",
-            config.state.dir.display()
-        ));
+        return Err(format!("no history in \"{}\": the agent has never run", config.state.dir.display()));
     }
     let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
     match request {
         Request::History { scope, limit } => {
-            let records = store
-                .rollouts(scope.as_deref(), limit)
-                .map_err(|e| e.to_string())?;
-            Ok(Response::History(
-                records.iter().map(RolloutView::from).collect(),
-            ))
+            let records = store.rollouts(scope.as_deref(), limit).map_err(|e| e.to_string())?;
+            Ok(Response::History(records.iter().map(RolloutView::from).collect()))
         }
         Request::Show { id } => {
             let record = store.rollout(id).map_err(|e| e.to_string())?;
-            Ok(Response::Show(
-                record.as_ref().map(|r| Box::new(RolloutView::from(r))),
-            ))
+            Ok(Response::Show(record.as_ref().map(|r| Box::new(RolloutView::from(r)))))
         }
         _ => Err("not a history request".into()),
     }
@@ -103,11 +94,7 @@ pub fn render_list(views: &[RolloutView]) -> String {
             .filter(|s| s.action != "unchanged")
             .map(|s| format!("{} {}", s.scope, s.action))
             .collect();
-        let scopes = if scopes.is_empty() {
-            "-".to_string()
-        } else {
-            scopes.join(", ")
-        };
+        let scopes = if scopes.is_empty() { "-".to_string() } else { scopes.join(", ") };
         out.push_str(&format!(
             "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  {}\n",
             v.id,
@@ -132,9 +119,7 @@ pub fn render_one(v: &RolloutView) -> String {
     out.push_str(&format!(
         "started:   {}{}\n",
         v.started,
-        v.duration_ms
-            .map(|d| format!(" (took {d} ms)"))
-            .unwrap_or_default()
+        v.duration_ms.map(|d| format!(" (took {d} ms)")).unwrap_or_default()
     ));
     if let Some(e) = &v.error {
         out.push_str(&format!("error:     {e}\n"));
@@ -151,10 +136,7 @@ pub fn render_one(v: &RolloutView) -> String {
             s.owner,
             s.action,
             s.reason,
-            s.release
-                .as_deref()
-                .map(|r| format!("; release {}", super::short(r)))
-                .unwrap_or_default(),
+            s.release.as_deref().map(|r| format!("; release {}", super::short(r))).unwrap_or_default(),
             if s.built { "; built" } else { "" },
         ));
         if let Some(result) = &s.result {

@@ -21,10 +21,7 @@ pub fn exit(code: u8) -> ExitCode {
 
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("views always serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("views always serialize"));
 }
 
 pub fn short(commit: &str) -> &str {

@@ -64,13 +64,7 @@ fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
 
 pub fn render(view: &PlanView) -> String {
     let mut out = format!("plan for {}\n", view.commit);
-    let width = view
-        .scopes
-        .iter()
-        .map(|s| s.scope.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = view.scopes.iter().map(|s| s.scope.len()).max().unwrap_or(5).max(5);
     for s in &view.scopes {
         let build = if s.build {
             "build".to_string()
@@ -85,11 +79,7 @@ pub fn render(view: &PlanView) -> String {
             s.owner,
             s.action,
             s.reason,
-            if build.is_empty() {
-                String::new()
-            } else {
-                format!("; {build}")
-            },
+            if build.is_empty() { String::new() } else { format!("; {build}") },
         ));
     }
     out

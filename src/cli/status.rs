@@ -12,18 +12,16 @@ pub async fn run(config: &Config, json: bool) -> u8 {
             eprintln!("error: unexpected answer from the agent: {other:?}");
             return super::ERROR;
         }
-        Err(api::ApiError::Unreachable { .. }) => {
-            match crate::agent::read_snapshot(&config.state.dir) {
-                Some(report) => report,
-                None => {
-                    eprintln!(
-                        "error: the agent is not running and has left no status snapshot in \"{}\"",
-                        config.state.dir.display()
-                    );
-                    return super::ERROR;
-                }
+        Err(api::ApiError::Unreachable { .. }) => match crate::agent::read_snapshot(&config.state.dir) {
+            Some(report) => report,
+            None => {
+                eprintln!(
+                    "error: the agent is not running and has left no status snapshot in \"{}\"",
+                    config.state.dir.display()
+                );
+                return super::ERROR;
             }
-        }
+        },
         Err(e) => {
             eprintln!("error: {e}");
             return super::ERROR;
@@ -34,11 +32,7 @@ pub async fn run(config: &Config, json: bool) -> u8 {
     } else {
         print!("{}", render(&report));
     }
-    if is_negative(&report) {
-        super::NEGATIVE
-    } else {
-        super::OK
-    }
+    if is_negative(&report) { super::NEGATIVE } else { super::OK }
 }
 
 /// Something unhealthy, or the branch's commit failed to deploy.
@@ -92,10 +86,7 @@ pub fn render(r: &StatusReport) -> String {
             last.outcome,
             last.trigger,
             last.started,
-            last.error
-                .as_deref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
+            last.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
         ));
     }
     out.push('\n');
@@ -103,23 +94,13 @@ pub fn render(r: &StatusReport) -> String {
         out.push_str("no scope deployed yet\n");
         return out;
     }
-    let width = r
-        .scopes
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
+    let width = r.scopes.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
     out.push_str(&format!(
         "{:<width$}  {:<6}  {:<7}  {:<9}  MEMBERS\n",
         "SCOPE", "OWNER", "RELEASE", "HEALTH"
     ));
     for s in &r.scopes {
-        let members: Vec<String> = s
-            .members
-            .iter()
-            .map(|m| format!("{} {}", m.name, m.state))
-            .collect();
+        let members: Vec<String> = s.members.iter().map(|m| format!("{} {}", m.name, m.state)).collect();
         out.push_str(&format!(
             "{:<width$}  {:<6}  {:<7}  {:<9}  {}\n",
             s.name,

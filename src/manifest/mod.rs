@@ -171,3 +171,4 @@ pub enum HealthKind {
         argv: Vec<String>,
     },
 }
+

@@ -71,9 +71,7 @@ async fn run_one(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            format!("build command \"{command}\" of scope \"{scope}\" could not start: {e}")
-        })?;
+        .map_err(|e| format!("build command \"{command}\" of scope \"{scope}\" could not start: {e}"))?;
     crate::fault::point("during-build");
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     if let Some(out) = child.stdout.take() {
@@ -98,16 +96,10 @@ async fn run_one(
     match waited {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(match status.code() {
-            Some(code) => format!(
-                "build command \"{command}\" of scope \"{scope}\" exited with status {code}"
-            ),
-            None => {
-                format!("build command \"{command}\" of scope \"{scope}\" was killed by a signal")
-            }
+            Some(code) => format!("build command \"{command}\" of scope \"{scope}\" exited with status {code}"),
+            None => format!("build command \"{command}\" of scope \"{scope}\" was killed by a signal"),
         }),
-        Ok(Err(e)) => Err(format!(
-            "build command \"{command}\" of scope \"{scope}\" failed: {e}"
-        )),
+        Ok(Err(e)) => Err(format!("build command \"{command}\" of scope \"{scope}\" failed: {e}")),
         Err(_) => {
             if let Some(pid) = pgid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
@@ -120,10 +112,7 @@ async fn run_one(
     }
 }
 
-fn forward(
-    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-    tx: mpsc::UnboundedSender<String>,
-) {
+fn forward(stream: impl tokio::io::AsyncRead + Unpin + Send + 'static, tx: mpsc::UnboundedSender<String>) {
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -147,28 +136,15 @@ mod tests {
             "echo oops >&2; exit 4".to_string(),
             "touch never".to_string(),
         ];
-        let err = run(
-            "api",
-            &commands,
-            dir.path(),
-            "c0ffee",
-            Duration::from_secs(30),
-            &mut tail,
-        )
-        .await
-        .expect_err("second command fails");
-        assert_eq!(
-            err,
-            "build command \"echo oops >&2; exit 4\" of scope \"api\" exited with status 4"
-        );
+        let err = run("api", &commands, dir.path(), "c0ffee", Duration::from_secs(30), &mut tail)
+            .await
+            .expect_err("second command fails");
+        assert_eq!(err, "build command \"echo oops >&2; exit 4\" of scope \"api\" exited with status 4");
         let lines = tail.lines();
         assert_eq!(lines.len(), TAIL_LINES);
         assert_eq!(lines.last().map(String::as_str), Some("oops"));
         assert_eq!(lines.first().map(String::as_str), Some("line 22"));
-        assert!(
-            !dir.path().join("never").exists(),
-            "later commands do not run"
-        );
+        assert!(!dir.path().join("never").exists(), "later commands do not run");
     }
 
     #[tokio::test]
@@ -185,8 +161,7 @@ mod tests {
         )
         .await
         .expect("build passes");
-        let written =
-            std::fs::read_to_string(dir.path().join("where")).expect("build wrote its file");
+        let written = std::fs::read_to_string(dir.path().join("where")).expect("build wrote its file");
         assert_eq!(written.trim(), format!("{} abc", dir.path().display()));
 
         let err = run(
@@ -199,9 +174,6 @@ mod tests {
         )
         .await
         .expect_err("times out");
-        assert_eq!(
-            err,
-            "build of scope \"web\" did not finish within 300ms (at \"sleep 30 & sleep 30\")"
-        );
+        assert_eq!(err, "build of scope \"web\" did not finish within 300ms (at \"sleep 30 & sleep 30\")");
     }
 }

@@ -7,10 +7,10 @@
 pub mod build;
 /// The `native` runtime: unit files, drop-ins, restarts.
 pub mod native;
-/// Start-up recovery: half-written releases, units that disagree with the store.
-pub mod recover;
 /// Release directories: checkout, registry, pruning.
 pub mod releases;
+/// Start-up recovery: half-written releases, units that disagree with the store.
+pub mod recover;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,8 +25,8 @@ use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
 use crate::runtime::systemd::Systemd;
 use crate::source::git::Source;
 use crate::store::{
-    DeployedScope, HostState, JournalEntry, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION,
-    ScopeRecord, ScopeState, Store, now_ms,
+    DeployedScope, HostState, JournalEntry, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
+    ScopeState, Store, now_ms,
 };
 
 /// Appends intent and result of side effects to the rollout record, writing
@@ -108,14 +108,8 @@ pub enum Idle {
 
 #[derive(Debug)]
 pub enum Converged {
-    Idle {
-        head: String,
-        why: Idle,
-    },
-    Rolled {
-        head: String,
-        record: Box<RolloutRecord>,
-    },
+    Idle { head: String, why: Idle },
+    Rolled { head: String, record: Box<RolloutRecord> },
 }
 
 impl Engine {
@@ -153,18 +147,11 @@ impl Engine {
     }
 
     /// Bring the host to `head` if it is not there yet and did not fail before.
-    pub async fn converge(
-        &mut self,
-        head: String,
-        trigger: &str,
-        fetch_ms: u64,
-    ) -> Result<Converged, String> {
+    pub async fn converge(&mut self, head: String, trigger: &str, fetch_ms: u64) -> Result<Converged, String> {
         let host = self.store.host().map_err(|e| e.to_string())?;
         // A scope found unhealthy (by the start-up audit, or a failed
         // rollback) is redeployed even when the branch did not move.
-        if host.deployed_commit.as_deref() == Some(head.as_str())
-            && host.scopes.values().all(|s| s.healthy)
-        {
+        if host.deployed_commit.as_deref() == Some(head.as_str()) && host.scopes.values().all(|s| s.healthy) {
             return Ok(Converged::Idle {
                 head,
                 why: Idle::UpToDate,
@@ -190,12 +177,7 @@ impl Engine {
             .source
             .read_file(commit, path)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "manifest \"{path}\" not found in commit {}",
-                    native::short(commit)
-                )
-            })?;
+            .ok_or_else(|| format!("manifest \"{path}\" not found in commit {}", native::short(commit)))?;
         manifest::parse(path, &bytes).map_err(|d| d.to_string())
     }
 
@@ -206,10 +188,7 @@ impl Engine {
         let releases = self.store.releases().map_err(|e| e.to_string())?;
         let mut inputs = BTreeMap::new();
         for (name, scope) in &manifest.scopes {
-            let path_ids = self
-                .source
-                .path_ids(commit, &scope.paths)
-                .map_err(|e| e.to_string())?;
+            let path_ids = self.source.path_ids(commit, &scope.paths).map_err(|e| e.to_string())?;
             inputs.insert(
                 name.clone(),
                 ScopeInputs {
@@ -222,13 +201,7 @@ impl Engine {
         Ok((manifest, plan))
     }
 
-    async fn rollout(
-        &mut self,
-        head: &str,
-        trigger: &str,
-        fetch_ms: u64,
-        host: HostState,
-    ) -> Result<RolloutRecord, String> {
+    async fn rollout(&mut self, head: &str, trigger: &str, fetch_ms: u64, host: HostState) -> Result<RolloutRecord, String> {
         let id = self.store.next_rollout_id().map_err(|e| e.to_string())?;
         let record = RolloutRecord {
             schema: SCHEMA_VERSION,
@@ -273,17 +246,10 @@ impl Engine {
         journal.save();
         match &journal.record.error {
             None => info!(rollout = id, outcome = outcome.as_str(), "rollout finished"),
-            Some(e) => {
-                warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished")
-            }
+            Some(e) => warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished"),
         }
         if outcome == Outcome::Succeeded
-            && let Err(e) = releases::prune(
-                &self.store,
-                &self.releases_dir(),
-                &host,
-                journal_keep(&self.manifest_at(head)),
-            )
+            && let Err(e) = releases::prune(&self.store, &self.releases_dir(), &host, journal_keep(&self.manifest_at(head)))
         {
             warn!(error = %e, "cannot prune releases");
         }
@@ -291,12 +257,7 @@ impl Engine {
     }
 
     /// The rollout proper. `Err` carries the outcome to record and why.
-    async fn run(
-        &mut self,
-        journal: &mut Journal<'_>,
-        head: &str,
-        mut host: HostState,
-    ) -> Result<Outcome, (Outcome, String)> {
+    async fn run(&mut self, journal: &mut Journal<'_>, head: &str, mut host: HostState) -> Result<Outcome, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
@@ -354,10 +315,7 @@ impl Engine {
             let previous = host.scopes.get(&step.scope).cloned();
             let release_dir = self.releases_dir().join(&step.release);
             if step.action == Action::Remove {
-                let units = previous
-                    .as_ref()
-                    .map(|p| p.current.members.clone())
-                    .unwrap_or_default();
+                let units = previous.as_ref().map(|p| p.current.members.clone()).unwrap_or_default();
                 let started = Instant::now();
                 let result = native::stop(&sd, &units, journal).await;
                 switch_ms += started.elapsed().as_millis() as u64;
@@ -426,9 +384,7 @@ impl Engine {
             duration_ms: verify_ms,
         });
         let Some(reason) = failure else {
-            self.store
-                .put_host(&host)
-                .map_err(|e| failed(e.to_string()))?;
+            self.store.put_host(&host).map_err(|e| failed(e.to_string()))?;
             return Ok(Outcome::Succeeded);
         };
 
@@ -449,12 +405,7 @@ impl Engine {
     }
 
     /// Check out the release if a scope needs it and run the builds.
-    async fn prepare(
-        &self,
-        journal: &mut Journal<'_>,
-        manifest: &Manifest,
-        plan: &Plan,
-    ) -> Result<(), String> {
+    async fn prepare(&self, journal: &mut Journal<'_>, manifest: &Manifest, plan: &Plan) -> Result<(), String> {
         let dir = self.releases_dir().join(&plan.commit);
         let fresh = plan.needs_checkout() && !dir.exists();
         if fresh {
@@ -484,14 +435,7 @@ impl Engine {
                 journal
                     .step(
                         format!("build scope {}", scope.name),
-                        build::run(
-                            &scope.name,
-                            &scope.build,
-                            &dir,
-                            &plan.commit,
-                            scope.build_timeout,
-                            &mut tail,
-                        ),
+                        build::run(&scope.name, &scope.build, &dir, &plan.commit, scope.build_timeout, &mut tail),
                     )
                     .await
             };
@@ -528,23 +472,11 @@ impl Engine {
         for (step, previous) in switched.into_iter().rev() {
             let target = previous.as_ref().and_then(|p| p.last_healthy.clone());
             let Some(target) = target else {
-                let units = members(
-                    self.manifest_at(&journal.record.commit)
-                        .ok()
-                        .as_ref()
-                        .and_then(|m| m.scopes.get(&step.scope)),
-                );
+                let units = members(self.manifest_at(&journal.record.commit).ok().as_ref().and_then(|m| m.scopes.get(&step.scope)));
                 let stopped = native::stop(sd, &units, journal).await;
-                self.set_result(
-                    journal,
-                    &step.scope,
-                    "failed: stopped, no earlier healthy release",
-                );
+                self.set_result(journal, &step.scope, "failed: stopped, no earlier healthy release");
                 host.scopes.remove(&step.scope);
-                problems.push(format!(
-                    "scope \"{}\" has no earlier healthy release and was stopped",
-                    step.scope
-                ));
+                problems.push(format!("scope \"{}\" has no earlier healthy release and was stopped", step.scope));
                 if let Err(e) = stopped {
                     problems.push(e);
                 }
@@ -553,8 +485,7 @@ impl Engine {
             let release_dir = self.releases_dir().join(&target.release);
             let restored = match self.scope_from_release(&target.release, &step.scope) {
                 Ok(scope) => {
-                    let switched =
-                        native::switch(sd, &scope, &release_dir, &target.release, journal).await;
+                    let switched = native::switch(sd, &scope, &release_dir, &target.release, journal).await;
                     crate::fault::point("during-rollback");
                     match switched {
                         Ok(()) => native::verify(sd, &scope, &release_dir, &self.http).await,
@@ -567,11 +498,7 @@ impl Engine {
             match restored {
                 Ok(()) => self.set_result(journal, &step.scope, "rolled-back"),
                 Err(e) => {
-                    self.set_result(
-                        journal,
-                        &step.scope,
-                        &format!("failed: rollback unhealthy: {e}"),
-                    );
+                    self.set_result(journal, &step.scope, &format!("failed: rollback unhealthy: {e}"));
                     problems.push(format!("rolling back scope \"{}\" failed: {e}", step.scope));
                 }
             }
@@ -585,23 +512,14 @@ impl Engine {
             );
         }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
 
     /// The scope as the manifest inside release `commit` describes it.
     fn scope_from_release(&self, commit: &str, name: &str) -> Result<Scope, String> {
-        let path = self
-            .releases_dir()
-            .join(commit)
-            .join(&self.config.source.manifest);
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
-        let manifest =
-            manifest::parse(&path.display().to_string(), &bytes).map_err(|d| d.to_string())?;
+        let path = self.releases_dir().join(commit).join(&self.config.source.manifest);
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
+        let manifest = manifest::parse(&path.display().to_string(), &bytes).map_err(|d| d.to_string())?;
         manifest
             .scopes
             .get(name)
@@ -612,11 +530,7 @@ impl Engine {
     /// Close rollouts a previous agent left in progress.
     pub fn close_interrupted(&self) -> Result<Vec<u64>, String> {
         let mut closed = Vec::new();
-        for mut record in self
-            .store
-            .unfinished_rollouts()
-            .map_err(|e| e.to_string())?
-        {
+        for mut record in self.store.unfinished_rollouts().map_err(|e| e.to_string())? {
             record.outcome = Outcome::Interrupted;
             record.finished_at = Some(now_ms());
             record.error = Some(recover::interrupted_error(&record.journal));
@@ -628,10 +542,7 @@ impl Engine {
 }
 
 fn journal_keep(manifest: &Result<Manifest, String>) -> usize {
-    manifest
-        .as_ref()
-        .map(|m| m.defaults.keep_releases)
-        .unwrap_or(5)
+    manifest.as_ref().map(|m| m.defaults.keep_releases).unwrap_or(5)
 }
 
 /// The unit or container names of a scope's owning runtime.
@@ -640,11 +551,7 @@ pub fn members(scope: Option<&Scope>) -> Vec<String> {
         return vec![];
     };
     match scope.owner {
-        Runtime::Native => scope
-            .native
-            .as_ref()
-            .map(|n| n.units.clone())
-            .unwrap_or_default(),
+        Runtime::Native => scope.native.as_ref().map(|n| n.units.clone()).unwrap_or_default(),
         Runtime::Docker => scope
             .docker
             .as_ref()

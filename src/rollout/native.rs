@@ -31,10 +31,7 @@ pub async fn switch(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| file.clone());
         journal
-            .step(
-                format!("install {unit} from {short}"),
-                sd.install_unit_file(&src, &unit),
-            )
+            .step(format!("install {unit} from {short}"), sd.install_unit_file(&src, &unit))
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -65,26 +62,15 @@ pub async fn switch(
                 )),
             }
         };
-        journal
-            .step(format!("restart {unit} on {short}"), restart)
-            .await?;
+        journal.step(format!("restart {unit} on {short}"), restart).await?;
     }
     Ok(())
 }
 
 /// Every unit stays up through the settle window and every health check
 /// passes within the scope's timeout; both are watched at once.
-pub async fn verify(
-    sd: &Systemd,
-    scope: &Scope,
-    release_dir: &Path,
-    http: &reqwest::Client,
-) -> Result<(), String> {
-    let units: &[String] = scope
-        .native
-        .as_ref()
-        .map(|n| n.units.as_slice())
-        .unwrap_or_default();
+pub async fn verify(sd: &Systemd, scope: &Scope, release_dir: &Path, http: &reqwest::Client) -> Result<(), String> {
+    let units: &[String] = scope.native.as_ref().map(|n| n.units.as_slice()).unwrap_or_default();
     let settle = join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)));
     let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
     let (settled, healthy) = tokio::join!(settle, health);

@@ -10,11 +10,7 @@ use tracing::{info, warn};
 use crate::store::{HostState, ReleaseRecord, SCHEMA_VERSION, Store, StoreError, now_ms};
 
 /// Record that `commit`'s release holds builds of these scopes.
-pub fn register(
-    store: &Store,
-    commit: &str,
-    built: BTreeMap<String, String>,
-) -> Result<(), StoreError> {
+pub fn register(store: &Store, commit: &str, built: BTreeMap<String, String>) -> Result<(), StoreError> {
     let existing = store.releases()?.into_iter().find(|r| r.commit == commit);
     let mut record = existing.unwrap_or(ReleaseRecord {
         schema: SCHEMA_VERSION,
@@ -47,11 +43,7 @@ pub fn protected(host: &HostState) -> BTreeSet<String> {
 
 /// Which releases to delete: all but the newest `keep` and the protected.
 /// `releases` is oldest first.
-pub fn to_prune(
-    releases: &[ReleaseRecord],
-    keep: usize,
-    protected: &BTreeSet<String>,
-) -> Vec<String> {
+pub fn to_prune(releases: &[ReleaseRecord], keep: usize, protected: &BTreeSet<String>) -> Vec<String> {
     let cut = releases.len().saturating_sub(keep);
     releases[..cut]
         .iter()

@@ -44,10 +44,7 @@ pub enum GitError {
     #[error("path \"{path}\" in commit {commit} cannot be checked out safely")]
     UnsafePath { commit: String, path: String },
     #[error("cannot write release \"{path}\": {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 impl GitError {
@@ -97,11 +94,9 @@ impl Source {
     }
 
     fn open(&self) -> Result<gix::Repository, GitError> {
-        gix::open_opts(&self.repo_path, gix::open::Options::isolated()).map_err(|e| {
-            GitError::Open {
-                path: self.repo_path.clone(),
-                source: Box::new(e),
-            }
+        gix::open_opts(&self.repo_path, gix::open::Options::isolated()).map_err(|e| GitError::Open {
+            path: self.repo_path.clone(),
+            source: Box::new(e),
         })
     }
 
@@ -195,10 +190,7 @@ impl Source {
             what: format!("\"{path}\""),
             source: e,
         };
-        let Some(entry) = tree
-            .lookup_entry_by_path(path)
-            .map_err(|e| read_err(Box::new(e)))?
-        else {
+        let Some(entry) = tree.lookup_entry_by_path(path).map_err(|e| read_err(Box::new(e)))? else {
             return Ok(None);
         };
         if !entry.mode().is_blob() {
@@ -210,11 +202,7 @@ impl Source {
 
     /// The object id at each of `paths` (trailing `/` allowed), `-` when a
     /// path does not exist. An empty list means the whole tree, keyed `*`.
-    pub fn path_ids(
-        &self,
-        commit: &str,
-        paths: &[String],
-    ) -> Result<BTreeMap<String, String>, GitError> {
+    pub fn path_ids(&self, commit: &str, paths: &[String]) -> Result<BTreeMap<String, String>, GitError> {
         let repo = self.open()?;
         let tree = self.tree(&repo, commit)?;
         let mut out = BTreeMap::new();
@@ -257,10 +245,7 @@ impl Source {
         ) else {
             return Ok(false);
         };
-        let walk = repo
-            .rev_walk([start])
-            .all()
-            .map_err(|e| read_err(Box::new(e)))?;
+        let walk = repo.rev_walk([start]).all().map_err(|e| read_err(Box::new(e)))?;
         for info in walk {
             let info = info.map_err(|e| read_err(Box::new(e)))?;
             if info.id == wanted {
@@ -341,11 +326,7 @@ impl Source {
                     let data = blob(entry.oid)?;
                     let mut file = std::fs::File::create(&path).map_err(|e| write_err(&path, e))?;
                     file.write_all(&data).map_err(|e| write_err(&path, e))?;
-                    let mode = if kind == EntryKind::BlobExecutable {
-                        0o755
-                    } else {
-                        0o644
-                    };
+                    let mode = if kind == EntryKind::BlobExecutable { 0o755 } else { 0o644 };
                     file.set_permissions(std::fs::Permissions::from_mode(mode))
                         .map_err(|e| write_err(&path, e))?;
                 }
@@ -421,11 +402,7 @@ mod tests {
             .env("HOME", dir)
             .output()
             .expect("git runs");
-        assert!(
-            output.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
@@ -450,8 +427,7 @@ mod tests {
         git(&work, &["init", "-q", "-b", "main"]);
         std::fs::write(work.join("services/api/app.py"), "print(1)\n").expect("write");
         std::fs::write(work.join("run.sh"), "#!/bin/sh\n").expect("write");
-        std::fs::set_permissions(work.join("run.sh"), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod");
+        std::fs::set_permissions(work.join("run.sh"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
         symlink("services/api/app.py", work.join("app-link")).expect("symlink");
         git(&work, &["add", "-A"]);
         git(&work, &["commit", "-q", "-m", "one"]);
@@ -461,10 +437,7 @@ mod tests {
         git(&work, &["commit", "-q", "-m", "two"]);
         let second = git(&work, &["rev-parse", "HEAD"]);
         let bare = dir.join("app.git");
-        git(
-            &work,
-            &["push", "-q", bare.to_str().expect("utf-8"), "main"],
-        );
+        git(&work, &["push", "-q", bare.to_str().expect("utf-8"), "main"]);
         (bare, first, second)
     }
 
@@ -487,35 +460,18 @@ mod tests {
         let two = src.path_ids(&second, &paths).expect("ids");
         assert_eq!(one, two, "README is outside both paths");
         assert_eq!(one["docs/"], "-");
-        assert_ne!(
-            src.path_ids(&first, &[]).expect("ids"),
-            src.path_ids(&second, &[]).expect("ids")
-        );
+        assert_ne!(src.path_ids(&first, &[]).expect("ids"), src.path_ids(&second, &[]).expect("ids"));
 
         assert!(src.is_ancestor(&first, &second).expect("walk"));
         assert!(!src.is_ancestor(&second, &first).expect("walk"));
 
         let dest = dir.path().join("releases").join(&first);
         src.checkout(&first, &dest).expect("checkout");
-        assert_eq!(
-            std::fs::read_to_string(dest.join("services/api/app.py")).expect("file"),
-            "print(1)\n"
-        );
-        let mode = std::fs::metadata(dest.join("run.sh"))
-            .expect("meta")
-            .permissions()
-            .mode();
+        assert_eq!(std::fs::read_to_string(dest.join("services/api/app.py")).expect("file"), "print(1)\n");
+        let mode = std::fs::metadata(dest.join("run.sh")).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o755);
-        assert_eq!(
-            std::fs::read_link(dest.join("app-link")).expect("link"),
-            Path::new("services/api/app.py")
-        );
-        assert!(
-            !dir.path()
-                .join("releases")
-                .join(format!(".partial-{first}"))
-                .exists()
-        );
+        assert_eq!(std::fs::read_link(dest.join("app-link")).expect("link"), Path::new("services/api/app.py"));
+        assert!(!dir.path().join("releases").join(format!(".partial-{first}")).exists());
     }
 
     #[test]
@@ -526,27 +482,17 @@ mod tests {
         symlink("../../etc/passwd", work.join("escape")).expect("symlink");
         git(&work, &["add", "-A"]);
         git(&work, &["commit", "-q", "-m", "escape"]);
-        git(
-            &work,
-            &["push", "-q", bare.to_str().expect("utf-8"), "main"],
-        );
+        git(&work, &["push", "-q", bare.to_str().expect("utf-8"), "main"]);
         let src = source(SourceUrl::Local(bare), dir.path());
         let head = src.fetch().expect("fetch");
         let dest = dir.path().join("releases").join(&head);
         let err = src.checkout(&head, &dest).expect_err("escaping symlink");
         assert_eq!(
             err.to_string(),
-            format!(
-                "symlink \"escape\" in commit {head} points outside the release (\"../../etc/passwd\")"
-            )
+            format!("symlink \"escape\" in commit {head} points outside the release (\"../../etc/passwd\")")
         );
         assert!(!dest.exists());
-        assert!(
-            !dir.path()
-                .join("releases")
-                .join(format!(".partial-{head}"))
-                .exists()
-        );
+        assert!(!dir.path().join("releases").join(format!(".partial-{head}")).exists());
     }
 
     #[test]
@@ -560,14 +506,9 @@ mod tests {
             format!("branch \"release/9\" not found in \"{}\"", bare.display())
         );
         let nowhere = dir.path().join("nowhere.git");
-        let err = source(SourceUrl::Local(nowhere.clone()), dir.path())
-            .fetch()
-            .expect_err("no repo");
+        let err = source(SourceUrl::Local(nowhere.clone()), dir.path()).fetch().expect_err("no repo");
         assert!(
-            err.to_string().starts_with(&format!(
-                "cannot open repository \"{}\": ",
-                nowhere.display()
-            )),
+            err.to_string().starts_with(&format!("cannot open repository \"{}\": ", nowhere.display())),
             "{err}"
         );
     }
@@ -584,11 +525,7 @@ mod tests {
             ("dir/a", "x/../../..", false),
         ];
         for (link, target, inside) in cases {
-            assert_eq!(
-                symlink_stays_inside(Path::new(link), target),
-                inside,
-                "{link} -> {target}"
-            );
+            assert_eq!(symlink_stays_inside(Path::new(link), target), inside, "{link} -> {target}");
         }
     }
 

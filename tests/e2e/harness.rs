@@ -50,10 +50,7 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((status, body))
 }
 
@@ -105,10 +102,7 @@ impl Host {
     /// A host whose example repository has one commit, not yet deployed.
     pub fn new() -> Host {
         let um = UserManager::start();
-        let root = tempfile::Builder::new()
-            .prefix("moorline-e2e-")
-            .tempdir()
-            .expect("tempdir");
+        let root = tempfile::Builder::new().prefix("moorline-e2e-").tempdir().expect("tempdir");
         let host = Host {
             um,
             root,
@@ -124,20 +118,9 @@ impl Host {
             &work,
         );
         host.retarget_ports();
-        git(
-            host.root.path(),
-            &["init", "-q", "--bare", "-b", "main", "app.git"],
-        );
+        git(host.root.path(), &["init", "-q", "--bare", "-b", "main", "app.git"]);
         git(&work, &["init", "-q", "-b", "main"]);
-        git(
-            &work,
-            &[
-                "remote",
-                "add",
-                "origin",
-                host.bare().to_str().expect("utf-8 path"),
-            ],
-        );
+        git(&work, &["remote", "add", "origin", host.bare().to_str().expect("utf-8 path")]);
         host.commit_and_push("initial import", |_| {});
         let config = format!(
             "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"60s\"\n\n[trigger]\nwatch = false\n\n[state]\ndir = \"{}\"\n",
@@ -264,20 +247,12 @@ impl Host {
             .spawn()
             .expect("agent starts");
         self.agent = Some(child);
-        wait_for(
-            "the agent's control socket",
-            Duration::from_secs(20),
-            || {
-                if let Some(status) = self
-                    .agent
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten())
-                {
-                    panic!("the agent exited with {status}:\n{}", self.agent_log());
-                }
-                self.status_running().then_some(())
-            },
-        );
+        wait_for("the agent's control socket", Duration::from_secs(20), || {
+            if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the agent exited with {status}:\n{}", self.agent_log());
+            }
+            self.status_running().then_some(())
+        });
     }
 
     fn status_running(&self) -> bool {
@@ -290,9 +265,7 @@ impl Host {
     /// Stop the agent with SIGTERM (as systemd would) and wait for it.
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             let _ = child.wait();
         }
     }
@@ -300,9 +273,7 @@ impl Host {
     /// Wait until the agent exits by itself; how it ended.
     pub fn wait_agent_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let status = wait_for("the agent to exit", limit, || {
-            self.agent
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
+            self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten())
         });
         self.agent = None;
         status
@@ -334,21 +305,15 @@ impl Host {
 
     /// Wait until a finished rollout of `commit` is in history; return it.
     pub fn wait_rollout(&self, commit: &str) -> Value {
-        wait_for(
-            &format!("a finished rollout of {commit}"),
-            Duration::from_secs(90),
-            || {
-                self.history()
-                    .into_iter()
-                    .find(|r| r["commit"] == commit && r["outcome"] != "in-progress")
-            },
-        )
+        wait_for(&format!("a finished rollout of {commit}"), Duration::from_secs(90), || {
+            self.history()
+                .into_iter()
+                .find(|r| r["commit"] == commit && r["outcome"] != "in-progress")
+        })
     }
 
     pub fn unit_property(&self, unit: &str, property: &str) -> String {
-        let output = self
-            .um
-            .systemctl(&["show", "-p", property, "--value", unit]);
+        let output = self.um.systemctl(&["show", "-p", property, "--value", unit]);
         String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 

@@ -23,8 +23,7 @@ fn scope<'a>(rollout: &'a Value, name: &str) -> &'a Value {
 }
 
 fn invocations(host: &Host) -> [String; 3] {
-    ["app-api.service", "app-web.service", "app-worker.service"]
-        .map(|u| host.unit_property(u, "InvocationID"))
+    ["app-api.service", "app-web.service", "app-worker.service"].map(|u| host.unit_property(u, "InvocationID"))
 }
 
 #[test]
@@ -52,25 +51,16 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
     let short = &first[..7];
     assert_eq!(host.api(), Some((200, format!("ok v1 {short}\n"))));
     let release = host.state_dir().join("releases").join(&first);
-    assert_eq!(
-        host.unit_property("app-api.service", "WorkingDirectory"),
-        release.display().to_string()
-    );
+    assert_eq!(host.unit_property("app-api.service", "WorkingDirectory"), release.display().to_string());
     let environment = host.unit_property("app-api.service", "Environment");
-    assert!(
-        environment.contains(&format!("MOORLINE_COMMIT={first}")),
-        "{environment}"
-    );
+    assert!(environment.contains(&format!("MOORLINE_COMMIT={first}")), "{environment}");
     assert!(
         environment.contains(&format!("MOORLINE_RELEASE={}", release.display())),
         "{environment}"
     );
     let show = host.moorline(&["show", &rollout["id"].to_string()]);
     let text = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        text.contains("  | api build done"),
-        "show prints the build tail:\n{text}"
-    );
+    assert!(text.contains("  | api build done"), "show prints the build tail:\n{text}");
 
     let status = host.json(&["status", "--json"]);
     assert_eq!(status["source"]["deployed_commit"], first.as_str());
@@ -79,21 +69,9 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
         .as_array()
         .expect("scopes")
         .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap_or(""),
-                s["health"].as_str().unwrap_or(""),
-            )
-        })
+        .map(|s| (s["name"].as_str().unwrap_or(""), s["health"].as_str().unwrap_or("")))
         .collect();
-    assert_eq!(
-        healths,
-        [
-            ("api", "healthy"),
-            ("web", "healthy"),
-            ("workers", "healthy")
-        ]
-    );
+    assert_eq!(healths, [("api", "healthy"), ("web", "healthy"), ("workers", "healthy")]);
     assert_eq!(host.moorline(&["status"]).status.code(), Some(0));
 
     // A change under web/ restarts web only.
@@ -105,20 +83,14 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
     let rollout = host.wait_rollout(&second);
     assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
     assert_eq!(rollout["trigger"], "sync");
-    assert_eq!(
-        scope(&rollout, "web")["reason"],
-        "paths services/web/ changed"
-    );
+    assert_eq!(scope(&rollout, "web")["reason"], "paths services/web/ changed");
     assert_eq!(scope(&rollout, "api")["action"], "unchanged");
     assert_eq!(scope(&rollout, "workers")["action"], "unchanged");
     let after = invocations(&host);
     assert_eq!(after[0], before[0], "api was not restarted");
     assert_ne!(after[1], before[1], "web was restarted");
     assert_eq!(after[2], before[2], "workers were not restarted");
-    assert_eq!(
-        host.web().map(|(_, body)| body.contains("web v2")),
-        Some(true)
-    );
+    assert_eq!(host.web().map(|(_, body)| body.contains("web v2")), Some(true));
     assert_eq!(host.builds().len(), 1, "api was not rebuilt");
 
     // Restarting the agent restarts nothing and records nothing.
@@ -126,28 +98,16 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
     host.stop_agent();
     let stopped = host.moorline(&["status"]);
     let text = String::from_utf8_lossy(&stopped.stdout);
-    assert!(
-        text.starts_with("agent:     not running (last snapshot "),
-        "{text}"
-    );
+    assert!(text.starts_with("agent:     not running (last snapshot "), "{text}");
     assert_eq!(stopped.status.code(), Some(0));
     let offline = host.moorline(&["history", "--json"]);
-    assert!(
-        offline.status.success(),
-        "history works with the agent stopped"
-    );
+    assert!(offline.status.success(), "history works with the agent stopped");
     host.start_agent();
     host.sync();
-    wait_for(
-        "the agent to fetch after restart",
-        Duration::from_secs(20),
-        || {
-            let status = host.json(&["status", "--json"]);
-            (status["source"]["desired_commit"] == second.as_str()
-                && status["agent"]["activity"] == "idle")
-                .then_some(())
-        },
-    );
+    wait_for("the agent to fetch after restart", Duration::from_secs(20), || {
+        let status = host.json(&["status", "--json"]);
+        (status["source"]["desired_commit"] == second.as_str() && status["agent"]["activity"] == "idle").then_some(())
+    });
     assert_eq!(invocations(&host), after, "no unit was restarted");
     assert_eq!(host.history().len(), rollouts, "no rollout was recorded");
 }
@@ -171,25 +131,14 @@ fn a_crashing_commit_is_rolled_back_and_its_revert_redeploys_without_building() 
     let rollout = host.wait_rollout(&crash);
     assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
     let error = rollout["error"].as_str().expect("an error is recorded");
-    assert!(
-        error.starts_with("scope \"api\" failed verification: "),
-        "{error}"
-    );
+    assert!(error.starts_with("scope \"api\" failed verification: "), "{error}");
     assert_eq!(scope(&rollout, "api")["result"], "rolled-back");
     assert_eq!(host.builds(), [first.clone(), crash.clone()]);
-    assert_eq!(
-        host.api(),
-        Some((200, format!("ok v1 {}\n", &first[..7]))),
-        "api runs v1 again"
-    );
+    assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))), "api runs v1 again");
     let status = host.json(&["status", "--json"]);
     assert_eq!(status["source"]["deployed_commit"], first.as_str());
     assert_eq!(status["source"]["failed_commit"], crash.as_str());
-    assert_eq!(
-        host.moorline(&["status"]).status.code(),
-        Some(1),
-        "a failed commit is a negative status"
-    );
+    assert_eq!(host.moorline(&["status"]).status.code(), Some(1), "a failed commit is a negative status");
 
     // The same commit is not tried again.
     let rollouts = host.history().len();
@@ -208,11 +157,7 @@ fn a_crashing_commit_is_rolled_back_and_its_revert_redeploys_without_building() 
     let api = scope(&rollout, "api");
     assert_eq!(api["built"], false, "{api}");
     assert_eq!(api["release"], first.as_str(), "the v1 release is reused");
-    assert_eq!(
-        host.builds(),
-        [first.clone(), crash],
-        "no build ran for the revert"
-    );
+    assert_eq!(host.builds(), [first.clone(), crash], "no build ran for the revert");
     assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
     assert_eq!(host.moorline(&["status"]).status.code(), Some(0));
 }
@@ -228,11 +173,7 @@ fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
     let bad = host.commit_and_push("typo in the manifest", |work| {
         let path = work.join("deploy/moorline.toml");
         let text = std::fs::read_to_string(&path).expect("read manifest");
-        std::fs::write(
-            &path,
-            text.replacen("owner = \"native\"", "ownr = \"native\"", 1),
-        )
-        .expect("write");
+        std::fs::write(&path, text.replacen("owner = \"native\"", "ownr = \"native\"", 1)).expect("write");
     });
     host.sync();
     let rollout = host.wait_rollout(&bad);
@@ -246,29 +187,18 @@ fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
     );
     assert_eq!(invocations(&host), before, "nothing was restarted");
     assert!(host.api().is_some(), "api still answers");
-    assert_eq!(
-        host.json(&["status", "--json"])["source"]["deployed_commit"],
-        first.as_str()
-    );
+    assert_eq!(host.json(&["status", "--json"])["source"]["deployed_commit"], first.as_str());
 }
 
 #[test]
 fn check_validates_a_manifest_offline_with_exit_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let good = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy-manifests/webapp/deploy/moorline.toml"
-    );
+    let good = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy-manifests/webapp/deploy/moorline.toml");
     let output = std::process::Command::new(harness::BIN)
         .args(["check", good])
         .output()
         .expect("runs");
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         format!("{good}: ok (3 scopes: api, web, workers)\n")
@@ -284,10 +214,7 @@ fn check_validates_a_manifest_offline_with_exit_codes() {
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&output.stderr),
-        format!(
-            "{}:4:10: scope \"api\" comes after unknown scope \"db\"\n",
-            bad.display()
-        )
+        format!("{}:4:10: scope \"api\" comes after unknown scope \"db\"\n", bad.display())
     );
 
     let missing = dir.path().join("absent.toml");
