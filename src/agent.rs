@@ -376,6 +376,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dir = config.state.dir.clone();
     prepare_state_dir(&dir)?;
     let store = Store::open(&dir)?;
+    crate::privacy::restrict_state_dir(&dir).with_context(|| {
+        format!(
+            "cannot restrict state directory \"{}\" to its owner",
+            dir.display()
+        )
+    })?;
     let mut engine = Engine::new(config.clone(), store.clone());
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
         warn!(
@@ -383,6 +389,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "closed a rollout interrupted by a previous stop"
         );
     }
+    engine.recover().await;
     audit(&mut engine, true).await;
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
     let live = Arc::new(Mutex::new(Live {
@@ -495,6 +502,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             l.next_fetch = Some(now_ms() + delay.as_millis() as u64);
         });
         agent.snapshot().await;
+        if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
+            warn!(error = %e, "cannot restrict the state directory to its owner");
+        }
 
         let event = tokio::select! {
             wake = wake_rx.recv() => wake.map(Event::Wake).unwrap_or(Event::Shutdown),

@@ -10,12 +10,16 @@ mod api;
 mod cli;
 /// Host configuration: raw TOML → validated settings.
 mod config;
+/// Named kill points for crash tests (`fault-injection` feature only).
+mod fault;
 /// Health checks: http, tcp, exec.
 mod health;
 /// The manifest committed in the source: schema, validation, fingerprints.
 mod manifest;
 /// (manifest, recorded state, inputs) → what each scope needs; pure.
 mod plan;
+/// Owner-only modes for the state directory and the history.
+mod privacy;
 /// The rollout engine: prepare, switch, verify, roll back, record.
 mod rollout;
 /// Runtimes that run a scope's members: systemd user units and Docker.

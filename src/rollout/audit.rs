@@ -87,11 +87,6 @@ impl Engine {
                 ));
             }
         }
-        if findings.iter().any(|f| !f.stopped) {
-            // Converge again: the next loop turn redeploys unhealthy scopes.
-            host.deployed_commit = None;
-            host.failed_commit = None;
-        }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
         let stopped: Vec<&Finding> = findings.iter().filter(|f| f.stopped).collect();
         if !stopped.is_empty() {

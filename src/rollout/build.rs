@@ -74,6 +74,7 @@ async fn run_one(
         .map_err(|e| {
             format!("build command \"{command}\" of scope \"{scope}\" could not start: {e}")
         })?;
+    crate::fault::point("during-build");
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     if let Some(out) = child.stdout.take() {
         forward(out, tx.clone());

@@ -115,6 +115,8 @@ pub async fn replace(
                 .map_err(text)?;
         }
     }
+    // The old containers are stopped and kept; the new ones not created yet.
+    crate::fault::point("after-stop");
     start_new(docker, labels, scope, release_dir, release, journal).await
 }
 

@@ -11,6 +11,8 @@ pub mod build;
 pub mod docker;
 /// The `native` runtime: unit files, drop-ins, restarts.
 pub mod native;
+/// Start-up recovery: half-written releases, units that disagree with the store.
+pub mod recover;
 /// Release directories: checkout, registry, pruning.
 pub mod releases;
 
@@ -168,7 +170,11 @@ impl Engine {
         fetch_ms: u64,
     ) -> Result<Converged, String> {
         let host = self.store.host().map_err(|e| e.to_string())?;
-        if host.deployed_commit.as_deref() == Some(head.as_str()) {
+        // A scope found unhealthy (by the start-up audit, or a failed
+        // rollback) is redeployed even when the branch did not move.
+        if host.deployed_commit.as_deref() == Some(head.as_str())
+            && host.scopes.values().all(|s| s.healthy)
+        {
             return Ok(Converged::Idle(Idle::UpToDate));
         }
         if host.failed_commit.as_deref() == Some(head.as_str()) {
@@ -260,6 +266,7 @@ impl Engine {
         let store = self.store.clone();
         let mut journal = Journal::new(&store, record);
         journal.save();
+        crate::fault::point("after-fetch");
         info!(rollout = id, commit = %native::short(head), trigger, "rollout started");
         let (outcome, error) = match self.run(&mut journal, head, host).await {
             Ok(outcome) => (outcome, None),
@@ -274,6 +281,7 @@ impl Engine {
             _ => host.failed_commit = Some(head.to_string()),
         }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
+        crate::fault::point("while-recording");
         journal.record.outcome = outcome;
         journal.record.error = error;
         journal.record.finished_at = Some(now_ms());
@@ -395,6 +403,7 @@ impl Engine {
             }
             set_result(journal, &step.scope, "switched");
             let started = Instant::now();
+            crate::fault::point("during-verify");
             let verified = self.verify(scope, &release_dir).await;
             verify_ms += started.elapsed().as_millis() as u64;
             if let Err(e) = verified {
@@ -759,6 +768,7 @@ impl Engine {
                 native::switch(&sd, &old, &release_dir, &target.release, journal).await?;
             }
         }
+        crate::fault::point("during-rollback");
         self.verify(&old, &release_dir).await
     }
 
@@ -789,16 +799,7 @@ impl Engine {
         {
             record.outcome = Outcome::Interrupted;
             record.finished_at = Some(now_ms());
-            let last = record
-                .journal
-                .iter()
-                .rev()
-                .find(|j| j.state == "intent")
-                .map(|j| j.step.clone());
-            record.error = Some(match last {
-                Some(step) => format!("the agent stopped during \"{step}\""),
-                None => "the agent stopped before any change was made".to_string(),
-            });
+            record.error = Some(recover::interrupted_error(&record.journal));
             self.store.put_rollout(&record).map_err(|e| e.to_string())?;
             closed.push(record.id);
         }

@@ -51,6 +51,8 @@ pub async fn switch(
         .step("reload the user manager".to_string(), sd.daemon_reload())
         .await
         .map_err(|e| e.to_string())?;
+    // Unit files and drop-ins now name the new release; nothing restarted yet.
+    crate::fault::point("after-stop");
     // systemd's own start timeout may be infinite; the rollout's is not.
     let limit = scope.health_timeout.max(Duration::from_secs(30));
     for unit in &native.units {

@@ -253,7 +253,7 @@ impl Host {
         format!("{}{name}", self.prefix)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(["--config", self.config_path().to_str().expect("utf-8 path")])
             .args(args)
@@ -297,10 +297,16 @@ impl Host {
 
     /// Start `moorline agent` and wait until its control socket answers.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Start the agent with extra environment (e.g. `MOORLINE_FAULT`).
+    pub fn start_agent_with(&mut self, env: &[(&str, &str)]) {
         self.agent_runs += 1;
         let log = std::fs::File::create(self.agent_log_path(self.agent_runs)).expect("agent log");
         let child = self
             .command(&["agent"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -338,6 +344,17 @@ impl Host {
                 .status();
             let _ = child.wait();
         }
+    }
+
+    /// Wait until the agent exits by itself; how it ended.
+    pub fn wait_agent_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let status = wait_for("the agent to exit", limit, || {
+            self.agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+        });
+        self.agent = None;
+        status
     }
 
     /// Kill the agent with SIGKILL.

@@ -4,8 +4,12 @@
 #[path = "../support/user_manager.rs"]
 mod user_manager;
 
+mod bad_input;
+mod crash;
 mod docker;
+mod git_faults;
 mod harness;
+mod privilege;
 mod triggers;
 
 use std::time::Duration;

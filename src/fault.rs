@@ -1,0 +1,32 @@
+//! Fault points for crash tests: with the `fault-injection` feature, a named
+//! point kills the agent with SIGKILL when `MOORLINE_FAULT` names it, so the
+//! end-to-end tests can stop the real binary at an exact phase of a rollout.
+//! Without the feature every point compiles to nothing.
+
+/// The points the engine passes, in rollout order. Tests use these names.
+pub const POINTS: [&str; 6] = [
+    "after-fetch",
+    "during-build",
+    "after-stop",
+    "during-verify",
+    "during-rollback",
+    "while-recording",
+];
+
+/// Kill this process at once, as `kill -9` would, when `MOORLINE_FAULT` is `name`.
+#[cfg(feature = "fault-injection")]
+pub fn point(name: &str) {
+    debug_assert!(POINTS.contains(&name), "unknown fault point \"{name}\"");
+    if std::env::var_os("MOORLINE_FAULT").is_some_and(|v| v == name) {
+        tracing::warn!(point = name, "fault point reached: killing the agent");
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        // SIGKILL cannot be caught; this is never reached.
+        std::process::abort();
+    }
+}
+
+/// Fault points are compiled out of normal builds.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &str) {}
