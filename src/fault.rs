@@ -4,6 +4,7 @@
 //! Without the feature every point compiles to nothing.
 
 /// The points the engine passes, in rollout order. Tests use these names.
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub const POINTS: [&str; 6] = [
     "after-fetch",
     "during-build",

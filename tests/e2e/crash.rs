@@ -3,6 +3,9 @@
 //! a complete, readable history and every scope healthy on the desired
 //! commit (or on its last healthy release when the desired one fails).
 
+// Without the feature only the test that says so is compiled in.
+#![cfg_attr(not(feature = "fault-injection"), allow(dead_code, unused_imports))]
+
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
