@@ -292,17 +292,43 @@ impl Engine {
                 warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished")
             }
         }
-        if outcome == Outcome::Succeeded
-            && let Err(e) = releases::prune(
-                &self.store,
-                &self.releases_dir(),
-                &host,
-                journal_keep(&self.manifest_at(head)),
-            )
-        {
-            warn!(error = %e, "cannot prune releases");
+        if outcome == Outcome::Succeeded {
+            self.prune(&host, journal_keep(&self.manifest_at(head)))
+                .await;
         }
         Ok(journal.record)
+    }
+
+    /// Remove old releases and the images built for them.
+    async fn prune(&mut self, host: &HostState, keep: usize) {
+        let pruned = releases::prune(
+            &self.store,
+            &self.releases_dir(),
+            &self.config.source.manifest,
+            host,
+            keep,
+        );
+        let images: Vec<String> = match pruned {
+            Ok(pruned) => pruned.into_iter().flat_map(|p| p.images).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot prune releases");
+                return;
+            }
+        };
+        if images.is_empty() {
+            return;
+        }
+        let Ok(dk) = self.docker() else {
+            return;
+        };
+        for image in images {
+            match dk.remove_image(&image).await {
+                Ok(()) => info!(image = %image, "removed the image of a pruned release"),
+                Err(e) => {
+                    warn!(image = %image, error = %e, "cannot remove the image of a pruned release")
+                }
+            }
+        }
     }
 
     /// The rollout proper. `Err` carries the outcome to record and why.

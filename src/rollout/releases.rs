@@ -60,19 +60,56 @@ pub fn to_prune(
         .collect()
 }
 
-pub fn prune(store: &Store, dir: &Path, host: &HostState, keep: usize) -> Result<(), StoreError> {
+/// A release removed by `prune`, with the images built for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pruned {
+    pub commit: String,
+    /// `<image>:<commit>` of every container built from a Dockerfile.
+    pub images: Vec<String>,
+}
+
+/// Images built for release `commit`, from the manifest inside it.
+pub fn built_images(release_dir: &Path, manifest: &str, commit: &str) -> Vec<String> {
+    let path = release_dir.join(manifest);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return vec![];
+    };
+    let Ok(manifest) = crate::manifest::parse(&path.display().to_string(), &bytes) else {
+        return vec![];
+    };
+    manifest
+        .scopes
+        .values()
+        .flat_map(|s| s.docker.iter().flat_map(|d| d.containers.iter()))
+        .filter(|c| c.dockerfile.is_some())
+        .map(|c| super::docker::image_ref(c, commit))
+        .collect()
+}
+
+/// Delete all but the newest `keep` releases, never one a scope runs or
+/// would roll back to.
+pub fn prune(
+    store: &Store,
+    dir: &Path,
+    manifest: &str,
+    host: &HostState,
+    keep: usize,
+) -> Result<Vec<Pruned>, StoreError> {
     let releases = store.releases()?;
+    let mut pruned = Vec::new();
     for commit in to_prune(&releases, keep, &protected(host)) {
         // Forget it first: a release on disk but not in the registry is
         // merely wasted space; the other way round would be reused.
         store.remove_release(&commit)?;
         let path = dir.join(&commit);
+        let images = built_images(&path, manifest, &commit);
         if path.exists() {
             discard(&path);
         }
         info!(release = %commit, "pruned release");
+        pruned.push(Pruned { commit, images });
     }
-    Ok(())
+    Ok(pruned)
 }
 
 #[cfg(test)]

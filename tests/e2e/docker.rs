@@ -98,8 +98,16 @@ impl Exclusivity {
     }
 }
 
+/// Web on docker, and only the newest release kept beyond those in use.
 fn web_docker(work: &std::path::Path) {
     set_owner(work, "web", "docker");
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    std::fs::write(
+        &path,
+        text.replace("keep_releases = 5", "keep_releases = 1"),
+    )
+    .expect("write manifest");
 }
 
 #[test]
@@ -189,6 +197,39 @@ fn a_docker_scope_deploys_updates_and_rolls_back_a_failing_image() {
         Some(0),
         "no kept container is left"
     );
+
+    // Pruning: with keep_releases = 1, the v2 release and its image go once
+    // v3 runs; the first release stays (api and workers run it).
+    let third = host.commit_and_push("web: v3", |work| {
+        let path = work.join("deploy/docker/web.Dockerfile");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let text = text.replace(
+            "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"sleep 1; exit 3\"]",
+            "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
+        );
+        std::fs::write(&path, text).expect("write");
+        std::fs::write(work.join("services/web/www/index.html"), "<p>web v3</p>\n").expect("write");
+    });
+    host.sync();
+    assert_eq!(host.wait_rollout(&third)["outcome"], "succeeded");
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v3")));
+    let releases = host.state_dir().join("releases");
+    assert!(
+        !releases.join(&second).exists(),
+        "the v2 release was pruned"
+    );
+    assert!(releases.join(&first).exists() && releases.join(&third).exists());
+    let image = |commit: &str| {
+        docker(&["image", "inspect", &format!("{web}:{commit}")])
+            .status
+            .code()
+    };
+    assert_ne!(
+        image(&second),
+        Some(0),
+        "the v2 image was removed with its release"
+    );
+    assert_eq!(image(&third), Some(0));
 }
 
 #[test]

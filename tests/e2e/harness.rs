@@ -189,10 +189,12 @@ impl Host {
         host
     }
 
-    /// Write the host config with this poll interval and `[trigger]` table body.
+    /// Write the host config with this poll interval and `[trigger]` table
+    /// body. The source is named by a `file://` URL (the demo and the
+    /// benchmark use a plain path).
     pub fn configure(&self, poll: &str, trigger: &str) {
         let config = format!(
-            "[source]\nurl = \"{}\"\nbranch = \"main\"\npoll = \"{poll}\"\n\n[trigger]\n{trigger}\n[state]\ndir = \"{}\"\n",
+            "[source]\nurl = \"file://{}\"\nbranch = \"main\"\npoll = \"{poll}\"\n\n[trigger]\n{trigger}\n[state]\ndir = \"{}\"\n",
             self.bare().display(),
             self.state_dir().display()
         );
