@@ -146,6 +146,7 @@ struct Agent {
     wake: mpsc::Sender<Wake>,
     systemd: tokio::sync::OnceCell<Option<Systemd>>,
     watch: Mutex<WatchState>,
+    snapshot_turn: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -300,11 +301,25 @@ impl Agent {
     }
 
     /// Write the status snapshot atomically, readable by the owner only.
+    /// Snapshots are taken and written one at a time, so the last one written
+    /// is the freshest.
     async fn snapshot(&self) {
+        let _turn = self.snapshot_turn.lock().await;
         let report = self.status().await;
-        if let Err(e) = write_snapshot(&self.config.state.dir, &report) {
-            warn!(error = %e, "cannot write the status snapshot");
+        let dir = self.config.state.dir.clone();
+        match tokio::task::spawn_blocking(move || write_snapshot(&dir, &report)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot write the status snapshot"),
+            Err(e) => warn!(error = %e, "the status snapshot task failed"),
         }
+    }
+
+    /// Write the snapshot in the background: asking the user manager for
+    /// every member's state and syncing the file take a while, and a wake-up
+    /// arriving meanwhile must not wait for them.
+    fn spawn_snapshot(self: &Arc<Self>) {
+        let agent = Arc::clone(self);
+        tokio::spawn(async move { agent.snapshot().await });
     }
 }
 
@@ -405,6 +420,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake: wake_tx.clone(),
         systemd: tokio::sync::OnceCell::new(),
         watch: Mutex::new(WatchState::Off),
+        snapshot_turn: tokio::sync::Mutex::new(()),
     });
     let listener = api::bind(&dir)?;
     let server = tokio::spawn(api::serve(listener, agent.clone()));
@@ -462,6 +478,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 match converged {
                     Ok(Converged::Rolled(record)) => {
                         audit(&mut engine, false).await;
+                        // The store may have created files since the last turn.
+                        if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
+                            warn!(error = %e, "cannot restrict the state directory to its owner");
+                        }
                         notify_status(&format!(
                             "rollout {} of {}: {}",
                             record.id,
@@ -501,10 +521,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             l.activity = "idle".into();
             l.next_fetch = Some(now_ms() + delay.as_millis() as u64);
         });
-        agent.snapshot().await;
-        if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
-            warn!(error = %e, "cannot restrict the state directory to its owner");
-        }
+        agent.spawn_snapshot();
 
         let event = tokio::select! {
             wake = wake_rx.recv() => wake.map(Event::Wake).unwrap_or(Event::Shutdown),
@@ -520,6 +537,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("agent stopping");
+    set_live(&|l| l.activity = "stopping".into());
+    agent.snapshot().await;
     drop(stop_webhook);
     if let Some(task) = webhook {
         match task.await {
