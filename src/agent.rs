@@ -388,6 +388,11 @@ impl api::Handler for Agent {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Everything the agent creates — the history database's files, whenever
+    // sled makes them, snapshots, unit files — is its user's only. Release
+    // contents get explicit modes, and builds run with umask 022 so their
+    // outputs can go into images run as another uid.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let dir = config.state.dir.clone();
     prepare_state_dir(&dir)?;
     let store = Store::open(&dir)?;

@@ -61,7 +61,9 @@ async fn run_one(
     info!(scope, command, "build started");
     let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
-        .arg(command)
+        // The agent's own umask is 077 (its state is private); what a build
+        // makes in the release is as readable as a checkout.
+        .arg(format!("umask 022\n{command}"))
         .current_dir(release)
         .env("MOORLINE_RELEASE", release)
         .env("MOORLINE_COMMIT", commit)

@@ -329,6 +329,10 @@ impl Source {
             match entry.mode.kind() {
                 EntryKind::Tree | EntryKind::Commit => {
                     std::fs::create_dir_all(&path).map_err(|e| write_err(&path, e))?;
+                    // Independent of the agent's umask: an image built from
+                    // the release may run as another uid.
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                        .map_err(|e| write_err(&path, e))?;
                 }
                 kind @ (EntryKind::Blob | EntryKind::BlobExecutable) => {
                     let data = blob(entry.oid)?;

@@ -145,12 +145,13 @@ fn secrets_stay_out_of_logs_history_and_status_and_builds_run_in_the_release_as_
             "build = [\"./build-api.sh\"]",
             &format!("build = [\"./build-api.sh\", \"echo build $(id -u) $PWD >> {}\"]", where_log.display()),
         );
-        let text = text.replace(
-            "exec = [\"./services/worker/check.sh\"]",
+        let text = text.replacen(
+            "body_contains = \"ok\"\n",
             &format!(
-                "exec = [\"sh\", \"-c\", \"echo exec $(id -u) $PWD >> {} && ./services/worker/check.sh\"]",
+                "body_contains = \"ok\"\n\n[[scopes.api.health]]\nexec = [\"sh\", \"-c\", \"echo exec $(id -u) $PWD >> {}\"]\n",
                 where_log.display()
             ),
+            1,
         );
         std::fs::write(&manifest, text).expect("manifest");
     });
