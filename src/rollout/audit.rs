@@ -14,6 +14,8 @@ use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub scope: String,
+    /// The runtime that owns the scope.
+    pub owner: String,
     pub text: String,
     /// A foreign member was stopped (recorded in history) rather than the
     /// scope merely marked for redeployment.
@@ -63,6 +65,7 @@ impl Engine {
             for text in &found {
                 findings.push(Finding {
                     scope: name.clone(),
+                    owner: state.current.owner.clone(),
                     text: text.clone(),
                     stopped: true,
                 });
@@ -70,6 +73,7 @@ impl Engine {
             for text in &redeploy {
                 findings.push(Finding {
                     scope: name.clone(),
+                    owner: state.current.owner.clone(),
                     text: text.clone(),
                     stopped: false,
                 });
@@ -219,7 +223,7 @@ impl Engine {
                 .iter()
                 .map(|f| ScopeRecord {
                     scope: f.scope.clone(),
-                    owner: String::new(),
+                    owner: f.owner.clone(),
                     action: "audit".into(),
                     reason: f.text.clone(),
                     release: None,
