@@ -73,10 +73,15 @@ pub async fn ensure_images(
         let context = release_dir.join(&container.context);
         let dockerfile = release_dir.join(dockerfile);
         let dockerfile = dockerfile.to_string_lossy().into_owned();
+        // The engine is building once it sends output: a kill lands mid-build.
+        let mut output = |line: &str| {
+            crate::fault::point("during-image-build");
+            on_line(line)
+        };
         journal
             .step(
                 format!("build image {}:{}", container.image, short(release)),
-                docker.build_image(&context, &dockerfile, &reference, labels, on_line),
+                docker.build_image(&context, &dockerfile, &reference, labels, &mut output),
             )
             .await
             .map_err(text)?;

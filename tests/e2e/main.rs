@@ -7,6 +7,7 @@ mod user_manager;
 mod bad_input;
 mod crash;
 mod docker;
+mod docker_crash;
 mod git_faults;
 mod harness;
 mod privilege;
