@@ -518,7 +518,20 @@ impl Engine {
             Runtime::Docker => {
                 let dk = self.docker()?;
                 let labels = self.labels(&scope.name, &step.release);
-                docker::replace(&dk, &labels, scope, release_dir, &step.release, journal).await
+                let way_back = previous
+                    .filter(|p| p.current.owner == "docker")
+                    .and_then(|p| p.last_healthy.as_ref())
+                    .map(|h| h.release.as_str());
+                docker::replace(
+                    &dk,
+                    &labels,
+                    scope,
+                    release_dir,
+                    &step.release,
+                    way_back,
+                    journal,
+                )
+                .await
             }
         }
     }
@@ -764,7 +777,7 @@ impl Engine {
             (Action::Cutover { .. }, Runtime::Docker) => {
                 // Back from docker to native: the units still point at their release.
                 let dk = self.docker()?;
-                docker::restore(&dk, new_members, false, journal).await?;
+                docker::restore(&dk, new_members, None, false, journal).await?;
                 let sd = self.systemd().await?;
                 for unit in &target.members {
                     journal
@@ -781,7 +794,7 @@ impl Engine {
             }
             (_, Runtime::Docker) => {
                 let dk = self.docker()?;
-                if !docker::restore(&dk, new_members, true, journal).await? {
+                if !docker::restore(&dk, new_members, Some(&target.release), true, journal).await? {
                     // Nothing kept (an interrupted earlier attempt): recreate.
                     docker::stop(&dk, new_members, true, journal).await?;
                     let labels = self.labels(&old.name, &target.release);

@@ -279,3 +279,31 @@ fn cutover_to_native_killed_during_verify_ends_on_native_alone() {
         format!("the agent stopped after \"restart app-api.service on {short}\" (done)")
     });
 }
+
+/// Killed while an image that exits was being verified: on restart the
+/// retry must not keep the exiting container as the way back (dropping the
+/// one that ran before), and the rollback must bring back the last healthy
+/// release.
+#[test]
+fn docker_killed_during_verify_of_a_failing_image_the_retry_rolls_back_to_the_healthy_one() {
+    let (mut host, first) = docker_host();
+    let web = host.container("app-web");
+    let before = inspect_id(&web);
+    let broken = kill_at(&mut host, "during-verify", "web that exits", exiting_web);
+    host.start_agent();
+    let [interrupted, retried] = interrupted_and_retry(&host, &broken);
+    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
+    assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
+    assert_eq!(crate::scope(&retried, "web")["result"], "rolled-back");
+    assert_consistent(&host, &first);
+    assert_eq!(containers(&host), [format!("{web} running {first}")]);
+    assert_eq!(
+        inspect_id(&web),
+        before,
+        "the very container that ran before is back"
+    );
+    assert_eq!(
+        host.web().map(|(_, body)| body.contains("web v1")),
+        Some(true)
+    );
+}
