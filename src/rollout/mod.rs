@@ -264,8 +264,10 @@ impl Engine {
             journal: vec![],
         };
         let store = self.store.clone();
+        // No side effect before the rollout is on record: a store that
+        // refuses this write (disk full) fails the turn with nothing touched.
+        store.put_rollout(&record).map_err(|e| e.to_string())?;
         let mut journal = Journal::new(&store, record);
-        journal.save();
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %native::short(head), trigger, "rollout started");
         let (outcome, error) = match self.run(&mut journal, head, host).await {

@@ -10,6 +10,7 @@ mod docker;
 mod docker_crash;
 mod git_faults;
 mod harness;
+mod history_disk;
 mod privilege;
 mod triggers;
 
