@@ -274,6 +274,26 @@ pub async fn restore(
     Ok(all_restored)
 }
 
+/// Remove the containers and any kept as `<name>.moorline-prev` (a cutover
+/// to docker that is undone).
+pub async fn remove_all(
+    docker: &Docker,
+    names: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        for name in [name.clone(), prev_name(name)] {
+            if docker.inspect(&name).await.map_err(text)?.is_some() {
+                journal
+                    .step(format!("remove container {name}"), docker.remove(&name))
+                    .await
+                    .map_err(text)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Stop containers, keeping them (cutovers) or removing them.
 pub async fn stop(
     docker: &Docker,

@@ -777,9 +777,11 @@ impl Engine {
         let release_dir = self.releases_dir().join(&target.release);
         match (sw.step.action, sw.scope.owner) {
             (Action::Cutover { .. }, Runtime::Docker) => {
-                // Back from docker to native: the units still point at their release.
+                // Back from docker to native: the units still point at their
+                // release. Nothing of the docker form is a way back (a kept
+                // container is left by an interrupted attempt): remove it all.
                 let dk = self.docker()?;
-                docker::restore(&dk, new_members, None, false, journal).await?;
+                docker::remove_all(&dk, new_members, journal).await?;
                 let sd = self.systemd().await?;
                 for unit in &target.members {
                     journal

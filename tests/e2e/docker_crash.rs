@@ -307,3 +307,59 @@ fn docker_killed_during_verify_of_a_failing_image_the_retry_rolls_back_to_the_he
         Some(true)
     );
 }
+
+/// Killed while a cutover to a docker form that never gets healthy was
+/// being verified: on restart the retry fails again and the scope returns
+/// to native, and no container of the failed form is left, stopped or kept.
+#[test]
+fn cutover_to_a_failing_docker_form_killed_during_verify_returns_to_native_and_leaves_no_container()
+{
+    let mut host = Host::new();
+    let api = host.container("app-api");
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.stop_agent();
+
+    let sampler = Exclusivity::watch(&host, "app-api.service", &api);
+    // Published on a port of its own, so the health check never answers.
+    let (port, wrong) = (host.api_port, harness::free_port());
+    let bad = kill_at(
+        &mut host,
+        "during-verify",
+        "api: cut over to a docker form on the wrong port",
+        |work| {
+            set_owner(work, "api", "docker");
+            let path = work.join("deploy/moorline.toml");
+            let text = std::fs::read_to_string(&path).expect("read");
+            std::fs::write(
+                &path,
+                text.replacen(
+                    &format!("127.0.0.1:{port}:8080"),
+                    &format!("127.0.0.1:{wrong}:8080"),
+                    1,
+                ),
+            )
+            .expect("write");
+        },
+    );
+    host.start_agent();
+    let [interrupted, retried] = interrupted_and_retry(&host, &bad);
+    assert!(sampler.finish() > 20, "the sampler ran through the cutover");
+    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
+    assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
+    assert_eq!(crate::scope(&retried, "api")["result"], "rolled-back");
+    assert_consistent(&host, &first);
+    assert_eq!(
+        host.unit_property("app-api.service", "ActiveState"),
+        "active"
+    );
+    assert_eq!(
+        containers(&host),
+        Vec::<String>::new(),
+        "no container of the failed form is left"
+    );
+    assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
+    let status = host.json(&["status", "--json"]);
+    assert_eq!(status["source"]["failed_commit"], bad.as_str());
+}
