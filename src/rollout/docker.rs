@@ -294,7 +294,9 @@ pub async fn remove_all(
     Ok(())
 }
 
-/// Stop containers, keeping them (cutovers) or removing them.
+/// Stop containers, keeping them (cutovers) or removing them. Removing
+/// also removes a container kept as `<name>.moorline-prev` (left by a
+/// replacement that a kill interrupted): nothing of the scope stays on docker.
 pub async fn stop(
     docker: &Docker,
     names: &[String],
@@ -310,6 +312,13 @@ pub async fn stop(
                 })
                 .await
                 .map_err(text)?;
+            let prev = prev_name(name);
+            if docker.inspect(&prev).await.map_err(text)?.is_some() {
+                journal
+                    .step(format!("remove container {prev}"), docker.remove(&prev))
+                    .await
+                    .map_err(text)?;
+            }
         } else {
             journal
                 .step(

@@ -363,3 +363,35 @@ fn cutover_to_a_failing_docker_form_killed_during_verify_returns_to_native_and_l
     let status = host.json(&["status", "--json"]);
     assert_eq!(status["source"]["failed_commit"], bad.as_str());
 }
+
+/// Killed with web's old container kept as `.moorline-prev` and no new one,
+/// then web is cut over to native before the agent comes back: the kept
+/// container must not outlive the cutover.
+#[test]
+fn docker_killed_after_stop_then_cut_over_to_native_leaves_no_kept_container() {
+    let (mut host, first) = docker_host();
+    let web = host.container("app-web");
+    kill_at(&mut host, "after-stop", "web v2", web_v2);
+    assert_eq!(
+        containers(&host),
+        [format!("{web}.moorline-prev exited {first}")],
+        "killed with the old container kept and no new one"
+    );
+    let native = host.commit_and_push("web: back to native", |work| {
+        set_owner(work, "web", "native")
+    });
+    host.start_agent();
+    let rollout = host.wait_rollout(&native);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(crate::scope(&rollout, "web")["action"], "cutover");
+    assert_consistent(&host, &native);
+    assert_eq!(containers(&host), Vec::<String>::new());
+    assert_eq!(
+        host.unit_property("app-web.service", "ActiveState"),
+        "active"
+    );
+    assert_eq!(
+        host.web().map(|(_, body)| body.contains("web v2")),
+        Some(true)
+    );
+}
