@@ -307,8 +307,11 @@ fn a_unit_left_on_an_unrecorded_release_is_put_back_after_a_kill() {
     assert_consistent(&host, &revert);
     assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
     assert!(
-        host.agent_log()
-            .contains("a scope does not run its recorded release; it will be redeployed"),
+        host.agent_log().contains(&format!(
+            "audit: app-api.service runs release {} but {} was recorded",
+            &crash[..7],
+            &first[..7]
+        )),
         "{}",
         host.agent_log()
     );
