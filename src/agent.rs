@@ -38,6 +38,8 @@ pub struct Live {
     pub webhook: String,
     /// A wake-up that arrived during the running rollout.
     pub queued: Option<String>,
+    /// Why the last turn could not converge (e.g. the store refuses writes).
+    pub last_error: Option<String>,
 }
 
 /// The filesystem watch of a local source, as far as the agent knows it.
@@ -280,6 +282,7 @@ impl Agent {
                 since: Some(api::time_text(live.since)),
                 activity: live.activity.clone(),
                 reported_at: api::time_text(now_ms()),
+                error: live.last_error.clone(),
             },
             source: SourceView {
                 url: source_text(&self.config),
@@ -480,6 +483,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         }
                     }
                 };
+                let error = converged.as_ref().err().cloned();
+                set_live(&|l| l.last_error = error.clone());
                 match converged {
                     Ok(Converged::Rolled(record)) => {
                         audit(&mut engine, false).await;

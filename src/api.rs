@@ -57,6 +57,10 @@ pub struct AgentView {
     pub activity: String,
     /// When the report was taken (for a snapshot read while the agent is down).
     pub reported_at: String,
+    /// Why the last rollout could not start or be recorded (the history
+    /// database cannot be written, ...); cleared by the next that can.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -5,9 +5,10 @@
 
 /// The points the engine passes, in rollout order. Tests use these names.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub const POINTS: [&str; 6] = [
+pub const POINTS: [&str; 7] = [
     "after-fetch",
     "during-build",
+    "during-image-build",
     "after-stop",
     "during-verify",
     "during-rollback",

@@ -43,7 +43,9 @@ pub async fn run(config: &Config, json: bool) -> u8 {
 
 /// Something unhealthy, or the branch's commit failed to deploy.
 pub fn is_negative(report: &StatusReport) -> bool {
-    report.scopes.iter().any(|s| s.health != "healthy") || report.source.failed_commit.is_some()
+    report.scopes.iter().any(|s| s.health != "healthy")
+        || report.source.failed_commit.is_some()
+        || report.agent.error.is_some()
 }
 
 pub fn render(r: &StatusReport) -> String {
@@ -59,6 +61,9 @@ pub fn render(r: &StatusReport) -> String {
         format!("not running (last snapshot {})", r.agent.reported_at)
     };
     out.push_str(&format!("agent:     {agent}\n"));
+    if let Some(error) = &r.agent.error {
+        out.push_str(&format!("error:     {error}\n"));
+    }
     out.push_str(&format!(
         "source:    {} branch {} (manifest {})\n",
         r.source.url, r.source.branch, r.source.manifest

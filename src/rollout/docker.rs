@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use super::Journal;
 use super::native::short;
 use crate::manifest::{ContainerSpec, Scope};
-use crate::runtime::docker::{Docker, Labels};
+use crate::runtime::docker::{Docker, LABEL_COMMIT, Labels};
 
 /// Suffix of a replaced container kept for rollback.
 pub const PREV_SUFFIX: &str = ".moorline-prev";
@@ -73,10 +73,15 @@ pub async fn ensure_images(
         let context = release_dir.join(&container.context);
         let dockerfile = release_dir.join(dockerfile);
         let dockerfile = dockerfile.to_string_lossy().into_owned();
+        // The engine is building once it sends output: a kill lands mid-build.
+        let mut output = |line: &str| {
+            crate::fault::point("during-image-build");
+            on_line(line)
+        };
         journal
             .step(
                 format!("build image {}:{}", container.image, short(release)),
-                docker.build_image(&context, &dockerfile, &reference, labels, on_line),
+                docker.build_image(&context, &dockerfile, &reference, labels, &mut output),
             )
             .await
             .map_err(text)?;
@@ -84,19 +89,48 @@ pub async fn ensure_images(
     Ok(())
 }
 
+/// The release a container was created for, from its label.
+async fn release_of(docker: &Docker, name: &str) -> Result<Option<String>, String> {
+    Ok(docker
+        .inspect(name)
+        .await
+        .map_err(text)?
+        .and_then(|state| state.labels.get(LABEL_COMMIT).cloned()))
+}
+
 /// Replace the scope's containers with new ones on `release`. Existing
-/// containers of the same names are stopped and kept as `<name>.moorline-prev`.
+/// containers of the same names are stopped and kept as `<name>.moorline-prev`
+/// — unless a container on `way_back` (the release a rollback returns to) is
+/// already kept there and the existing one runs another release: a rollout
+/// killed after it started its containers left those, and keeping them would
+/// make a rollback bring back the very release that is being replaced.
 pub async fn replace(
     docker: &Docker,
     labels: &Labels,
     scope: &Scope,
     release_dir: &Path,
     release: &str,
+    way_back: Option<&str>,
     journal: &mut Journal<'_>,
 ) -> Result<(), String> {
     for container in containers(scope) {
         let name = &container.name;
-        if docker.inspect(name).await.map_err(text)?.is_some() {
+        if let Some(state) = docker.inspect(name).await.map_err(text)? {
+            let prev = prev_name(name);
+            let kept = release_of(docker, &prev).await?;
+            if way_back.is_some()
+                && kept.as_deref() == way_back
+                && state.labels.get(LABEL_COMMIT).map(String::as_str) != way_back
+            {
+                journal
+                    .step(format!("remove container {name}"), async {
+                        docker.stop(name, STOP_TIMEOUT).await?;
+                        docker.remove(name).await
+                    })
+                    .await
+                    .map_err(text)?;
+                continue;
+            }
             journal
                 .step(
                     format!("stop container {name}"),
@@ -104,7 +138,6 @@ pub async fn replace(
                 )
                 .await
                 .map_err(text)?;
-            let prev = prev_name(name);
             docker.remove(&prev).await.map_err(text)?;
             journal
                 .step(
@@ -194,11 +227,13 @@ pub async fn drop_previous(
 }
 
 /// Undo `replace`: remove the new containers and put the kept ones back
-/// under their names, started when `start` is set. Returns whether every
-/// container had a kept predecessor.
+/// under their names, started when `start` is set. With `release`, a kept
+/// container of another release is not the way back: it is removed. Returns
+/// whether every container had a kept predecessor.
 pub async fn restore(
     docker: &Docker,
     names: &[String],
+    release: Option<&str>,
     start: bool,
     journal: &mut Journal<'_>,
 ) -> Result<bool, String> {
@@ -210,6 +245,15 @@ pub async fn restore(
             .map_err(text)?;
         let prev = prev_name(name);
         if docker.inspect(&prev).await.map_err(text)?.is_none() {
+            all_restored = false;
+            continue;
+        }
+        let kept = release_of(docker, &prev).await?;
+        if release.is_some() && kept.as_deref() != release {
+            journal
+                .step(format!("remove container {prev}"), docker.remove(&prev))
+                .await
+                .map_err(text)?;
             all_restored = false;
             continue;
         }
@@ -230,7 +274,29 @@ pub async fn restore(
     Ok(all_restored)
 }
 
-/// Stop containers, keeping them (cutovers) or removing them.
+/// Remove the containers and any kept as `<name>.moorline-prev` (a cutover
+/// to docker that is undone).
+pub async fn remove_all(
+    docker: &Docker,
+    names: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        for name in [name.clone(), prev_name(name)] {
+            if docker.inspect(&name).await.map_err(text)?.is_some() {
+                journal
+                    .step(format!("remove container {name}"), docker.remove(&name))
+                    .await
+                    .map_err(text)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stop containers, keeping them (cutovers) or removing them. Removing
+/// also removes a container kept as `<name>.moorline-prev` (left by a
+/// replacement that a kill interrupted): nothing of the scope stays on docker.
 pub async fn stop(
     docker: &Docker,
     names: &[String],
@@ -246,6 +312,13 @@ pub async fn stop(
                 })
                 .await
                 .map_err(text)?;
+            let prev = prev_name(name);
+            if docker.inspect(&prev).await.map_err(text)?.is_some() {
+                journal
+                    .step(format!("remove container {prev}"), docker.remove(&prev))
+                    .await
+                    .map_err(text)?;
+            }
         } else {
             journal
                 .step(

@@ -264,8 +264,10 @@ impl Engine {
             journal: vec![],
         };
         let store = self.store.clone();
+        // No side effect before the rollout is on record: a store that
+        // refuses this write (disk full) fails the turn with nothing touched.
+        store.put_rollout(&record).map_err(|e| e.to_string())?;
         let mut journal = Journal::new(&store, record);
-        journal.save();
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %native::short(head), trigger, "rollout started");
         let (outcome, error) = match self.run(&mut journal, head, host).await {
@@ -518,7 +520,20 @@ impl Engine {
             Runtime::Docker => {
                 let dk = self.docker()?;
                 let labels = self.labels(&scope.name, &step.release);
-                docker::replace(&dk, &labels, scope, release_dir, &step.release, journal).await
+                let way_back = previous
+                    .filter(|p| p.current.owner == "docker")
+                    .and_then(|p| p.last_healthy.as_ref())
+                    .map(|h| h.release.as_str());
+                docker::replace(
+                    &dk,
+                    &labels,
+                    scope,
+                    release_dir,
+                    &step.release,
+                    way_back,
+                    journal,
+                )
+                .await
             }
         }
     }
@@ -762,9 +777,11 @@ impl Engine {
         let release_dir = self.releases_dir().join(&target.release);
         match (sw.step.action, sw.scope.owner) {
             (Action::Cutover { .. }, Runtime::Docker) => {
-                // Back from docker to native: the units still point at their release.
+                // Back from docker to native: the units still point at their
+                // release. Nothing of the docker form is a way back (a kept
+                // container is left by an interrupted attempt): remove it all.
                 let dk = self.docker()?;
-                docker::restore(&dk, new_members, false, journal).await?;
+                docker::remove_all(&dk, new_members, journal).await?;
                 let sd = self.systemd().await?;
                 for unit in &target.members {
                     journal
@@ -781,7 +798,7 @@ impl Engine {
             }
             (_, Runtime::Docker) => {
                 let dk = self.docker()?;
-                if !docker::restore(&dk, new_members, true, journal).await? {
+                if !docker::restore(&dk, new_members, Some(&target.release), true, journal).await? {
                     // Nothing kept (an interrupted earlier attempt): recreate.
                     docker::stop(&dk, new_members, true, journal).await?;
                     let labels = self.labels(&old.name, &target.release);

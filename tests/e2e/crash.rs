@@ -23,7 +23,7 @@ fn kill_tests_need_the_fault_injection_feature() {
 }
 
 /// A host whose first commit is deployed, with the agent stopped.
-fn deployed_host() -> (Host, String) {
+pub(crate) fn deployed_host() -> (Host, String) {
     let mut host = Host::new();
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
@@ -34,7 +34,7 @@ fn deployed_host() -> (Host, String) {
 
 /// Start the agent with `MOORLINE_FAULT=point`, push `edit`, and wait until
 /// the agent killed itself. Returns the pushed commit.
-fn kill_at(
+pub(crate) fn kill_at(
     host: &mut Host,
     point: &str,
     message: &str,
@@ -64,7 +64,7 @@ fn kill_at(
     commit
 }
 
-fn rollouts_of(host: &Host, commit: &str) -> Vec<Value> {
+pub(crate) fn rollouts_of(host: &Host, commit: &str) -> Vec<Value> {
     let mut found: Vec<Value> = host
         .history()
         .into_iter()
@@ -76,7 +76,7 @@ fn rollouts_of(host: &Host, commit: &str) -> Vec<Value> {
 
 /// Every rollout is readable with `show`, none is left open, no half
 /// release is on disk, and every scope is healthy at `deployed`.
-fn assert_consistent(host: &Host, deployed: &str) {
+pub(crate) fn assert_consistent(host: &Host, deployed: &str) {
     let history = host.history();
     for rollout in &history {
         assert_ne!(rollout["outcome"], "in-progress", "{rollout:#}");
@@ -307,7 +307,11 @@ fn a_unit_left_on_an_unrecorded_release_is_put_back_after_a_kill() {
     assert_consistent(&host, &revert);
     assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
     assert!(
-        host.agent_log().contains("audit: app-api.service "),
+        host.agent_log().contains(&format!(
+            "audit: app-api.service runs release {} but {} was recorded",
+            &crash[..7],
+            &first[..7]
+        )),
         "{}",
         host.agent_log()
     );

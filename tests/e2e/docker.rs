@@ -15,7 +15,7 @@ use crate::scope;
 
 /// Whether a container runs, asked of the engine's socket directly (a CLI
 /// call is too slow to sample every 20 ms).
-fn container_running(name: &str) -> bool {
+pub(crate) fn container_running(name: &str) -> bool {
     let Ok(mut stream) = UnixStream::connect("/var/run/docker.sock") else {
         return false;
     };
@@ -33,20 +33,20 @@ fn container_running(name: &str) -> bool {
     response.contains("\"Running\":true")
 }
 
-fn inspect(name: &str) -> Value {
+pub(crate) fn inspect(name: &str) -> Value {
     let output = docker(&["inspect", name]);
     let list: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
     list[0].clone()
 }
 
 /// Samples both runtimes of one scope every 20 ms until stopped.
-struct Exclusivity {
+pub(crate) struct Exclusivity {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<(usize, Vec<String>)>>,
 }
 
 impl Exclusivity {
-    fn watch(host: &Host, unit: &str, container: &str) -> Exclusivity {
+    pub(crate) fn watch(host: &Host, unit: &str, container: &str) -> Exclusivity {
         let stop = Arc::new(AtomicBool::new(false));
         let env = host.um.env();
         let (unit, container, flag) = (unit.to_string(), container.to_string(), stop.clone());
@@ -85,7 +85,7 @@ impl Exclusivity {
     }
 
     /// Stop sampling; panics if both runtimes ever ran the scope.
-    fn finish(mut self) -> usize {
+    pub(crate) fn finish(mut self) -> usize {
         self.stop.store(true, Ordering::SeqCst);
         let (samples, both) = self
             .thread
@@ -99,7 +99,7 @@ impl Exclusivity {
 }
 
 /// Web on docker, and only the newest release kept beyond those in use.
-fn web_docker(work: &std::path::Path) {
+pub(crate) fn web_docker(work: &std::path::Path) {
     set_owner(work, "web", "docker");
     let path = work.join("deploy/moorline.toml");
     let text = std::fs::read_to_string(&path).expect("read manifest");

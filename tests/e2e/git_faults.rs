@@ -190,18 +190,23 @@ fn an_unreachable_source_is_reported_backed_off_and_deploys_nothing() {
     );
 }
 
-/// A small tmpfs mounted over the releases directory, unmounted on drop.
-struct SmallDisk(std::path::PathBuf);
+/// A small tmpfs mounted over a directory of the state, unmounted on drop.
+pub(crate) struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
     fn mount(at: &std::path::Path) -> SmallDisk {
+        SmallDisk::mount_sized(at, "4m")
+    }
+
+    /// A tmpfs of `size` (as `mount -o size=` takes it) at `at`.
+    pub(crate) fn mount_sized(at: &std::path::Path, size: &str) -> SmallDisk {
         std::fs::create_dir_all(at).expect("mount point");
         let output = Command::new("mount")
             .args([
                 "-t",
                 "tmpfs",
                 "-o",
-                "size=4m,mode=0700",
+                &format!("size={size},mode=0700"),
                 "moorline-test",
                 at.to_str().expect("utf-8"),
             ])

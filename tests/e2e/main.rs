@@ -7,8 +7,10 @@ mod user_manager;
 mod bad_input;
 mod crash;
 mod docker;
+mod docker_crash;
 mod git_faults;
 mod harness;
+mod history_disk;
 mod privilege;
 mod triggers;
 
