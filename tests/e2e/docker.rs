@@ -373,51 +373,54 @@ fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
     assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    let to_docker = host.commit_and_push("api: cut over to docker", |work| {
-        set_owner(work, "api", "docker")
+    let to_docker = host.commit_and_push("workers: cut over to docker", |work| {
+        set_owner(work, "workers", "docker")
     });
     host.sync();
     assert_eq!(host.wait_rollout(&to_docker)["outcome"], "succeeded");
     host.stop_agent();
 
-    // Someone starts the native unit by hand while docker owns the scope:
-    // both would consume the same queues.
-    let started = host.um.systemctl(&["start", "app-api.service"]);
+    // Someone starts the native worker by hand while docker owns the scope:
+    // both would consume the same queues. (A worker listens on no port, so
+    // the unit really runs beside the container.)
+    let started = host.um.systemctl(&["start", "app-worker.service"]);
     assert!(started.status.success());
     wait_for(
-        "app-api.service to be active",
+        "app-worker.service to be active",
         Duration::from_secs(10),
-        || (host.unit_property("app-api.service", "ActiveState") == "active").then_some(()),
+        || (host.unit_property("app-worker.service", "ActiveState") == "active").then_some(()),
     );
     host.start_agent();
     wait_for(
-        "the audit to stop app-api.service",
+        "the audit to stop app-worker.service",
         Duration::from_secs(30),
-        || (host.unit_property("app-api.service", "ActiveState") == "inactive").then_some(()),
+        || (host.unit_property("app-worker.service", "ActiveState") == "inactive").then_some(()),
     );
     let audit = wait_for("the audit in history", Duration::from_secs(10), || {
         host.history().into_iter().find(|r| r["trigger"] == "audit")
     });
+    let recorded = scope(&audit, "workers");
     assert_eq!(
-        scope(&audit, "api")["reason"],
-        "app-api.service was running although docker owns scope \"api\"; stopped it"
+        recorded["reason"],
+        "app-worker.service was running although docker owns scope \"workers\"; stopped it"
     );
+    assert_eq!(recorded["owner"], "docker");
     let status = host.json(&["status", "--json"]);
-    let api = status["scopes"]
+    let workers = status["scopes"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == "api"))
-        .expect("api in status")
+        .and_then(|s| s.iter().find(|s| s["name"] == "workers"))
+        .expect("workers in status")
         .clone();
-    assert_eq!(api["owner"], "docker");
-    let problem = api["problem"].as_str().expect("the violation is shown");
+    assert_eq!(workers["owner"], "docker");
+    let problem = workers["problem"].as_str().expect("the violation is shown");
     assert!(
         problem.starts_with(
-            "app-api.service was running although docker owns scope \"api\"; stopped it (audit at "
+            "app-worker.service was running although docker owns scope \"workers\"; stopped it (audit at "
         ),
         "{problem}"
     );
     assert_eq!(
-        inspect(&host.container("app-api"))["State"]["Running"],
+        inspect(&host.container("app-worker"))["State"]["Running"],
         true,
         "the owner keeps running"
     );
