@@ -208,6 +208,21 @@ pub async fn verify(
     healthy
 }
 
+/// Remove the container `name` if it exists, journaled; absent is fine.
+async fn remove_if_present(
+    docker: &Docker,
+    name: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    if docker.inspect(name).await.map_err(text)?.is_some() {
+        journal
+            .step(format!("remove container {name}"), docker.remove(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
 /// The new containers are healthy: drop the kept ones.
 pub async fn drop_previous(
     docker: &Docker,
@@ -215,13 +230,7 @@ pub async fn drop_previous(
     journal: &mut Journal<'_>,
 ) -> Result<(), String> {
     for name in names(scope) {
-        let prev = prev_name(&name);
-        if docker.inspect(&prev).await.map_err(text)?.is_some() {
-            journal
-                .step(format!("remove container {prev}"), docker.remove(&prev))
-                .await
-                .map_err(text)?;
-        }
+        remove_if_present(docker, &prev_name(&name), journal).await?;
     }
     Ok(())
 }
@@ -283,12 +292,7 @@ pub async fn remove_all(
 ) -> Result<(), String> {
     for name in names {
         for name in [name.clone(), prev_name(name)] {
-            if docker.inspect(&name).await.map_err(text)?.is_some() {
-                journal
-                    .step(format!("remove container {name}"), docker.remove(&name))
-                    .await
-                    .map_err(text)?;
-            }
+            remove_if_present(docker, &name, journal).await?;
         }
     }
     Ok(())
@@ -312,13 +316,7 @@ pub async fn stop(
                 })
                 .await
                 .map_err(text)?;
-            let prev = prev_name(name);
-            if docker.inspect(&prev).await.map_err(text)?.is_some() {
-                journal
-                    .step(format!("remove container {prev}"), docker.remove(&prev))
-                    .await
-                    .map_err(text)?;
-            }
+            remove_if_present(docker, &prev_name(name), journal).await?;
         } else {
             journal
                 .step(
