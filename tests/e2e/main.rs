@@ -312,3 +312,52 @@ fn check_validates_a_manifest_offline_with_exit_codes() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn a_failure_in_a_later_scope_rolls_back_the_whole_rollout() {
+    let mut host = Host::new();
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+
+    // api v2 is fine; web (after api) gets a unit that dies after a second.
+    let mixed = host.commit_and_push("api v2 and a broken web unit", |work| {
+        std::fs::write(work.join("services/api/VERSION"), "v2\n").expect("write");
+        let unit = work.join("deploy/units/app-web.service");
+        let text = std::fs::read_to_string(&unit).expect("read unit");
+        let start = text.find("ExecStart=").expect("ExecStart line");
+        let end = start + text[start..].find('\n').expect("line end");
+        let broken = format!(
+            "{}ExecStart=/bin/sh -c 'sleep 1; exit 1'{}",
+            &text[..start],
+            &text[end..]
+        );
+        std::fs::write(&unit, broken).expect("write unit");
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&mixed);
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    assert_eq!(
+        scope(&rollout, "web")["reason"],
+        "paths deploy/units/app-web.service changed"
+    );
+    assert_eq!(
+        scope(&rollout, "api")["result"],
+        "rolled-back",
+        "api passed but goes back too"
+    );
+    assert_eq!(scope(&rollout, "web")["result"], "rolled-back");
+    let error = rollout["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("scope \"web\" failed verification: "),
+        "{error}"
+    );
+    assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v1")));
+    let status = host.json(&["status", "--json"]);
+    assert_eq!(status["source"]["deployed_commit"], first.as_str());
+    for s in status["scopes"].as_array().expect("scopes") {
+        assert_eq!(s["release"], first.as_str(), "{s}");
+        assert_eq!(s["health"], "healthy", "{s}");
+    }
+}
