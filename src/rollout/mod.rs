@@ -270,9 +270,9 @@ impl Engine {
         let mut journal = Journal::new(&store, record);
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %native::short(head), trigger, "rollout started");
-        let (outcome, error) = match self.run(&mut journal, head, host).await {
-            Ok(outcome) => (outcome, None),
-            Err((outcome, error)) => (outcome, Some(error)),
+        let (outcome, error, keep_releases) = match self.run(&mut journal, head, host).await {
+            Ok(Succeeded { keep_releases }) => (Outcome::Succeeded, None, Some(keep_releases)),
+            Err((outcome, error)) => (outcome, Some(error), None),
         };
         let mut host = self.store.host().map_err(|e| e.to_string())?;
         match outcome {
@@ -294,9 +294,8 @@ impl Engine {
                 warn!(rollout = id, outcome = outcome.as_str(), error = %e, "rollout finished")
             }
         }
-        if outcome == Outcome::Succeeded {
-            self.prune(&host, journal_keep(&self.manifest_at(head)))
-                .await;
+        if let Some(keep) = keep_releases {
+            self.prune(&host, keep).await;
         }
         Ok(journal.record)
     }
@@ -339,7 +338,7 @@ impl Engine {
         journal: &mut Journal<'_>,
         head: &str,
         mut host: HostState,
-    ) -> Result<Outcome, (Outcome, String)> {
+    ) -> Result<Succeeded, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
@@ -380,7 +379,9 @@ impl Engine {
         journal.phase("plan", started);
         journal.save();
         if !plan.changes_anything() {
-            return Ok(Outcome::Succeeded);
+            return Ok(Succeeded {
+                keep_releases: manifest.defaults.keep_releases,
+            });
         }
 
         let started = Instant::now();
@@ -473,7 +474,9 @@ impl Engine {
                 .put_host(&host)
                 .map_err(|e| failed(e.to_string()))?;
             self.finish_switched(journal, &switched).await;
-            return Ok(Outcome::Succeeded);
+            return Ok(Succeeded {
+                keep_releases: manifest.defaults.keep_releases,
+            });
         };
 
         let started = Instant::now();
@@ -864,11 +867,10 @@ struct Switched {
     previous: Option<ScopeState>,
 }
 
-fn journal_keep(manifest: &Result<Manifest, String>) -> usize {
-    manifest
-        .as_ref()
-        .map(|m| m.defaults.keep_releases)
-        .unwrap_or(5)
+/// A rollout that reached its commit, with what pruning needs from the
+/// manifest it already read (so it is not read from git again).
+struct Succeeded {
+    keep_releases: usize,
 }
 
 /// The unit or container names of a scope's owning runtime.
