@@ -16,7 +16,8 @@ use crate::api::{
     StatusReport,
 };
 use crate::config::Config;
-use crate::rollout::{Converged, Engine, Idle, native::short};
+use crate::cli::short;
+use crate::rollout::{Converged, Engine, Idle};
 use crate::runtime::systemd::Systemd;
 use crate::source::Wake;
 use crate::source::watch::{RefWatcher, WatchHealth, watch_ref};
@@ -24,6 +25,11 @@ use crate::source::webhook::WebhookServer;
 use crate::store::{Store, now_ms};
 
 pub const SNAPSHOT_NAME: &str = "status.json";
+
+/// How long a rollout asked to stop may take to reach its next step
+/// boundary before it is dropped where it is (well inside systemd's
+/// default `TimeoutStopSec` of 90 s).
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// What the loop knows that the store does not.
 #[derive(Debug, Clone, Default)]
@@ -146,7 +152,9 @@ struct Agent {
     store: Store,
     live: Arc<Mutex<Live>>,
     wake: mpsc::Sender<Wake>,
-    systemd: tokio::sync::OnceCell<Option<Systemd>>,
+    /// The status path's own user-manager connection: made when first
+    /// needed, dropped when it breaks, so a manager that comes back is seen.
+    systemd: tokio::sync::Mutex<Option<Systemd>>,
     watch: Mutex<WatchState>,
     snapshot_turn: tokio::sync::Mutex<()>,
 }
@@ -206,10 +214,16 @@ impl Agent {
     }
 
     async fn systemd(&self) -> Option<Systemd> {
-        self.systemd
-            .get_or_init(|| async { Systemd::connect().await.ok() })
-            .await
-            .clone()
+        let mut cached = self.systemd.lock().await;
+        if cached.is_none() {
+            *cached = Systemd::connect().await.ok();
+        }
+        cached.clone()
+    }
+
+    /// Forget a connection that failed, so the next status connects again.
+    async fn forget_systemd(&self) {
+        *self.systemd.lock().await = None;
     }
 
     /// The status as the agent sees it now, with live member states.
@@ -220,15 +234,24 @@ impl Agent {
         let sd = self.systemd().await;
         let docker = crate::runtime::docker::Docker::connect(&self.config.docker.host).ok();
         let mut scopes = Vec::new();
+        let mut bus_broke = false;
         for (name, state) in &host.scopes {
             let mut members = Vec::new();
             let mut problems = Vec::new();
+            // Members whose runtime could not be asked: neither up nor down.
+            let mut unknown = Vec::new();
             for member in &state.current.members {
                 let text = match (&sd, state.current.owner.as_str()) {
                     (Some(sd), "native") => match sd.unit_state(member).await {
                         Ok(u) if u.load_state == "not-found" => "not-found".to_string(),
                         Ok(u) => format!("{} ({})", u.active_state, u.sub_state),
-                        Err(e) => format!("unknown: {e}"),
+                        Err(e) => {
+                            bus_broke |= e.is_transient();
+                            if e.is_transient() {
+                                unknown.push(member.clone());
+                            }
+                            format!("unknown: {e}")
+                        }
                     },
                     (_, "docker") => match &docker {
                         Some(dk) => match dk.inspect(member).await {
@@ -239,13 +262,23 @@ impl Agent {
                             ),
                             Ok(Some(c)) => format!("{} (exit code {})", c.status, c.exit_code),
                             Ok(None) => "missing".to_string(),
-                            Err(e) => format!("unknown: {e}"),
+                            Err(e) => {
+                                if e.is_transient() {
+                                    unknown.push(member.clone());
+                                }
+                                format!("unknown: {e}")
+                            }
                         },
                         None => "unknown: docker is not reachable".to_string(),
                     },
+                    (None, _) => {
+                        unknown.push(member.clone());
+                        "unknown: the systemd user manager is not reachable".to_string()
+                    }
                     _ => "unknown".to_string(),
                 };
-                if !(text.starts_with("active") || text.starts_with("running")) {
+                let up = text.starts_with("active") || text.starts_with("running");
+                if !up && !unknown.contains(member) {
                     problems.push(format!("{member} is {text}"));
                 }
                 members.push(MemberView {
@@ -260,6 +293,14 @@ impl Agent {
                 )
             } else if !problems.is_empty() {
                 ("unhealthy", Some(problems.join("; ")))
+            } else if !unknown.is_empty() {
+                (
+                    "unknown",
+                    Some(format!(
+                        "cannot ask the runtime about {}",
+                        unknown.join(", ")
+                    )),
+                )
             } else {
                 ("healthy", None)
             };
@@ -274,6 +315,9 @@ impl Agent {
                 rollout: state.current.rollout,
                 problem: state.problem.clone(),
             });
+        }
+        if bus_broke {
+            self.forget_systemd().await;
         }
         StatusReport {
             agent: AgentView {
@@ -426,7 +470,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         live: live.clone(),
         wake: wake_tx.clone(),
-        systemd: tokio::sync::OnceCell::new(),
+        systemd: tokio::sync::Mutex::new(None),
         watch: Mutex::new(WatchState::Off),
         snapshot_turn: tokio::sync::Mutex::new(()),
     });
@@ -467,13 +511,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     l.activity = format!("rolling out {}", short(&head));
                 });
                 notify_status(&format!("deploying {}", short(&head)));
+                let stop = engine.stop.clone();
                 let converged = {
                     let converge = engine.converge(head.clone(), &trigger, fetch_ms);
                     tokio::pin!(converge);
+                    // Set once a stop was asked for: the rollout then has
+                    // until here to reach a step boundary.
+                    let mut stop_by: Option<tokio::time::Instant> = None;
                     loop {
+                        let until_stop = async {
+                            match stop_by {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        };
                         tokio::select! {
                             biased;
-                            converged = &mut converge => break converged,
+                            converged = &mut converge => break Some(converged),
+                            _ = stop.parked(), if stop_by.is_some() => break None,
+                            _ = until_stop => {
+                                warn!("the rollout reached no step boundary in time; stopping anyway");
+                                break None;
+                            }
+                            _ = terminate.recv(), if stop_by.is_none() => {
+                                info!("stop requested during a rollout; it ends at its next step");
+                                notify_status("stopping at the next step of the rollout");
+                                stop.request();
+                                stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
+                            }
+                            _ = tokio::signal::ctrl_c(), if stop_by.is_none() => {
+                                info!("stop requested during a rollout; it ends at its next step");
+                                stop.request();
+                                stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
+                            }
                             Some(wake) = wake_rx.recv(), if queued.is_none() => {
                                 let text = queued_text(&wake, now_ms());
                                 info!(queued = %text, "wake-up during a rollout; fetching again when it ends");
@@ -482,6 +552,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             }
                         }
                     }
+                };
+                let Some(converged) = converged else {
+                    // The rollout is dropped where it stood; its record says
+                    // so, and the next start converges from there.
+                    match engine.close_interrupted() {
+                        Ok(ids) => {
+                            for id in ids {
+                                warn!(rollout = id, "rollout interrupted by a stop request");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "cannot close the interrupted rollout"),
+                    }
+                    break;
                 };
                 let error = converged.as_ref().err().cloned();
                 set_live(&|l| l.last_error = error.clone());

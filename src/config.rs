@@ -14,7 +14,6 @@ pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
     pub source: SourceConfig,
-    #[allow(dead_code, reason = "the agent wires the triggers in next")]
     pub trigger: TriggerConfig,
     pub state: StateConfig,
     pub docker: DockerConfig,

@@ -5,14 +5,17 @@
 
 /// The points the engine passes, in rollout order. Tests use these names.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub const POINTS: [&str; 7] = [
+pub const POINTS: [&str; 10] = [
     "after-fetch",
+    "during-checkout",
     "during-build",
     "during-image-build",
     "after-stop",
     "during-verify",
     "during-rollback",
     "while-recording",
+    "during-prune",
+    "during-audit",
 ];
 
 /// Kill this process at once, as `kill -9` would, when `MOORLINE_FAULT` is `name`.

@@ -70,6 +70,9 @@ pub struct ScopePlan {
     pub fingerprint: String,
     pub path_ids: BTreeMap<String, String>,
     pub section_text: String,
+    /// Members the scope ran on this owner that it no longer lists: stopped
+    /// and removed once the rollout is healthy.
+    pub retired: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +97,9 @@ impl Plan {
 }
 
 /// The repository paths whose content a scope's deployment depends on: its
-/// `paths`, plus its unit files and Dockerfiles, which belong to it whether
-/// listed or not. No `paths` means the whole tree (empty list).
+/// `paths`, plus its unit files, Dockerfiles and the scripts its `build`
+/// commands run from the repository, which belong to it whether listed or
+/// not. No `paths` means the whole tree (empty list).
 pub fn input_paths(scope: &Scope) -> Vec<String> {
     if scope.paths.is_empty() {
         return vec![];
@@ -109,7 +113,8 @@ pub fn input_paths(scope: &Scope) -> Vec<String> {
         .docker
         .iter()
         .flat_map(|d| d.containers.iter().filter_map(|c| c.dockerfile.clone()));
-    for path in unit_files.chain(dockerfiles) {
+    let scripts = scope.build.iter().flat_map(|line| build_scripts(line));
+    for path in unit_files.chain(dockerfiles).chain(scripts) {
         let covered = paths
             .iter()
             .any(|p| path == *p || (p.ends_with('/') && path.starts_with(p.as_str())));
@@ -118,6 +123,33 @@ pub fn input_paths(scope: &Scope) -> Vec<String> {
         }
     }
     paths
+}
+
+/// The repository files a build command line runs: every word written as a
+/// relative path (`./build-api.sh`, `sh deploy/stage.sh`, `python3
+/// tools/gen.py`), normalised without `./`. A word that is not a file at
+/// the commit only costs a `-` in the fingerprint.
+fn build_scripts(line: &str) -> Vec<String> {
+    line.split(|c: char| c.is_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')'))
+        .map(|word| word.trim_matches(|c| c == '"' || c == '\''))
+        .filter(|word| {
+            word.contains('/')
+                && !word.starts_with('/')
+                && !word.starts_with('-')
+                && !word.contains(['$', '=', '*', '?', '~', '`', '<', '>'])
+        })
+        .filter_map(|word| {
+            let mut parts = Vec::new();
+            for part in word.split('/') {
+                match part {
+                    "" | "." => {}
+                    ".." => return None,
+                    part => parts.push(part),
+                }
+            }
+            (!parts.is_empty()).then(|| parts.join("/"))
+        })
+        .collect()
 }
 
 pub fn runtime_name(runtime: Runtime) -> &'static str {
@@ -177,6 +209,27 @@ pub fn plan(
                 }
             }
         };
+        let retired: Vec<String> = match (action, host.scopes.get(name)) {
+            (Action::Deploy, Some(state)) => {
+                let members = scope.members();
+                state
+                    .current
+                    .members
+                    .iter()
+                    .filter(|m| !members.contains(m))
+                    .cloned()
+                    .collect()
+            }
+            _ => vec![],
+        };
+        let reason = if retired.is_empty() {
+            reason
+        } else {
+            format!(
+                "{reason}; stops {} (no longer in the scope)",
+                retired.join(", ")
+            )
+        };
         let (release, build) = match action {
             Action::Unchanged => (
                 host.scopes
@@ -200,6 +253,7 @@ pub fn plan(
             fingerprint,
             path_ids: input.path_ids,
             section_text: input.section_text,
+            retired,
         });
     }
     for (name, state) in host.scopes.iter().rev() {
@@ -221,6 +275,7 @@ pub fn plan(
             fingerprint: state.current.fingerprint.clone(),
             path_ids: state.current.path_ids.clone(),
             section_text: state.current.section_text.clone(),
+            retired: vec![],
         });
     }
     Plan {
@@ -324,6 +379,11 @@ units = ["web.service"]
         out
     }
 
+    /// The members a fixture scope runs: its unit, named after it.
+    fn m_members(s: &ScopePlan) -> Vec<String> {
+        vec![format!("{}.service", s.scope)]
+    }
+
     /// The host state after `plan` was carried out and found healthy.
     fn deployed(plan: &Plan, owners: &[(&str, &str)]) -> HostState {
         let mut host = HostState {
@@ -344,19 +404,12 @@ units = ["web.service"]
                 fingerprint: s.fingerprint.clone(),
                 section_text: s.section_text.clone(),
                 path_ids: s.path_ids.clone(),
-                members: vec![],
+                members: m_members(s),
                 rollout: 1,
                 at: 0,
             };
-            host.scopes.insert(
-                s.scope.clone(),
-                ScopeState {
-                    current: current.clone(),
-                    healthy: true,
-                    last_healthy: Some(current),
-                    problem: None,
-                },
-            );
+            host.scopes
+                .insert(s.scope.clone(), ScopeState::healthy(current, None));
         }
         host
     }
@@ -498,7 +551,7 @@ units = ["web.service"]
         );
         assert_eq!(
             summary(&next)[2],
-            "web deploy release=B build=true (manifest section changed)"
+            "web deploy release=B build=true (manifest section changed; stops web.service (no longer in the scope))"
         );
 
         let without_web =
@@ -548,6 +601,66 @@ unit_files = ["deploy/units/all.service"]
         assert!(
             input_paths(&m.scopes["all"]).is_empty(),
             "no paths: the whole tree"
+        );
+    }
+
+    #[test]
+    fn members_dropped_from_a_scope_are_named_in_the_plan() {
+        let m = manifest(MANIFEST);
+        let first = plan(
+            "A",
+            &m,
+            &inputs(&m, "a1", "p1", "w1", "r1"),
+            &HostState::default(),
+            &[],
+        );
+        let mut host = deployed(&first, &[]);
+        host.scopes
+            .get_mut("api")
+            .expect("api deployed")
+            .current
+            .members
+            .push("api-extra.service".into());
+        // The manifest lists only api.service now.
+        let mut m2 = manifest(MANIFEST);
+        m2.scopes.get_mut("api").expect("api").section_text += "\n# edited";
+        let next = plan(
+            "B",
+            &m2,
+            &inputs(&m2, "a1", "p1", "w1", "r1"),
+            &host,
+            &[built("A", &first)],
+        );
+        let api = &next.scopes[1];
+        assert_eq!(api.retired, ["api-extra.service"]);
+        assert_eq!(
+            api.reason,
+            "manifest section changed; stops api-extra.service (no longer in the scope)"
+        );
+        assert!(next.scopes[2].retired.is_empty());
+    }
+
+    #[test]
+    fn scripts_a_build_runs_from_the_repository_are_inputs() {
+        let m = manifest(
+            r#"
+version = 1
+[scopes.api]
+owner = "native"
+paths = ["services/api/", "tools/"]
+build = ["./build-api.sh", "sh deploy/stage.sh && python3 tools/gen.py --out=x", "make -C /opt/x", "./../up.sh"]
+[scopes.api.native]
+units = ["api.service"]
+"#,
+        );
+        assert_eq!(
+            input_paths(&m.scopes["api"]),
+            ["services/api/", "tools/", "build-api.sh", "deploy/stage.sh"]
+        );
+        assert_eq!(build_scripts("./build-api.sh"), ["build-api.sh"]);
+        assert_eq!(
+            build_scripts("cp -r x/ \"$OUT\"/y; ./deploy/./s.sh"),
+            ["x", "deploy/s.sh"]
         );
     }
 

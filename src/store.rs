@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Bumped whenever a stored record changes shape incompatibly.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped whenever a stored record changes shape. Records of an older
+/// version are read through `migrate`; a newer one is refused by name.
+///
+/// - 1: the first format.
+/// - 2: rollouts carry the commit's subject and author; a scope's state
+///   remembers the last healthy release on each owner (`way_back`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,7 +34,7 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     #[error(
-        "record {key:?} in \"{path}\" has schema version {found}; this moorline reads {SCHEMA_VERSION}"
+        "record {key:?} in \"{path}\" has schema version {found}; this moorline reads versions 1 to {SCHEMA_VERSION}"
     )]
     Schema {
         path: PathBuf,
@@ -74,6 +79,12 @@ pub struct RolloutRecord {
     pub started_at: u64,
     pub finished_at: Option<u64>,
     pub outcome: Outcome,
+    /// The commit's subject line and author (`Name <email>`); absent in
+    /// records of schema 1 and when the commit could not be read.
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub author: Option<String>,
     pub scopes: Vec<ScopeRecord>,
     pub phases: Vec<PhaseRecord>,
     pub error: Option<String>,
@@ -145,6 +156,26 @@ pub struct ScopeState {
     /// that does not own the scope, a unit pointing at another release).
     #[serde(default)]
     pub problem: Option<String>,
+    /// Owner ("native", "docker") → the last release that was healthy on
+    /// it: the way back after a cutover, which pruning keeps.
+    #[serde(default)]
+    pub way_back: BTreeMap<String, String>,
+}
+
+impl ScopeState {
+    /// The state of a scope that just passed verification on `current`,
+    /// keeping what `previous` knew of the way back to other owners.
+    pub fn healthy(current: DeployedScope, previous: Option<&ScopeState>) -> ScopeState {
+        let mut way_back = previous.map(|p| p.way_back.clone()).unwrap_or_default();
+        way_back.insert(current.owner.clone(), current.release.clone());
+        ScopeState {
+            current: current.clone(),
+            healthy: true,
+            last_healthy: Some(current),
+            problem: None,
+            way_back,
+        }
+    }
 }
 
 /// The host as the agent last left it.
@@ -237,28 +268,28 @@ impl Store {
         bytes: &[u8],
     ) -> Result<T, StoreError> {
         let key_text = key_name(key);
-        #[derive(Deserialize)]
-        struct Version {
-            schema: u32,
-        }
-        let version: Version =
-            serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
-                path: self.path.clone(),
-                key: key_text.clone(),
-                source,
-            })?;
-        if version.schema != SCHEMA_VERSION {
-            return Err(StoreError::Schema {
-                path: self.path.clone(),
-                key: key_text,
-                found: version.schema,
-            });
-        }
-        serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        let decode_err = |source| StoreError::Decode {
             path: self.path.clone(),
-            key: key_text,
+            key: key_text.clone(),
             source,
-        })
+        };
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(decode_err)?;
+        let found = value
+            .get("schema")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok());
+        match found {
+            Some(found) if found > SCHEMA_VERSION || found == 0 => {
+                return Err(StoreError::Schema {
+                    path: self.path.clone(),
+                    key: key_text,
+                    found,
+                });
+            }
+            Some(found) => migrate(&mut value, found),
+            None => {}
+        }
+        serde_json::from_value(value).map_err(decode_err)
     }
 
     fn read_err(&self, source: sled::Error) -> StoreError {
@@ -290,42 +321,53 @@ impl Store {
     }
 
     /// Newest first; `scope` keeps only rollouts that touched that scope.
+    /// A record that cannot be read is skipped with a warning naming it.
     pub fn rollouts(
         &self,
         scope: Option<&str>,
         limit: usize,
     ) -> Result<Vec<RolloutRecord>, StoreError> {
+        let touches = |record: &RolloutRecord, s: &str| {
+            record
+                .scopes
+                .iter()
+                .any(|r| r.scope == s && r.action != "unchanged")
+        };
+        let (records, skipped) =
+            self.scan(limit, |record| scope.is_none_or(|s| touches(record, s)))?;
+        warn_skipped(&skipped);
+        Ok(records)
+    }
+
+    /// Rollouts still marked in progress: a previous agent died during them.
+    pub fn unfinished_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
+        let (records, skipped) =
+            self.scan(usize::MAX, |record| record.outcome == Outcome::InProgress)?;
+        warn_skipped(&skipped);
+        Ok(records)
+    }
+
+    /// Up to `limit` readable rollouts that `keep` accepts, newest first, and
+    /// the records that could not be decoded (a partial write, a newer schema).
+    fn scan(
+        &self,
+        limit: usize,
+        keep: impl Fn(&RolloutRecord) -> bool,
+    ) -> Result<(Vec<RolloutRecord>, Vec<StoreError>), StoreError> {
         let mut out = Vec::new();
+        let mut skipped = Vec::new();
         for item in self.rollouts.iter().rev() {
             if out.len() >= limit {
                 break;
             }
             let (key, bytes) = item.map_err(|e| self.read_err(e))?;
-            let record: RolloutRecord = self.decode(&key, &bytes)?;
-            let touches = |s: &str| {
-                record
-                    .scopes
-                    .iter()
-                    .any(|r| r.scope == s && r.action != "unchanged")
-            };
-            if scope.is_none_or(touches) {
-                out.push(record);
+            match self.decode::<RolloutRecord>(&key, &bytes) {
+                Ok(record) if keep(&record) => out.push(record),
+                Ok(_) => {}
+                Err(e) => skipped.push(e),
             }
         }
-        Ok(out)
-    }
-
-    /// Rollouts still marked in progress: a previous agent died during them.
-    pub fn unfinished_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.rollouts.iter().rev() {
-            let (key, bytes) = item.map_err(|e| self.read_err(e))?;
-            let record: RolloutRecord = self.decode(&key, &bytes)?;
-            if record.outcome == Outcome::InProgress {
-                out.push(record);
-            }
-        }
-        Ok(out)
+        Ok((out, skipped))
     }
 
     pub fn host(&self) -> Result<HostState, StoreError> {
@@ -364,6 +406,38 @@ impl Store {
                 source,
             })?;
         self.flush()
+    }
+}
+
+/// Bring a record of schema `from` (older than `SCHEMA_VERSION`) to the
+/// current shape. Fields added since are filled in by serde defaults; what
+/// can be derived from the old record is derived here.
+fn migrate(value: &mut serde_json::Value, from: u32) {
+    if from < 2 {
+        // A host state of schema 1: the way back is the last healthy release.
+        if let Some(scopes) = value
+            .get_mut("scopes")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            for state in scopes.values_mut() {
+                let way_back = state
+                    .get("last_healthy")
+                    .and_then(|h| Some((h.get("owner")?.as_str()?, h.get("release")?.as_str()?)))
+                    .map(|(owner, release)| serde_json::json!({ owner: release }));
+                if let (Some(way_back), Some(state)) = (way_back, state.as_object_mut()) {
+                    state.entry("way_back").or_insert(way_back);
+                }
+            }
+        }
+    }
+    if let Some(object) = value.as_object_mut() {
+        object.insert("schema".into(), SCHEMA_VERSION.into());
+    }
+}
+
+fn warn_skipped(skipped: &[StoreError]) {
+    for e in skipped {
+        tracing::warn!("skipped a history record: {e}");
     }
 }
 
@@ -412,6 +486,8 @@ mod tests {
             started_at: id,
             finished_at: None,
             outcome,
+            subject: Some("a change".into()),
+            author: Some("Test <test@example.invalid>".into()),
             scopes: vec![ScopeRecord {
                 scope: scope.into(),
                 owner: "native".into(),
@@ -500,9 +576,80 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "record \"rollout 7\" in \"{}\" has schema version 99; this moorline reads 1",
+                "record \"rollout 7\" in \"{}\" has schema version 99; this moorline reads versions 1 to 2",
                 dir.path().join("history").display()
             )
         );
+    }
+
+    /// A rollout and a host state as moorline 0.1 (schema 1) stored them.
+    const ROLLOUT_V1: &str = r#"{"schema":1,"id":3,"commit":"1111111111111111111111111111111111111111","previous_commit":null,"trigger":"poll","started_at":10,"finished_at":20,"outcome":"succeeded","scopes":[{"scope":"api","owner":"native","action":"deploy","reason":"first deploy","release":"1111111111111111111111111111111111111111","built":true,"members":["app-api.service"],"result":"healthy"}],"phases":[{"phase":"fetch","duration_ms":4}],"error":null,"build_tail":[],"journal":[{"at":11,"step":"restart app-api.service on 1111111","state":"done"}]}"#;
+    const HOST_V1: &str = r#"{"schema":1,"deployed_commit":"1111111111111111111111111111111111111111","failed_commit":null,"scopes":{"api":{"current":{"owner":"docker","release":"2222222222222222222222222222222222222222","commit":"1111111111111111111111111111111111111111","fingerprint":"f","section_text":"s","path_ids":{},"members":["app-api"],"rollout":3,"at":20},"healthy":true,"last_healthy":{"owner":"docker","release":"2222222222222222222222222222222222222222","commit":"1111111111111111111111111111111111111111","fingerprint":"f","section_text":"s","path_ids":{},"members":["app-api"],"rollout":3,"at":20}}}}"#;
+
+    #[test]
+    fn records_of_schema_1_are_read_as_the_current_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .rollouts
+            .insert(3u64.to_be_bytes(), ROLLOUT_V1.as_bytes())
+            .expect("raw insert");
+        store
+            .state
+            .insert(HOST_KEY, HOST_V1.as_bytes())
+            .expect("raw insert");
+        let record = store.rollout(3).expect("read v1").expect("present");
+        assert_eq!(record.schema, SCHEMA_VERSION);
+        assert_eq!((record.subject, record.author), (None, None));
+        assert_eq!(record.scopes[0].members, ["app-api.service"]);
+        assert_eq!(record.journal.len(), 1);
+        let host = store.host().expect("read v1 host");
+        let api = &host.scopes["api"];
+        // The way back of a schema-1 state is its last healthy release.
+        assert_eq!(
+            api.way_back,
+            BTreeMap::from([("docker".to_string(), "2".repeat(40))])
+        );
+        assert_eq!(api.problem, None);
+    }
+
+    #[test]
+    fn an_undecodable_record_is_skipped_and_the_rest_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .put_rollout(&record(1, "web", Outcome::Succeeded))
+            .expect("put");
+        // A write cut short, then a record of a newer moorline.
+        store
+            .rollouts
+            .insert(2u64.to_be_bytes(), &br#"{"schema":2,"id":2,"comm"#[..])
+            .expect("raw insert");
+        let mut newer = record(3, "web", Outcome::InProgress);
+        newer.schema = 9;
+        store.put_rollout(&newer).expect("put");
+        store
+            .put_rollout(&record(4, "web", Outcome::InProgress))
+            .expect("put");
+        let (records, skipped) = store.scan(10, |_| true).expect("scan");
+        assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), [4, 1]);
+        let db = dir.path().join("history");
+        let skipped: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            skipped,
+            [
+                format!(
+                    "record \"rollout 3\" in \"{}\" has schema version 9; this moorline reads versions 1 to 2",
+                    db.display()
+                ),
+                format!(
+                    "record \"rollout 2\" in \"{}\" is unreadable: EOF while parsing a string at line 1 column 24",
+                    db.display()
+                ),
+            ]
+        );
+        let ids = |v: Vec<RolloutRecord>| v.iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.rollouts(None, 10).expect("list")), [4, 1]);
+        assert_eq!(ids(store.unfinished_rollouts().expect("unfinished")), [4]);
     }
 }

@@ -74,11 +74,6 @@ pub enum Runtime {
 /// A validated manifest.
 #[derive(Debug, Clone)]
 pub struct Manifest {
-    #[allow(
-        dead_code,
-        reason = "always 1 once validated; kept for the next format"
-    )]
-    pub version: u32,
     pub defaults: Defaults,
     /// Scopes by name.
     pub scopes: BTreeMap<String, Scope>,
@@ -97,6 +92,8 @@ pub struct Defaults {
     pub settle: Duration,
     /// How long all build commands of one scope may take. Default 10m.
     pub build_timeout: Duration,
+    /// How long one start, stop or restart of a member may take. Default 90s.
+    pub job_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -115,9 +112,28 @@ pub struct Scope {
     pub health_timeout: Duration,
     pub settle: Duration,
     pub build_timeout: Duration,
+    pub job_timeout: Duration,
     /// Canonical text of the scope's section and the defaults it inherits:
     /// equal text means an unchanged section.
     pub section_text: String,
+}
+
+impl Scope {
+    /// The unit or container names of the owning runtime's form.
+    pub fn members(&self) -> Vec<String> {
+        match self.owner {
+            Runtime::Native => self
+                .native
+                .as_ref()
+                .map(|n| n.units.clone())
+                .unwrap_or_default(),
+            Runtime::Docker => self
+                .docker
+                .as_ref()
+                .map(|d| d.containers.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,13 @@ use super::{
 };
 
 const TOP_KEYS: &[&str] = &["version", "defaults", "scopes"];
-const DEFAULTS_KEYS: &[&str] = &["health_timeout", "keep_releases", "settle", "build_timeout"];
+const DEFAULTS_KEYS: &[&str] = &[
+    "health_timeout",
+    "keep_releases",
+    "settle",
+    "build_timeout",
+    "job_timeout",
+];
 const SCOPE_KEYS: &[&str] = &[
     "owner",
     "after",
@@ -26,6 +32,7 @@ const SCOPE_KEYS: &[&str] = &[
     "health_timeout",
     "settle",
     "build_timeout",
+    "job_timeout",
 ];
 const NATIVE_KEYS: &[&str] = &["units", "unit_files"];
 const DOCKER_KEYS: &[&str] = &["containers"];
@@ -140,7 +147,6 @@ fn validate(r: &mut Reader<'_>, root: Table<'_, '_>) -> Option<Manifest> {
         scopes.insert(scope.name.clone(), scope);
     }
     Some(Manifest {
-        version: 1,
         defaults,
         scopes,
         waves,
@@ -161,6 +167,7 @@ fn read_defaults(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<Defaults> {
         keep_releases: 5,
         settle: Duration::from_secs(3),
         build_timeout: Duration::from_secs(600),
+        job_timeout: crate::runtime::systemd::DEFAULT_JOB_TIMEOUT,
     };
     let Some(table) = root.table(r, "defaults", "[defaults]".to_owned()) else {
         return root.value("defaults").is_none().then_some(defaults);
@@ -194,6 +201,7 @@ fn read_defaults(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<Defaults> {
         false,
         &mut defaults.build_timeout,
     );
+    ok &= set_duration(r, &table, "job_timeout", false, &mut defaults.job_timeout);
     ok.then_some(defaults)
 }
 
@@ -313,10 +321,11 @@ fn read_scope(
         ok &= set_duration(r, table, "health_timeout", false, &mut d.health_timeout);
         ok &= set_duration(r, table, "settle", true, &mut d.settle);
         ok &= set_duration(r, table, "build_timeout", false, &mut d.build_timeout);
+        ok &= set_duration(r, table, "job_timeout", false, &mut d.job_timeout);
     } else {
         // Still report bad durations even though the defaults are broken.
         let mut scratch = Duration::ZERO;
-        for key in ["health_timeout", "settle", "build_timeout"] {
+        for key in ["health_timeout", "settle", "build_timeout", "job_timeout"] {
             set_duration(r, table, key, key == "settle", &mut scratch);
         }
     }
@@ -363,6 +372,7 @@ fn read_scope(
                 health_timeout: d.health_timeout,
                 settle: d.settle,
                 build_timeout: d.build_timeout,
+                job_timeout: d.job_timeout,
                 section_text,
             })
         }
@@ -988,7 +998,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
     #[test]
     fn example_parses_into_scopes_and_waves() {
         let m = parse(FILE, EXAMPLE.as_bytes()).expect("the example is valid");
-        assert_eq!(m.version, 1);
+
         assert_eq!(m.defaults.keep_releases, 3);
         assert_eq!(m.defaults.health_timeout, Duration::from_secs(90));
         assert_eq!(
@@ -1158,7 +1168,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             (
                 format!("{v}[scopes.api]\nownr = \"native\"\n"),
                 "deploy/moorline.toml:2:1: missing key \"owner\" in [scopes.api]\n\
-                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout",
+                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout",
             ),
             (
                 format!("{v}[defaults]\nkeep_releases = \"5\"\n{OK_SCOPE}"),

@@ -6,7 +6,10 @@
 
 use tracing::warn;
 
-use super::{Engine, docker as dk, native::short};
+use std::collections::BTreeMap;
+
+use super::{Engine, Journal, docker as dk};
+use crate::cli::short;
 use crate::manifest::Scope;
 use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
 
@@ -29,12 +32,40 @@ fn is_up(active_state: &str) -> bool {
     )
 }
 
+/// A member running on the runtime that does not own its scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Foreign {
+    scope: String,
+    /// The runtime that owns the scope.
+    owner: String,
+    /// The unit or container found running.
+    member: String,
+}
+
+impl Foreign {
+    fn text(&self) -> String {
+        let (what, other) = if self.owner == "docker" {
+            ("", "docker")
+        } else {
+            ("container ", "native")
+        };
+        format!(
+            "{what}{} was running although {other} owns scope \"{}\"; stopped it",
+            self.member, self.scope
+        )
+    }
+}
+
 impl Engine {
     /// Check every deployed scope on both runtimes; `drift` also checks that
-    /// owned members run the recorded release (at start-up).
+    /// owned members run the recorded release (at start-up). Foreign members
+    /// are stopped inside an audit record that is on file before the first
+    /// stop, each stop journaled.
     pub async fn audit(&mut self, drift: bool) -> Result<Vec<Finding>, String> {
         let mut host = self.store.host().map_err(|e| e.to_string())?;
         let mut findings = Vec::new();
+        let mut foreign = Vec::new();
+        let mut scopes = BTreeMap::new();
         for (name, state) in host.scopes.iter_mut() {
             let scope = match self.scope_from_release(&state.current.release, name) {
                 Ok(scope) => scope,
@@ -43,15 +74,20 @@ impl Engine {
                     continue;
                 }
             };
-            let foreign = if state.current.owner == "docker" {
-                self.stop_foreign_units(&scope).await
+            let found = if state.current.owner == "docker" {
+                self.foreign_units(&scope).await
             } else {
-                self.stop_foreign_containers(&scope).await
+                self.foreign_containers(&scope).await
             };
-            let found = foreign.unwrap_or_else(|e| {
+            let found = found.unwrap_or_else(|e| {
                 warn!(scope = %name, error = %e, "cannot check the runtime that does not own the scope");
                 vec![]
             });
+            foreign.extend(found.into_iter().map(|member| Foreign {
+                scope: name.clone(),
+                owner: state.current.owner.clone(),
+                member,
+            }));
             let redeploy = if drift {
                 self.drift(&scope, &state.current.owner, &state.current.release)
                     .await
@@ -62,44 +98,126 @@ impl Engine {
             } else {
                 vec![]
             };
-            for text in &found {
-                findings.push(Finding {
-                    scope: name.clone(),
-                    owner: state.current.owner.clone(),
-                    text: text.clone(),
-                    stopped: true,
-                });
-            }
-            for text in &redeploy {
-                findings.push(Finding {
-                    scope: name.clone(),
-                    owner: state.current.owner.clone(),
-                    text: text.clone(),
-                    stopped: false,
-                });
-            }
             if !redeploy.is_empty() {
                 state.healthy = false;
             }
-            if !found.is_empty() || !redeploy.is_empty() {
-                let mut all = found;
-                all.extend(redeploy.iter().cloned());
-                state.problem = Some(format!(
-                    "{} (audit at {})",
-                    all.join("; "),
-                    crate::api::time_text(now_ms())
-                ));
+            for text in redeploy {
+                findings.push(Finding {
+                    scope: name.clone(),
+                    owner: state.current.owner.clone(),
+                    text,
+                    stopped: false,
+                });
+            }
+            scopes.insert(name.clone(), scope);
+        }
+        let stopped = self
+            .stop_foreign(host.deployed_commit.clone(), &foreign, &scopes)
+            .await?;
+        findings.extend(stopped);
+        let at = crate::api::time_text(now_ms());
+        for (name, state) in host.scopes.iter_mut() {
+            let texts: Vec<&str> = findings
+                .iter()
+                .filter(|f| &f.scope == name)
+                .map(|f| f.text.as_str())
+                .collect();
+            if !texts.is_empty() {
+                state.problem = Some(format!("{} (audit at {at})", texts.join("; ")));
             }
         }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
-        let stopped: Vec<&Finding> = findings.iter().filter(|f| f.stopped).collect();
-        if !stopped.is_empty() {
-            self.record_audit(host.deployed_commit.clone().unwrap_or_default(), &stopped)?;
-        }
         Ok(findings)
     }
 
-    async fn stop_foreign_units(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
+    /// Stop every foreign member inside one audit record (trigger `audit`).
+    async fn stop_foreign(
+        &mut self,
+        commit: Option<String>,
+        foreign: &[Foreign],
+        scopes: &BTreeMap<String, Scope>,
+    ) -> Result<Vec<Finding>, String> {
+        if foreign.is_empty() {
+            return Ok(vec![]);
+        }
+        let commit = commit.unwrap_or_default();
+        let now = now_ms();
+        let record = RolloutRecord {
+            schema: SCHEMA_VERSION,
+            id: self.store.next_rollout_id().map_err(|e| e.to_string())?,
+            previous_commit: Some(commit.clone()),
+            commit,
+            trigger: "audit".into(),
+            started_at: now,
+            finished_at: None,
+            outcome: Outcome::InProgress,
+            subject: None,
+            author: None,
+            scopes: foreign
+                .iter()
+                .map(|f| ScopeRecord {
+                    scope: f.scope.clone(),
+                    owner: f.owner.clone(),
+                    action: "audit".into(),
+                    reason: f.text(),
+                    release: None,
+                    built: false,
+                    members: vec![f.member.clone()],
+                    result: None,
+                })
+                .collect(),
+            phases: vec![],
+            error: None,
+            build_tail: vec![],
+            journal: vec![],
+        };
+        // On file before the first stop: a kill leaves it to be closed as interrupted.
+        self.store.put_rollout(&record).map_err(|e| e.to_string())?;
+        let store = self.store.clone();
+        let mut journal = Journal::new(&store, self.stop.clone(), record);
+        let mut findings = Vec::new();
+        let mut errors = Vec::new();
+        for (i, f) in foreign.iter().enumerate() {
+            crate::fault::point("during-audit");
+            let limit = scopes
+                .get(&f.scope)
+                .map(|s| s.job_timeout)
+                .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
+            let stopped = if f.owner == "docker" {
+                self.stop_members("native", std::slice::from_ref(&f.member), false, limit, &mut journal)
+                    .await
+            } else {
+                self.stop_members("docker", std::slice::from_ref(&f.member), false, limit, &mut journal)
+                    .await
+            };
+            let result = match &stopped {
+                Ok(()) => "stopped".to_string(),
+                Err(e) => format!("failed: {e}"),
+            };
+            journal.record.scopes[i].result = Some(result);
+            match stopped {
+                Ok(()) => findings.push(Finding {
+                    scope: f.scope.clone(),
+                    owner: f.owner.clone(),
+                    text: f.text(),
+                    stopped: true,
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        journal.record.finished_at = Some(now_ms());
+        if errors.is_empty() {
+            journal.record.outcome = Outcome::Succeeded;
+        } else {
+            journal.record.outcome = Outcome::Failed;
+            journal.record.error = Some(errors.join("; "));
+        }
+        journal.save();
+        Ok(findings)
+    }
+
+    /// Units of a docker-owned scope that are up.
+    async fn foreign_units(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
         let Some(native) = &scope.native else {
             return Ok(vec![]);
         };
@@ -108,17 +226,15 @@ impl Engine {
         for unit in &native.units {
             let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
             if is_up(&state.active_state) {
-                sd.stop(unit).await.map_err(|e| e.to_string())?;
-                found.push(format!(
-                    "{unit} was running although docker owns scope \"{}\"; stopped it",
-                    scope.name
-                ));
+                found.push(unit.clone());
             }
         }
         Ok(found)
     }
 
-    async fn stop_foreign_containers(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
+    /// Containers (and kept `.moorline-prev` ones) of a native-owned scope
+    /// that are running.
+    async fn foreign_containers(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
         let Some(docker) = &scope.docker else {
             return Ok(vec![]);
         };
@@ -133,20 +249,12 @@ impl Engine {
                     continue;
                 };
                 if state.running {
-                    client
-                        .stop(&name, dk::STOP_TIMEOUT)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    found.push(format!(
-                        "container {name} was running although native owns scope \"{}\"; stopped it",
-                        scope.name
-                    ));
+                    found.push(name);
                 }
             }
         }
         Ok(found)
     }
-
     /// Owned members that are down or run another release than recorded.
     async fn drift(
         &mut self,
@@ -206,37 +314,5 @@ impl Engine {
             }
         }
         Ok(found)
-    }
-
-    fn record_audit(&self, commit: String, stopped: &[&Finding]) -> Result<(), String> {
-        let now = now_ms();
-        let record = RolloutRecord {
-            schema: SCHEMA_VERSION,
-            id: self.store.next_rollout_id().map_err(|e| e.to_string())?,
-            previous_commit: Some(commit.clone()),
-            commit,
-            trigger: "audit".into(),
-            started_at: now,
-            finished_at: Some(now),
-            outcome: Outcome::Succeeded,
-            scopes: stopped
-                .iter()
-                .map(|f| ScopeRecord {
-                    scope: f.scope.clone(),
-                    owner: f.owner.clone(),
-                    action: "audit".into(),
-                    reason: f.text.clone(),
-                    release: None,
-                    built: false,
-                    members: vec![],
-                    result: Some("stopped".into()),
-                })
-                .collect(),
-            phases: vec![],
-            error: None,
-            build_tail: vec![],
-            journal: vec![],
-        };
-        self.store.put_rollout(&record).map_err(|e| e.to_string())
     }
 }

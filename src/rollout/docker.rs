@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::try_join_all;
 
 use super::Journal;
-use super::native::short;
+use crate::cli::short;
 use crate::manifest::{ContainerSpec, Scope};
 use crate::runtime::docker::{Docker, LABEL_COMMIT, Labels};
 
@@ -138,7 +138,7 @@ pub async fn replace(
                 )
                 .await
                 .map_err(text)?;
-            docker.remove(&prev).await.map_err(text)?;
+            remove_if_present(docker, &prev, journal).await?;
             journal
                 .step(
                     format!("keep container {name} as {prev}"),
@@ -188,24 +188,26 @@ pub async fn start_new(
 }
 
 /// Every container stays up through the settle window (and its image's own
-/// HEALTHCHECK passes), and every health check passes, watched at once.
+/// HEALTHCHECK passes), and every health check passes, watched at once; the
+/// first definite failure ends the wait.
 pub async fn verify(
     docker: &Docker,
     scope: &Scope,
     release_dir: &Path,
     http: &reqwest::Client,
 ) -> Result<(), String> {
-    let settle = join_all(
-        containers(scope)
-            .iter()
-            .map(|c| docker.settle(&c.name, scope.settle, scope.health_timeout)),
-    );
+    let settle = async {
+        try_join_all(
+            containers(scope)
+                .iter()
+                .map(|c| docker.settle(&c.name, scope.settle, scope.health_timeout)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(text)
+    };
     let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
-    let (settled, healthy) = tokio::join!(settle, health);
-    for result in settled {
-        result.map_err(text)?;
-    }
-    healthy
+    tokio::try_join!(settle, health).map(|_| ())
 }
 
 /// Remove the container `name` if it exists, journaled; absent is fine.

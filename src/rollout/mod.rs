@@ -19,10 +19,13 @@ pub mod releases;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::cli::short;
 use crate::config::Config;
 use crate::manifest::{self, Manifest, Runtime, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
@@ -34,16 +37,63 @@ use crate::store::{
     ScopeRecord, ScopeState, Store, now_ms,
 };
 
+/// A request to stop the agent (SIGTERM from `systemctl --user stop`): a
+/// rollout acts on it at its next step boundary, where nothing is half
+/// done, and parks there so the agent can record it as interrupted.
+#[derive(Debug, Default)]
+pub struct Stop {
+    requested: AtomicBool,
+    parked: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once a rollout has parked at a step boundary.
+    pub async fn parked(&self) {
+        self.parked.notified().await;
+    }
+
+    /// Never returns: the agent drops the parked rollout.
+    async fn park(&self) -> std::convert::Infallible {
+        // A stored permit: the agent may start waiting only after this.
+        self.parked.notify_one();
+        std::future::pending().await
+    }
+}
+
 /// Appends intent and result of side effects to the rollout record, writing
 /// it to the store before and after each one.
 pub struct Journal<'a> {
     store: &'a Store,
+    stop: Arc<Stop>,
     pub record: RolloutRecord,
 }
 
 impl<'a> Journal<'a> {
-    pub fn new(store: &'a Store, record: RolloutRecord) -> Journal<'a> {
-        Journal { store, record }
+    pub fn new(store: &'a Store, stop: Arc<Stop>, record: RolloutRecord) -> Journal<'a> {
+        Journal {
+            store,
+            stop,
+            record,
+        }
+    }
+
+    /// A step boundary: when the agent is asked to stop, the rollout goes no
+    /// further than here (the record stays `in-progress` until the agent
+    /// closes it as interrupted).
+    pub async fn boundary(&mut self) {
+        if self.stop.is_requested() {
+            info!(rollout = self.record.id, "stop requested: the rollout ends here");
+            self.save();
+            match self.stop.park().await {}
+        }
     }
 
     /// Persist the record as it is now. A failure to write history is
@@ -60,6 +110,7 @@ impl<'a> Journal<'a> {
         step: String,
         action: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        self.boundary().await;
         info!(rollout = self.record.id, "{step}");
         self.record.journal.push(JournalEntry {
             at: now_ms(),
@@ -99,6 +150,8 @@ pub struct Engine {
     pub store: Store,
     pub source: Source,
     pub http: reqwest::Client,
+    /// Set by the agent on SIGTERM; rollouts stop at their next step boundary.
+    pub stop: Arc<Stop>,
     systemd: Option<Systemd>,
     docker: Option<Docker>,
 }
@@ -126,6 +179,7 @@ impl Engine {
             store,
             source,
             http: crate::health::client(),
+            stop: Arc::new(Stop::default()),
             systemd: None,
             docker: None,
         }
@@ -178,9 +232,22 @@ impl Engine {
             return Ok(Converged::Idle(Idle::UpToDate));
         }
         if host.failed_commit.as_deref() == Some(head.as_str()) {
+            // The head is quarantined, but a scope found down (the start-up
+            // audit) is still brought back to what the store records: the
+            // deployed commit, whose releases are reused as they are.
+            if let Some(deployed) = host.deployed_commit.clone()
+                && host.scopes.values().any(|s| !s.healthy)
+            {
+                let record = self
+                    .rollout(&deployed, "repair", fetch_ms, host, Target::Repair)
+                    .await?;
+                return Ok(Converged::Rolled(Box::new(record)));
+            }
             return Ok(Converged::Idle(Idle::FailedBefore));
         }
-        let record = self.rollout(&head, trigger, fetch_ms, host).await?;
+        let record = self
+            .rollout(&head, trigger, fetch_ms, host, Target::Head)
+            .await?;
         Ok(Converged::Rolled(Box::new(record)))
     }
 
@@ -194,7 +261,7 @@ impl Engine {
             .ok_or_else(|| {
                 format!(
                     "manifest \"{path}\" not found in commit {}",
-                    native::short(commit)
+                    short(commit)
                 )
             })?;
         manifest::parse(path, &bytes).map_err(|d| d.to_string())
@@ -242,9 +309,17 @@ impl Engine {
         trigger: &str,
         fetch_ms: u64,
         host: HostState,
+        target: Target,
     ) -> Result<RolloutRecord, String> {
         self.check_runtimes().await;
         let id = self.store.next_rollout_id().map_err(|e| e.to_string())?;
+        let (subject, author) = match self.source.commit_info(head) {
+            Ok((subject, author)) => (Some(subject), Some(author)),
+            Err(e) => {
+                warn!(commit = %short(head), error = %e, "cannot read the commit's subject and author");
+                (None, None)
+            }
+        };
         let record = RolloutRecord {
             schema: SCHEMA_VERSION,
             id,
@@ -254,6 +329,8 @@ impl Engine {
             started_at: now_ms(),
             finished_at: None,
             outcome: Outcome::InProgress,
+            subject,
+            author,
             scopes: vec![],
             phases: vec![PhaseRecord {
                 phase: "fetch".into(),
@@ -267,20 +344,22 @@ impl Engine {
         // No side effect before the rollout is on record: a store that
         // refuses this write (disk full) fails the turn with nothing touched.
         store.put_rollout(&record).map_err(|e| e.to_string())?;
-        let mut journal = Journal::new(&store, record);
+        let mut journal = Journal::new(&store, self.stop.clone(), record);
         crate::fault::point("after-fetch");
-        info!(rollout = id, commit = %native::short(head), trigger, "rollout started");
+        info!(rollout = id, commit = %short(head), trigger, "rollout started");
         let (outcome, error, keep_releases) = match self.run(&mut journal, head, host).await {
             Ok(Succeeded { keep_releases }) => (Outcome::Succeeded, None, Some(keep_releases)),
             Err((outcome, error)) => (outcome, Some(error), None),
         };
         let mut host = self.store.host().map_err(|e| e.to_string())?;
-        match outcome {
-            Outcome::Succeeded => {
+        match (outcome, target) {
+            (Outcome::Succeeded, Target::Head) => {
                 host.deployed_commit = Some(head.to_string());
                 host.failed_commit = None;
             }
-            _ => host.failed_commit = Some(head.to_string()),
+            (_, Target::Head) => host.failed_commit = Some(head.to_string()),
+            // A repair leaves the quarantined head quarantined.
+            (_, Target::Repair) => {}
         }
         self.store.put_host(&host).map_err(|e| e.to_string())?;
         crate::fault::point("while-recording");
@@ -295,38 +374,52 @@ impl Engine {
             }
         }
         if let Some(keep) = keep_releases {
-            self.prune(&host, keep).await;
+            self.prune(&mut journal, &host, keep).await;
         }
         Ok(journal.record)
     }
 
-    /// Remove old releases and the images built for them.
-    async fn prune(&mut self, host: &HostState, keep: usize) {
-        let pruned = releases::prune(
-            &self.store,
-            &self.releases_dir(),
-            &self.config.source.manifest,
-            host,
-            keep,
-        );
-        let images: Vec<String> = match pruned {
-            Ok(pruned) => pruned.into_iter().flat_map(|p| p.images).collect(),
+    /// Remove old releases and the images built for them, each journaled in
+    /// the (already decided) rollout record. A kill in between leaves a
+    /// release that is registered and whole, or forgotten and removed by
+    /// start-up recovery.
+    async fn prune(&mut self, journal: &mut Journal<'_>, host: &HostState, keep: usize) {
+        let commits = match self.store.releases() {
+            Ok(all) => releases::to_prune(&all, keep, &releases::protected(host)),
             Err(e) => {
                 warn!(error = %e, "cannot prune releases");
                 return;
             }
         };
-        if images.is_empty() {
-            return;
-        }
-        let Ok(dk) = self.docker() else {
-            return;
-        };
-        for image in images {
-            match dk.remove_image(&image).await {
-                Ok(()) => info!(image = %image, "removed the image of a pruned release"),
+        let dir = self.releases_dir();
+        for commit in commits {
+            let (store, manifest) = (self.store.clone(), self.config.source.manifest.clone());
+            let path = dir.join(&commit);
+            let pruned = journal
+                .step(
+                    format!("prune release {}", short(&commit)),
+                    async move { releases::prune_one(&store, &path, &manifest, &commit) },
+                )
+                .await;
+            let images = match pruned {
+                Ok(images) => images,
                 Err(e) => {
-                    warn!(image = %image, error = %e, "cannot remove the image of a pruned release")
+                    warn!(error = %e, "cannot prune releases");
+                    return;
+                }
+            };
+            if images.is_empty() {
+                continue;
+            }
+            let Ok(dk) = self.docker() else {
+                continue;
+            };
+            for image in images {
+                let removed = journal
+                    .step(format!("remove image {image}"), dk.remove_image(&image))
+                    .await;
+                if let Err(e) = removed {
+                    warn!(image = %image, error = %e, "cannot remove the image of a pruned release");
                 }
             }
         }
@@ -353,8 +446,8 @@ impl Engine {
                 return Err(failed(format!(
                     "branch \"{}\" was rewritten: {} does not descend from the deployed commit {}; set allow_force_push = true in \"{}\" to deploy it",
                     self.config.source.branch,
-                    native::short(head),
-                    native::short(&deployed),
+                    short(head),
+                    short(&deployed),
                     self.config.path.display()
                 )));
             }
@@ -372,7 +465,7 @@ impl Engine {
                 reason: s.reason.clone(),
                 release: Some(s.release.clone()),
                 built: false,
-                members: members(manifest.scopes.get(&s.scope)),
+                members: manifest.scopes.get(&s.scope).map(Scope::members).unwrap_or_default(),
                 result: None,
             })
             .collect();
@@ -398,7 +491,8 @@ impl Engine {
                 let started = Instant::now();
                 let result = match &previous {
                     Some(p) => {
-                        self.stop_members(&p.current.owner, &p.current.members, true, journal)
+                        let limit = manifest.defaults.job_timeout;
+                        self.retire(&step.scope, &p.current, &p.current.members, limit, journal)
                             .await
                     }
                     None => Ok(()),
@@ -431,6 +525,7 @@ impl Engine {
                 break;
             }
             set_result(journal, &step.scope, "switched");
+            journal.boundary().await;
             let started = Instant::now();
             crate::fault::point("during-verify");
             let verified = self.verify(scope, &release_dir).await;
@@ -447,19 +542,12 @@ impl Engine {
                 fingerprint: step.fingerprint.clone(),
                 section_text: step.section_text.clone(),
                 path_ids: step.path_ids.clone(),
-                members: members(Some(scope)),
+                members: scope.members(),
                 rollout: journal.record.id,
                 at: now_ms(),
             };
-            host.scopes.insert(
-                step.scope.clone(),
-                ScopeState {
-                    current: current.clone(),
-                    healthy: true,
-                    last_healthy: Some(current),
-                    problem: None,
-                },
-            );
+            let state = ScopeState::healthy(current, previous.as_ref());
+            host.scopes.insert(step.scope.clone(), state);
         }
         journal.record.phases.push(PhaseRecord {
             phase: "switch".into(),
@@ -511,6 +599,7 @@ impl Engine {
                 &previous.current.owner,
                 &previous.current.members,
                 false,
+                scope.job_timeout,
                 journal,
             )
             .await?;
@@ -554,22 +643,80 @@ impl Engine {
         }
     }
 
-    /// Stop a scope's members on `owner` ("native" or "docker"); containers
-    /// are removed when `remove`, else kept for a way back.
+    /// Stop a scope's members on `owner` ("native" or "docker"), each job
+    /// bounded by `limit`; containers are removed when `remove`, else kept
+    /// for a way back.
     async fn stop_members(
         &mut self,
         owner: &str,
         members: &[String],
         remove: bool,
+        limit: Duration,
         journal: &mut Journal<'_>,
     ) -> Result<(), String> {
         if owner == "docker" {
             let dk = self.docker()?;
             docker::stop(&dk, members, remove, journal).await
         } else {
-            let sd = self.systemd().await?;
+            let sd = self.systemd().await?.with_job_timeout(limit);
             native::stop(&sd, members, journal).await
         }
+    }
+
+    /// Take `members` out of service for good (a removed scope, or members
+    /// a scope no longer lists): stopped, and their drop-ins and the unit
+    /// files the scope installed (native) or containers (docker) removed,
+    /// so nothing keeps running from a release that pruning may delete.
+    async fn retire(
+        &mut self,
+        scope: &str,
+        deployed: &DeployedScope,
+        members: &[String],
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        if deployed.owner == "docker" {
+            return self
+                .stop_members("docker", members, true, limit, journal)
+                .await;
+        }
+        // The unit files this scope installed, by unit name.
+        let installed: Vec<String> = self
+            .scope_from_release(&deployed.release, scope)
+            .ok()
+            .and_then(|s| s.native)
+            .map(|n| {
+                n.unit_files
+                    .iter()
+                    .filter_map(|f| Path::new(f).file_name())
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sd = self.systemd().await?.with_job_timeout(limit);
+        native::stop(&sd, members, journal).await?;
+        for unit in members {
+            journal
+                .step(format!("remove the drop-in of {unit}"), sd.remove_dropin(unit))
+                .await
+                .map_err(|e| e.to_string())?;
+            if installed.contains(unit) {
+                journal
+                    .step(
+                        format!("remove the unit file {unit}"),
+                        sd.remove_unit_file(unit),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        journal
+            .step("reload the user manager".to_string(), sd.daemon_reload())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Every switched scope is healthy: drop what was kept for a way back
@@ -584,7 +731,8 @@ impl Engine {
                     _,
                     Some(previous),
                 ) => {
-                    self.stop_members("docker", &previous.current.members, true, journal)
+                    let limit = sw.scope.job_timeout;
+                    self.stop_members("docker", &previous.current.members, true, limit, journal)
                         .await
                 }
                 (_, Runtime::Docker, _) => match self.docker() {
@@ -595,6 +743,22 @@ impl Engine {
             };
             if let Err(e) = result {
                 warn!(scope = %sw.scope.name, error = %e, "cannot clean up after the switch");
+            }
+            if let Some(previous) = &sw.previous
+                && !sw.step.retired.is_empty()
+            {
+                let retired = self
+                    .retire(
+                        &sw.scope.name,
+                        &previous.current,
+                        &sw.step.retired,
+                        sw.scope.job_timeout,
+                        journal,
+                    )
+                    .await;
+                if let Err(e) = retired {
+                    warn!(scope = %sw.scope.name, error = %e, "cannot retire members dropped from the scope");
+                }
             }
         }
     }
@@ -614,7 +778,7 @@ impl Engine {
             let (commit, dest) = (plan.commit.clone(), dir.clone());
             journal
                 .step(
-                    format!("check out release {}", native::short(&plan.commit)),
+                    format!("check out release {}", short(&plan.commit)),
                     async move {
                         tokio::task::spawn_blocking(move || source.checkout(&commit, &dest))
                             .await
@@ -721,11 +885,11 @@ impl Engine {
         let mut problems = Vec::new();
         for sw in switched.into_iter().rev() {
             let name = sw.scope.name.clone();
-            let new_members = members(Some(&sw.scope));
+            let new_members = sw.scope.members();
             let new_owner = plan::runtime_name(sw.scope.owner);
             let Some(target) = sw.previous.as_ref().and_then(|p| p.last_healthy.clone()) else {
                 let stopped = self
-                    .stop_members(new_owner, &new_members, true, journal)
+                    .stop_members(new_owner, &new_members, true, sw.scope.job_timeout, journal)
                     .await;
                 set_result(
                     journal,
@@ -750,6 +914,11 @@ impl Engine {
                     problems.push(format!("rolling back scope \"{name}\" failed: {e}"));
                 }
             }
+            let way_back = sw
+                .previous
+                .as_ref()
+                .map(|p| p.way_back.clone())
+                .unwrap_or_default();
             host.scopes.insert(
                 name,
                 ScopeState {
@@ -757,6 +926,7 @@ impl Engine {
                     healthy,
                     last_healthy: Some(target),
                     problem: None,
+                    way_back,
                 },
             );
         }
@@ -785,7 +955,7 @@ impl Engine {
                 // container is left by an interrupted attempt): remove it all.
                 let dk = self.docker()?;
                 docker::remove_all(&dk, new_members, journal).await?;
-                let sd = self.systemd().await?;
+                let sd = self.systemd().await?.with_job_timeout(old.job_timeout);
                 for unit in &target.members {
                     journal
                         .step(format!("start {unit}"), sd.start(unit))
@@ -794,7 +964,7 @@ impl Engine {
                 }
             }
             (Action::Cutover { .. }, Runtime::Native) => {
-                self.stop_members("native", new_members, false, journal)
+                self.stop_members("native", new_members, false, old.job_timeout, journal)
                     .await?;
                 let dk = self.docker()?;
                 docker::start(&dk, &target.members, journal).await?;
@@ -832,7 +1002,7 @@ impl Engine {
             .scopes
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("release {} has no scope \"{name}\"", native::short(commit)))
+            .ok_or_else(|| format!("release {} has no scope \"{name}\"", short(commit)))
     }
 
     /// Close rollouts a previous agent left in progress.
@@ -860,6 +1030,16 @@ fn set_result(journal: &mut Journal<'_>, scope: &str, result: &str) {
     journal.save();
 }
 
+/// What a rollout brings the host to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// The branch head: success deploys it, failure quarantines it.
+    Head,
+    /// The deployed commit again, to bring back scopes found down while the
+    /// head is quarantined; the quarantine stays as it is.
+    Repair,
+}
+
 /// A scope this rollout switched, with what undoing it needs.
 struct Switched {
     step: ScopePlan,
@@ -871,23 +1051,4 @@ struct Switched {
 /// manifest it already read (so it is not read from git again).
 struct Succeeded {
     keep_releases: usize,
-}
-
-/// The unit or container names of a scope's owning runtime.
-pub fn members(scope: Option<&Scope>) -> Vec<String> {
-    let Some(scope) = scope else {
-        return vec![];
-    };
-    match scope.owner {
-        Runtime::Native => scope
-            .native
-            .as_ref()
-            .map(|n| n.units.clone())
-            .unwrap_or_default(),
-        Runtime::Docker => scope
-            .docker
-            .as_ref()
-            .map(|d| d.containers.iter().map(|c| c.name.clone()).collect())
-            .unwrap_or_default(),
-    }
 }

@@ -3,11 +3,11 @@
 //! through the user manager, then held to the settle window.
 
 use std::path::Path;
-use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::try_join_all;
 
 use super::Journal;
+use crate::cli::short;
 use crate::manifest::Scope;
 use crate::runtime::systemd::Systemd;
 
@@ -23,6 +23,7 @@ pub async fn switch(
     let Some(native) = &scope.native else {
         return Err(format!("scope \"{}\" has no native section", scope.name));
     };
+    let sd = &sd.with_job_timeout(scope.job_timeout);
     let short = short(release);
     for file in &native.unit_files {
         let src = release_dir.join(file);
@@ -53,27 +54,20 @@ pub async fn switch(
         .map_err(|e| e.to_string())?;
     // Unit files and drop-ins now name the new release; nothing restarted yet.
     crate::fault::point("after-stop");
-    // systemd's own start timeout may be infinite; the rollout's is not.
-    let limit = scope.health_timeout.max(Duration::from_secs(30));
+    // systemd's own start timeout may be infinite; the rollout's is the
+    // scope's job_timeout.
     for unit in &native.units {
-        let restart = async {
-            match tokio::time::timeout(limit, sd.restart(unit)).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "restart of \"{unit}\" did not finish within {}",
-                    humantime::format_duration(limit)
-                )),
-            }
-        };
         journal
-            .step(format!("restart {unit} on {short}"), restart)
-            .await?;
+            .step(format!("restart {unit} on {short}"), sd.restart(unit))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
 
 /// Every unit stays up through the settle window and every health check
-/// passes within the scope's timeout; both are watched at once.
+/// passes within the scope's timeout; both are watched at once, and the
+/// first definite failure (a unit that went down) ends the wait.
 pub async fn verify(
     sd: &Systemd,
     scope: &Scope,
@@ -85,13 +79,14 @@ pub async fn verify(
         .as_ref()
         .map(|n| n.units.as_slice())
         .unwrap_or_default();
-    let settle = join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)));
+    let settle = async {
+        try_join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
     let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
-    let (settled, healthy) = tokio::join!(settle, health);
-    for result in settled {
-        result.map_err(|e| e.to_string())?;
-    }
-    healthy
+    tokio::try_join!(settle, health).map(|_| ())
 }
 
 /// Stop every unit of the scope (first deploys that fail, removed scopes,
@@ -106,6 +101,4 @@ pub async fn stop(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> 
     Ok(())
 }
 
-pub fn short(commit: &str) -> &str {
-    commit.get(..7).unwrap_or(commit)
-}
+

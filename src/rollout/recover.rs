@@ -148,6 +148,7 @@ mod tests {
                 healthy: true,
                 last_healthy: Some(deployed),
                 problem: None,
+                way_back: Default::default(),
             },
         );
         let names = vec![

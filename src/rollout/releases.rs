@@ -33,7 +33,9 @@ pub fn discard(dir: &Path) {
     }
 }
 
-/// The releases `prune` must keep whatever their age.
+/// The releases pruning must keep whatever their age: what each scope runs,
+/// its last healthy release, and the last healthy release it had on every
+/// owner (the way back of a cutover, with the images built for it).
 pub fn protected(host: &HostState) -> BTreeSet<String> {
     let mut keep = BTreeSet::new();
     for state in host.scopes.values() {
@@ -41,6 +43,7 @@ pub fn protected(host: &HostState) -> BTreeSet<String> {
         if let Some(h) = &state.last_healthy {
             keep.insert(h.release.clone());
         }
+        keep.extend(state.way_back.values().cloned());
     }
     keep
 }
@@ -58,14 +61,6 @@ pub fn to_prune(
         .filter(|r| !protected.contains(&r.commit))
         .map(|r| r.commit.clone())
         .collect()
-}
-
-/// A release removed by `prune`, with the images built for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pruned {
-    pub commit: String,
-    /// `<image>:<commit>` of every container built from a Dockerfile.
-    pub images: Vec<String>,
 }
 
 /// Images built for release `commit`, from the manifest inside it.
@@ -86,30 +81,24 @@ pub fn built_images(release_dir: &Path, manifest: &str, commit: &str) -> Vec<Str
         .collect()
 }
 
-/// Delete all but the newest `keep` releases, never one a scope runs or
-/// would roll back to.
-pub fn prune(
+/// Remove one release: forgotten by the registry first (a release on disk
+/// but not registered is merely wasted space, removed at start-up; the
+/// other way round it would be reused), then deleted. Returns the images
+/// built for it, which go with it.
+pub fn prune_one(
     store: &Store,
-    dir: &Path,
+    path: &Path,
     manifest: &str,
-    host: &HostState,
-    keep: usize,
-) -> Result<Vec<Pruned>, StoreError> {
-    let releases = store.releases()?;
-    let mut pruned = Vec::new();
-    for commit in to_prune(&releases, keep, &protected(host)) {
-        // Forget it first: a release on disk but not in the registry is
-        // merely wasted space; the other way round would be reused.
-        store.remove_release(&commit)?;
-        let path = dir.join(&commit);
-        let images = built_images(&path, manifest, &commit);
-        if path.exists() {
-            discard(&path);
-        }
-        info!(release = %commit, "pruned release");
-        pruned.push(Pruned { commit, images });
+    commit: &str,
+) -> Result<Vec<String>, StoreError> {
+    let images = built_images(path, manifest, commit);
+    store.remove_release(commit)?;
+    crate::fault::point("during-prune");
+    if path.exists() {
+        discard(path);
     }
-    Ok(pruned)
+    info!(release = %commit, "pruned release");
+    Ok(images)
 }
 
 #[cfg(test)]
@@ -123,6 +112,38 @@ mod tests {
             created_at: 0,
             built: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_way_back_to_every_owner_is_protected() {
+        use crate::store::{DeployedScope, ScopeState};
+        let deployed = |owner: &str, release: &str| DeployedScope {
+            owner: owner.into(),
+            release: release.into(),
+            commit: release.into(),
+            fingerprint: String::new(),
+            section_text: String::new(),
+            path_ids: BTreeMap::new(),
+            members: vec![],
+            rollout: 1,
+            at: 0,
+        };
+        // Docker ran "d", then a cutover to native ran "n1" and "n2".
+        let mut state = ScopeState::healthy(deployed("docker", "d"), None);
+        state = ScopeState::healthy(deployed("native", "n1"), Some(&state));
+        state = ScopeState::healthy(deployed("native", "n2"), Some(&state));
+        let host = HostState {
+            scopes: BTreeMap::from([("api".to_string(), state)]),
+            ..HostState::default()
+        };
+        let keep = protected(&host);
+        assert_eq!(
+            keep,
+            BTreeSet::from(["d".to_string(), "n2".to_string()]),
+            "the docker release is the way back; n1 is not kept"
+        );
+        let releases: Vec<_> = ["d", "n1", "x", "n2"].into_iter().map(release).collect();
+        assert_eq!(to_prune(&releases, 1, &keep), ["n1", "x"]);
     }
 
     #[test]

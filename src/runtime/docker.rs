@@ -17,7 +17,7 @@ use bollard::models::{
     RestartPolicy,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
+    BuildImageOptions, CreateContainerOptions, RemoveContainerOptions,
     RemoveImageOptions, RenameContainerOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
@@ -122,12 +122,6 @@ pub enum DockerError {
         detail: String,
         transient: bool,
     },
-    #[error("cannot list the containers of source {source_label:?}: {detail}")]
-    List {
-        source_label: String,
-        detail: String,
-        transient: bool,
-    },
     #[error("container {container:?} did not settle: {detail}")]
     DidNotSettle { container: String, detail: String },
 }
@@ -139,8 +133,7 @@ impl DockerError {
         match self {
             DockerError::Unreachable { .. } => true,
             DockerError::Image { transient, .. }
-            | DockerError::Container { transient, .. }
-            | DockerError::List { transient, .. } => *transient,
+            | DockerError::Container { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -224,13 +217,6 @@ impl Docker {
             transient: is_transient_status(&e),
             detail: describe(&e),
         }
-    }
-
-    /// Succeeds when the engine answers.
-    pub async fn ping(&self) -> Result<(), DockerError> {
-        let client = self.client().await?;
-        client.ping().await.map_err(|e| self.unreachable(&e))?;
-        Ok(())
     }
 
     /// Builds `tag` from `context_dir` with `dockerfile` (relative to the
@@ -556,46 +542,6 @@ impl Docker {
             Err(e) if status_of(&e) == Some(404) => Ok(None),
             Err(e) => Err(self.container_error("inspect", name_or_id, e)),
         }
-    }
-
-    /// Containers, running or not, labelled with `source` (and `scope`, if
-    /// given), sorted by name.
-    pub async fn list_managed(
-        &self,
-        source: &str,
-        scope: Option<&str>,
-    ) -> Result<Vec<ContainerState>, DockerError> {
-        let client = self.client().await?;
-        let mut label_filters = vec![format!("{LABEL_SOURCE}={source}")];
-        if let Some(scope) = scope {
-            label_filters.push(format!("{LABEL_SCOPE}={scope}"));
-        }
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([("label".to_string(), label_filters)])),
-            ..Default::default()
-        };
-        let summaries = match client.list_containers(Some(options)).await {
-            Ok(summaries) => summaries,
-            Err(e) if is_connection_error(&e) => return Err(self.unreachable(&e)),
-            Err(e) => {
-                return Err(DockerError::List {
-                    source_label: source.to_string(),
-                    transient: is_transient_status(&e),
-                    detail: describe(&e),
-                });
-            }
-        };
-        let mut states = Vec::new();
-        for summary in summaries {
-            let Some(id) = summary.id else { continue };
-            // A container removed since the listing is simply not there any more.
-            if let Some(state) = self.inspect(&id).await? {
-                states.push(state);
-            }
-        }
-        states.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(states)
     }
 
     /// Waits for a started container to prove itself: it must keep running,

@@ -50,6 +50,12 @@ pub enum SystemdError {
         unit: String,
         result: String,
     },
+    #[error("{action} of {unit:?} did not finish within {}", humantime::format_duration(*.limit))]
+    JobTimeout {
+        action: &'static str,
+        unit: String,
+        limit: Duration,
+    },
     #[error("{detail}")]
     DidNotSettle { unit: String, detail: String },
     #[error("daemon-reload of the systemd user manager failed: {source}")]
@@ -103,6 +109,8 @@ impl SystemdError {
             }
             // Another job replaced ours (someone else restarted the unit meanwhile).
             SystemdError::Job { result, .. } => result == "canceled",
+            // The unit may finish its job later; the rollout does not wait.
+            SystemdError::JobTimeout { .. } => true,
             SystemdError::NoBusAddress
             | SystemdError::NoUnitDir
             | SystemdError::InvalidUnitName { .. }
@@ -160,7 +168,14 @@ pub struct Systemd {
     connection: zbus::Connection,
     manager: ManagerProxy<'static>,
     unit_dir: Arc<PathBuf>,
+    /// How long a start, stop or restart job may take before the call
+    /// gives up on it (the job itself goes on in the manager).
+    job_timeout: Duration,
 }
+
+/// The job limit of a handle that was not given one (systemd's own
+/// default stop timeout).
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Systemd {
     /// Connects to the user manager of this process' environment (DBUS_SESSION_BUS_ADDRESS,
@@ -193,7 +208,16 @@ impl Systemd {
             connection,
             manager,
             unit_dir: Arc::new(unit_dir),
+            job_timeout: DEFAULT_JOB_TIMEOUT,
         })
+    }
+
+    /// The same connection, with start/stop/restart jobs bounded by `limit`.
+    pub fn with_job_timeout(&self, limit: Duration) -> Systemd {
+        Systemd {
+            job_timeout: limit,
+            ..self.clone()
+        }
     }
 
     /// Copies a unit file into the unit directory atomically; `Ok(true)` if its content changed.
@@ -342,29 +366,61 @@ impl Systemd {
         let job = call(self.manager.clone(), unit.to_owned())
             .await
             .map_err(call_error)?;
-        while let Some(signal) = removed.next().await {
-            let args = signal.args().map_err(call_error)?;
-            if args.job.as_str() != job.as_str() {
-                continue;
+        let wait = async {
+            while let Some(signal) = removed.next().await {
+                let args = signal.args().map_err(call_error)?;
+                if args.job.as_str() != job.as_str() {
+                    continue;
+                }
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                if args.result == "done" {
+                    info!(unit = %unit, action, elapsed_ms, "job done");
+                    return Ok(());
+                }
+                info!(unit = %unit, action, result = %args.result, elapsed_ms, "job did not succeed");
+                return Err(SystemdError::Job {
+                    action,
+                    unit: unit.to_owned(),
+                    result: args.result.clone(),
+                });
             }
-            let elapsed_ms = started.elapsed().as_millis() as u64;
-            if args.result == "done" {
-                info!(unit = %unit, action, elapsed_ms, "job done");
-                return Ok(());
+            Err(call_error(zbus::Error::InputOutput(Arc::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the bus connection closed before the job ended",
+                ),
+            ))))
+        };
+        match tokio::time::timeout(self.job_timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => {
+                info!(unit = %unit, action, limit_ms = self.job_timeout.as_millis() as u64, "job timed out");
+                Err(SystemdError::JobTimeout {
+                    action,
+                    unit: unit.to_owned(),
+                    limit: self.job_timeout,
+                })
             }
-            info!(unit = %unit, action, result = %args.result, elapsed_ms, "job did not succeed");
-            return Err(SystemdError::Job {
-                action,
-                unit: unit.to_owned(),
-                result: args.result.clone(),
-            });
         }
-        Err(call_error(zbus::Error::InputOutput(Arc::new(
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the bus connection closed before the job ended",
-            ),
-        ))))
+    }
+
+    /// Removes the agent's drop-in of `unit` (and its `.d` directory when
+    /// that is left empty); `Ok(false)` when there was none.
+    pub async fn remove_dropin(&self, unit: &str) -> Result<bool, SystemdError> {
+        check_unit_name(unit)?;
+        let path = self.dropin_path(unit);
+        let removed = remove_if_present(unit, &path).await?;
+        if let Some(dir) = path.parent() {
+            // Only succeeds when empty: someone else's drop-ins stay.
+            let _ = tokio::fs::remove_dir(dir).await;
+        }
+        Ok(removed)
+    }
+
+    /// Removes a unit file the agent installed; `Ok(false)` when absent.
+    pub async fn remove_unit_file(&self, unit: &str) -> Result<bool, SystemdError> {
+        check_unit_name(unit)?;
+        remove_if_present(unit, &self.unit_dir.join(unit)).await
     }
 
     async fn unit_proxy(
@@ -566,6 +622,21 @@ fn check_unit_name(unit: &str) -> Result<(), SystemdError> {
 
 /// Writes `content` to `path` through a temporary file and a rename, unless it is already
 /// there; `Ok(true)` if it wrote.
+async fn remove_if_present(unit: &str, path: &Path) -> Result<bool, SystemdError> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => {
+            info!(unit = %unit, path = %path.display(), "removed");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(SystemdError::Write {
+            unit: unit.to_owned(),
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 async fn write_if_changed(unit: &str, path: &Path, content: &[u8]) -> Result<bool, SystemdError> {
     let write_error = |source| SystemdError::Write {
         unit: unit.to_owned(),
@@ -806,6 +877,58 @@ mod tests {
                  No such file or directory (os error 2)"
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_that_hangs_is_given_up_after_the_limit_naming_the_unit() {
+        let manager = UserManager::start();
+        let unit = "moorline-test-hangs-on-stop.service";
+        let systemd = connect_with_units(
+            &manager,
+            &[(
+                unit,
+                "[Service]\nExecStart=/bin/sleep infinity\nExecStop=/bin/sleep infinity\nTimeoutStopSec=infinity\n",
+            )],
+        )
+        .await;
+        systemd.start(unit).await.expect("starts");
+        let bounded = systemd.with_job_timeout(Duration::from_millis(1500));
+        let started = Instant::now();
+        let error = bounded.stop(unit).await.expect_err("ExecStop never ends");
+        assert_eq!(
+            error.to_string(),
+            "stop of \"moorline-test-hangs-on-stop.service\" did not finish within 1s 500ms"
+        );
+        // Given up at the limit, not at systemd's (infinite) stop timeout.
+        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        assert_eq!(
+            systemd.unit_state(unit).await.expect("queries").active_state,
+            "deactivating"
+        );
+        // Unbounded handles are not touched by the bounded one.
+        assert_eq!(systemd.job_timeout, DEFAULT_JOB_TIMEOUT);
+        manager.systemctl(&["kill", "--signal=KILL", unit]);
+    }
+
+    #[tokio::test]
+    async fn removing_a_dropin_and_unit_file_leaves_nothing_of_moorline() {
+        let manager = UserManager::start();
+        let unit = "moorline-test-retired.service";
+        let systemd = connect_with_units(
+            &manager,
+            &[(unit, "[Service]\nExecStart=/bin/sleep infinity\n")],
+        )
+        .await;
+        systemd
+            .write_dropin(unit, Path::new("/srv/release"), &"a".repeat(40))
+            .await
+            .expect("writes");
+        assert!(systemd.remove_dropin(unit).await.expect("removes"));
+        assert!(!manager.unit_dir().join(format!("{unit}.d")).exists());
+        assert!(systemd.remove_unit_file(unit).await.expect("removes"));
+        assert!(!manager.unit_dir().join(unit).exists());
+        assert!(!systemd.remove_dropin(unit).await.expect("absent is fine"));
+        assert!(!systemd.remove_unit_file(unit).await.expect("absent is fine"));
     }
 
     #[tokio::test]

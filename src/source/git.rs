@@ -81,7 +81,6 @@ impl Source {
     }
 
     /// The local repository, when the source is one (watched for pushes).
-    #[allow(dead_code, reason = "the watch trigger is wired in by the agent next")]
     pub fn local_path(&self) -> Option<&Path> {
         match &self.url {
             SourceUrl::Local(path) => Some(path),
@@ -177,6 +176,31 @@ impl Source {
             .map_err(|e| read_err(Box::new(e)))?
             .tree()
             .map_err(|e| read_err(Box::new(e)))
+    }
+
+    /// The subject line and the author (`Name <email>`) of `commit`.
+    pub fn commit_info(&self, commit: &str) -> Result<(String, String), GitError> {
+        let repo = self.open()?;
+        let read_err = |e: BoxError| GitError::Read {
+            commit: commit.to_string(),
+            what: "the commit message".into(),
+            source: e,
+        };
+        let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| read_err(Box::new(e)))?;
+        let object = repo.find_commit(id).map_err(|e| read_err(Box::new(e)))?;
+        let subject = object
+            .message()
+            .map_err(|e| read_err(Box::new(e)))?
+            .summary()
+            .to_str_lossy()
+            .into_owned();
+        let author = object.author().map_err(|e| read_err(Box::new(e)))?;
+        let author = format!(
+            "{} <{}>",
+            author.name.to_str_lossy(),
+            author.email.to_str_lossy()
+        );
+        Ok((subject, author))
     }
 
     /// The contents of `path` at `commit`, or `None` when there is no such file.
@@ -288,12 +312,51 @@ impl Source {
             std::fs::remove_dir_all(&staging).map_err(|e| write_err(&staging, e))?;
         }
         std::fs::create_dir(&staging).map_err(|e| write_err(&staging, e))?;
-        let result = self.write_entries(&repo, commit, &recorder.records, &staging);
+        let result = self
+            .check_links(&repo, commit, &recorder.records)
+            .and_then(|()| self.write_entries(&repo, commit, &recorder.records, &staging));
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(e);
         }
         std::fs::rename(&staging, dest).map_err(|e| write_err(dest, e))?;
+        Ok(())
+    }
+
+    /// Every symlink of the tree, resolved through the others against the
+    /// release root, must end inside it: a chain of links that each look
+    /// harmless can still climb out (`a/b/c/d -> ../../..` and
+    /// `x -> a/b/c/d/../../..`).
+    fn check_links(
+        &self,
+        repo: &gix::Repository,
+        commit: &str,
+        entries: &[gix::traverse::tree::recorder::Entry],
+    ) -> Result<(), GitError> {
+        let mut links = BTreeMap::new();
+        for entry in entries.iter().filter(|e| e.mode.kind() == EntryKind::Link) {
+            let rel = entry.filepath.to_str_lossy().into_owned();
+            let target = repo
+                .find_blob(entry.oid)
+                .map_err(|e| GitError::Read {
+                    commit: commit.to_string(),
+                    what: format!("\"{rel}\""),
+                    source: Box::new(e),
+                })?
+                .data
+                .to_str_lossy()
+                .into_owned();
+            links.insert(PathBuf::from(rel), target);
+        }
+        for (link, target) in &links {
+            if !link_stays_inside(&links, link) {
+                return Err(GitError::EscapingSymlink {
+                    commit: commit.to_string(),
+                    path: link.display().to_string(),
+                    target: target.clone(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -308,7 +371,11 @@ impl Source {
             path: path.to_path_buf(),
             source,
         };
-        for entry in entries {
+        for (n, entry) in entries.iter().enumerate() {
+            if n == entries.len() / 2 {
+                // Half the files are written: a kill here leaves `.partial-`.
+                crate::fault::point("during-checkout");
+            }
             let rel = entry.filepath.to_str_lossy().into_owned();
             let rel_path = safe_relative(&rel).ok_or_else(|| GitError::UnsafePath {
                 commit: commit.to_string(),
@@ -347,14 +414,8 @@ impl Source {
                         .map_err(|e| write_err(&path, e))?;
                 }
                 EntryKind::Link => {
+                    // Judged by `check_links` before anything was written.
                     let target = String::from_utf8_lossy(&blob(entry.oid)?).into_owned();
-                    if !symlink_stays_inside(&rel_path, &target) {
-                        return Err(GitError::EscapingSymlink {
-                            commit: commit.to_string(),
-                            path: rel,
-                            target,
-                        });
-                    }
                     symlink(&target, &path).map_err(|e| write_err(&path, e))?;
                 }
             }
@@ -376,22 +437,55 @@ fn safe_relative(rel: &str) -> Option<PathBuf> {
     (!out.as_os_str().is_empty()).then_some(out)
 }
 
-/// Whether a symlink at `link` (relative to the release root) with `target`
-/// resolves, lexically, to somewhere inside the release.
-pub fn symlink_stays_inside(link: &Path, target: &str) -> bool {
-    let target = Path::new(target);
-    if target.is_absolute() {
-        return false;
-    }
-    let mut depth: usize = link.components().count().saturating_sub(1);
+/// How many links one resolution may follow before it is taken for a loop.
+const MAX_LINK_HOPS: usize = 40;
+
+/// Whether the symlink at `link` (relative to the release root), resolved
+/// the way the kernel would — every component, through every other link
+/// in `links` — ends inside the release. A dangling target is judged by
+/// where it points; a loop or a climb above the root is outside.
+pub fn link_stays_inside(links: &BTreeMap<PathBuf, String>, link: &Path) -> bool {
+    let Some(target) = links.get(link) else {
+        return true;
+    };
+    let mut at: Vec<std::ffi::OsString> = link
+        .parent()
+        .map(|p| p.iter().map(|c| c.to_os_string()).collect())
+        .unwrap_or_default();
+    let mut hops = 0;
+    resolve(links, &mut at, Path::new(target), &mut hops)
+}
+
+/// Walk `target` from the directory `at` (components below the root),
+/// following links; false as soon as the walk leaves the root.
+fn resolve(
+    links: &BTreeMap<PathBuf, String>,
+    at: &mut Vec<std::ffi::OsString>,
+    target: &Path,
+    hops: &mut usize,
+) -> bool {
     for component in target.components() {
         match component {
-            Component::Normal(_) => depth += 1,
             Component::CurDir => {}
-            Component::ParentDir => match depth.checked_sub(1) {
-                Some(d) => depth = d,
-                None => return false,
-            },
+            Component::ParentDir => {
+                if at.pop().is_none() {
+                    return false;
+                }
+            }
+            Component::Normal(name) => {
+                at.push(name.to_os_string());
+                let here: PathBuf = at.iter().collect();
+                if let Some(next) = links.get(&here) {
+                    *hops += 1;
+                    if *hops > MAX_LINK_HOPS {
+                        return false;
+                    }
+                    at.pop();
+                    if !resolve(links, at, Path::new(next), hops) {
+                        return false;
+                    }
+                }
+            }
             Component::RootDir | Component::Prefix(_) => return false,
         }
     }
@@ -581,12 +675,35 @@ mod tests {
             ("dir/a", "x/../../..", false),
         ];
         for (link, target, inside) in cases {
+            let links = BTreeMap::from([(PathBuf::from(link), target.to_string())]);
             assert_eq!(
-                symlink_stays_inside(Path::new(link), target),
+                link_stays_inside(&links, Path::new(link)),
                 inside,
                 "{link} -> {target}"
             );
         }
+    }
+
+    #[test]
+    fn a_chain_of_links_is_resolved_through_every_link() {
+        let links = |pairs: &[(&str, &str)]| -> BTreeMap<PathBuf, String> {
+            pairs
+                .iter()
+                .map(|(l, t)| (PathBuf::from(l), t.to_string()))
+                .collect()
+        };
+        // Each passes a lexical check; resolved through d, x climbs out.
+        let chain = links(&[("a/b/c/d", "../../.."), ("x", "a/b/c/d/../../..")]);
+        assert!(link_stays_inside(&chain, Path::new("a/b/c/d")));
+        assert!(!link_stays_inside(&chain, Path::new("x")));
+        // Through a link to a directory: up = "a/b", so up/../../.. leaves.
+        let through = links(&[("up", "a/b"), ("y", "up/../../..")]);
+        assert!(!link_stays_inside(&through, Path::new("y")));
+        let fine = links(&[("up", "a/b"), ("y", "up/../c")]);
+        assert!(link_stays_inside(&fine, Path::new("y")));
+        // A loop never resolves.
+        let ring = links(&[("p", "q"), ("q", "p")]);
+        assert!(!link_stays_inside(&ring, Path::new("p")));
     }
 
     #[test]

@@ -5,10 +5,8 @@
 pub mod git;
 
 /// Filesystem watch of a local repository's branch ref.
-#[allow(dead_code, reason = "the agent wires the triggers in next")]
 pub mod watch;
 /// The webhook listener for forge push notifications.
-#[allow(dead_code, reason = "the agent wires the triggers in next")]
 pub mod webhook;
 
 /// Why the agent was woken to fetch. A trigger only wakes the agent: what gets

@@ -1,5 +1,5 @@
-//! A private, real systemd user manager (with its own user D-Bus) for tests, started the way
-//! /work/shared/MACHINE-NOTES.md describes: its own runtime dir, config home and cgroup, so
+//! A private, real systemd user manager (with its own user D-Bus) for tests, started where
+//! systemd is not PID 1 (`/run/systemd/system` must exist): its own runtime dir, config home and cgroup, so
 //! several managers can run at once in one test process without sharing a bus or a slice.
 //!
 //! Included both by `#[cfg(test)]` modules in src (through `#[path]`) and by the integration

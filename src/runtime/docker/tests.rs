@@ -1,4 +1,4 @@
-//! Tests of the Docker adapter against a real engine (see MACHINE-NOTES.md):
+//! Tests of the Docker adapter against a real engine (started by `scripts/install-deps --docker`):
 //! FROM-scratch busybox images, real containers, real HTTP. They fail, not
 //! skip, when no engine answers.
 
@@ -36,9 +36,9 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Fixture {
         let docker = Docker::connect(HOST).expect("the host string is valid");
-        if let Err(e) = docker.ping().await {
+        if let Err(e) = docker.inspect("moorline-test-probe").await {
             panic!(
-                "these tests need a running docker engine at {HOST} (see /work/shared/MACHINE-NOTES.md): {e}"
+                "these tests need a running docker engine at {HOST} (scripts/install-deps --docker starts one): {e}"
             );
         }
         Fixture {
@@ -55,13 +55,6 @@ impl Fixture {
             scope: scope.to_string(),
             commit: "0123456789abcdef0123456789abcdef01234567".to_string(),
         }
-    }
-
-    /// A second source label, cleaned up like the first.
-    fn other_source(&mut self) -> String {
-        let source = unique("other");
-        self.sources.push(source.clone());
-        source
     }
 
     /// A build context under the fixture's directory holding busybox and `files`.
@@ -419,80 +412,6 @@ async fn an_env_file_that_cannot_be_read_is_named() {
 }
 
 #[tokio::test]
-async fn list_managed_filters_by_source_and_scope() {
-    let mut fx = Fixture::new().await;
-    let context = fx.context(
-        "list",
-        &[("Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\n")],
-    );
-    let tag = format!("{}:v1", unique("list"));
-    fx.build(&context, &tag).await;
-    let other = fx.other_source();
-    let web = unique("web");
-    let api = unique("api");
-    let foreign = unique("foreign");
-    let sleep: &[&str] = &["/bin/busybox", "sleep", "600"];
-    for (name, labels) in [
-        (&web, fx.labels("web")),
-        (&api, fx.labels("api")),
-        (
-            &foreign,
-            Labels {
-                source: other.clone(),
-                ..fx.labels("web")
-            },
-        ),
-    ] {
-        fx.docker
-            .create(
-                &fx.spec(name, Some(sleep)),
-                &tag,
-                &labels,
-                &[],
-                Path::new("/r"),
-            )
-            .await
-            .expect("create");
-    }
-    fx.docker.start(&api).await.expect("start");
-
-    let names =
-        |states: Vec<ContainerState>| states.into_iter().map(|s| s.name).collect::<Vec<_>>();
-    let mut both = vec![web.clone(), api.clone()];
-    both.sort();
-    let all = fx
-        .docker
-        .list_managed(&fx.sources[0], None)
-        .await
-        .expect("list");
-    assert_eq!(names(all.clone()), both);
-    let running: Vec<bool> = all.iter().map(|s| s.running).collect();
-    assert_eq!(running, both.iter().map(|n| *n == api).collect::<Vec<_>>());
-    assert_eq!(
-        names(
-            fx.docker
-                .list_managed(&fx.sources[0], Some("web"))
-                .await
-                .expect("list")
-        ),
-        vec![web.clone()]
-    );
-    assert_eq!(
-        names(fx.docker.list_managed(&other, None).await.expect("list")),
-        vec![foreign]
-    );
-    assert_eq!(
-        names(
-            fx.docker
-                .list_managed(&other, Some("api"))
-                .await
-                .expect("list")
-        ),
-        Vec::<String>::new()
-    );
-}
-
-#[tokio::test]
 async fn settle_fails_when_the_container_exits() {
     let fx = Fixture::new().await;
     let context = fx.context(
@@ -773,7 +692,10 @@ async fn build_failures_name_the_image_and_carry_the_builder_error() {
 #[tokio::test]
 async fn an_unreachable_engine_is_named_and_transient() {
     let docker = Docker::connect("unix:///nonexistent/docker.sock").expect("valid host");
-    let err = docker.ping().await.expect_err("nothing listens there");
+    let err = docker
+        .inspect("anything")
+        .await
+        .expect_err("nothing listens there");
     assert_eq!(
         err.to_string(),
         "cannot reach the docker engine at \"unix:///nonexistent/docker.sock\": socket \"/nonexistent/docker.sock\" does not exist"
