@@ -15,8 +15,8 @@ use crate::api::{
     self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView,
     StatusReport,
 };
-use crate::config::Config;
 use crate::cli::short;
+use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle};
 use crate::runtime::systemd::Systemd;
 use crate::source::Wake;
@@ -82,9 +82,14 @@ fn duration_text(d: Duration) -> String {
     }
 }
 
-/// What `status` shows for a wake-up that arrived during a rollout.
-fn queued_text(wake: &Wake, at_ms: u64) -> String {
-    format!("{} wake-up at {}", wake_name(wake), api::time_text(at_ms))
+/// What `status` shows for the wake-ups that arrived during a rollout: the
+/// first, and how many more were folded into it.
+fn queued_text(wake: &Wake, at_ms: u64, more: u32) -> String {
+    let first = format!("{} wake-up at {}", wake_name(wake), api::time_text(at_ms));
+    match more {
+        0 => first,
+        n => format!("{first} (and {n} more, coalesced)"),
+    }
 }
 
 /// The closed set of things the loop reacts to.
@@ -499,7 +504,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let started = Instant::now();
         // A wake-up that arrives while this turn converges: not interleaved
         // with the rollout, but the reason to fetch again right after it.
-        let mut queued: Option<Wake> = None;
+        // Later ones are counted into it: one fetch serves them all.
+        let mut queued: Option<(Wake, u64, u32)> = None;
         match engine.fetch().await {
             Ok(head) => {
                 failures = 0;
@@ -544,11 +550,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                                 stop.request();
                                 stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
                             }
-                            Some(wake) = wake_rx.recv(), if queued.is_none() => {
-                                let text = queued_text(&wake, now_ms());
+                            Some(wake) = wake_rx.recv() => {
+                                let (first, at, more) = match queued.take() {
+                                    None => (wake, now_ms(), 0),
+                                    Some((first, at, more)) => (first, at, more + 1),
+                                };
+                                let text = queued_text(&first, at, more);
                                 info!(queued = %text, "wake-up during a rollout; fetching again when it ends");
                                 set_live(&|l| l.queued = Some(text.clone()));
-                                queued = Some(wake);
+                                queued = Some((first, at, more));
                             }
                         }
                     }
@@ -604,7 +614,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 });
             }
         }
-        if let Some(wake) = queued {
+        if let Some((wake, _, _)) = queued {
             // Straight to the newest commit: the next fetch reads the branch as it is now.
             trigger = wake_name(&wake).to_string();
             continue;
@@ -731,15 +741,19 @@ mod tests {
         assert_eq!(duration_text(Duration::from_millis(250)), "250ms");
         assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
         assert_eq!(
-            queued_text(&Wake::Watch, 0),
+            queued_text(&Wake::Watch, 0, 0),
             "watch wake-up at 1970-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            queued_text(&Wake::Sync, 0, 2),
+            "sync wake-up at 1970-01-01T00:00:00Z (and 2 more, coalesced)"
         );
         let hook = Wake::Webhook {
             provider: "github",
             delivery: None,
         };
         assert_eq!(
-            queued_text(&hook, 1_000),
+            queued_text(&hook, 1_000, 0),
             "webhook wake-up at 1970-01-01T00:00:01Z"
         );
     }

@@ -133,6 +133,9 @@ pub struct RolloutView {
     pub finished: Option<String>,
     pub duration_ms: Option<u64>,
     pub outcome: String,
+    /// The commit's subject line and author (`Name <email>`), when known.
+    pub subject: Option<String>,
+    pub author: Option<String>,
     pub error: Option<String>,
     pub scopes: Vec<ScopeActionView>,
     pub phases: Vec<PhaseView>,
@@ -199,6 +202,8 @@ impl From<&RolloutRecord> for RolloutView {
             finished: r.finished_at.map(time_text),
             duration_ms: r.finished_at.map(|f| f.saturating_sub(r.started_at)),
             outcome: r.outcome.as_str().to_string(),
+            subject: r.subject.clone(),
+            author: r.author.clone(),
             error: r.error.clone(),
             scopes: r.scopes.iter().map(ScopeActionView::from).collect(),
             phases: r.phases.iter().map(PhaseView::from).collect(),

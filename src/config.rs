@@ -382,14 +382,26 @@ fn read_docker(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<DockerConfig>
         None => Some(default()),
         Some(_) => {
             let host = t.string(r, "host")?;
-            let known = ["unix://", "tcp://", "http://", "https://"]
+            // What the Docker client will accept, checked now rather than
+            // at the first rollout.
+            let known = ["unix://", "tcp://", "http://"]
                 .iter()
                 .any(|scheme| host.value.len() > scheme.len() && host.value.starts_with(scheme));
-            if !known {
+            if host.value.starts_with("https://") {
                 r.error(
                     host.span.start,
                     format!(
-                        "docker host {:?} must start with unix://, tcp://, http:// or https://",
+                        "docker host {:?} is not supported: moorline talks to the engine without TLS; use unix://, tcp:// or http:// (an SSH or TLS tunnel to a local socket)",
+                        host.value
+                    ),
+                );
+                return None;
+            }
+            if !known || crate::runtime::docker::Docker::connect(host.value).is_err() {
+                r.error(
+                    host.span.start,
+                    format!(
+                        "docker host {:?} must be unix:///PATH, tcp://HOST:PORT or http://HOST:PORT",
                         host.value
                     ),
                 );
@@ -607,7 +619,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("{s}[state]\ndir = \"\"\n[docker]\nhost = \"/var/run/docker.sock\"\n"),
                 "/etc/moorline/config.toml:4:7: path must not be empty\n\
-                 /etc/moorline/config.toml:6:8: docker host \"/var/run/docker.sock\" must start with unix://, tcp://, http:// or https://",
+                 /etc/moorline/config.toml:6:8: docker host \"/var/run/docker.sock\" must be unix:///PATH, tcp://HOST:PORT or http://HOST:PORT",
             ),
             (
                 format!("state = \"/x\"\n{s}[agent]\nx = 1\n"),

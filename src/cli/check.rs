@@ -11,8 +11,8 @@ use crate::manifest::{self, Diagnostics, Manifest};
 /// file cannot be read.
 pub fn run(path: &Path) -> ExitCode {
     let (code, out, err) = check(path);
-    // Nothing useful can be done when stdout/stderr are closed.
-    let _ = std::io::stdout().write_all(out.as_bytes());
+    super::out(&out);
+    // Nothing useful can be done when stderr is closed.
     let _ = std::io::stderr().write_all(err.as_bytes());
     ExitCode::from(code)
 }

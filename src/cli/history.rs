@@ -48,7 +48,7 @@ pub async fn history(config: &Config, scope: Option<String>, limit: usize, json:
             if json {
                 super::print_json(&views);
             } else {
-                print!("{}", render_list(&views));
+                super::out(&render_list(&views));
             }
             super::OK
         }
@@ -69,7 +69,7 @@ pub async fn show(config: &Config, id: u64, json: bool) -> u8 {
             if json {
                 super::print_json(&view);
             } else {
-                print!("{}", render_one(&view));
+                super::out(&render_one(&view));
             }
             super::OK
         }
@@ -93,8 +93,8 @@ pub fn render_list(views: &[RolloutView]) -> String {
         return "no rollouts yet\n".to_string();
     }
     let mut out = format!(
-        "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  SCOPES\n",
-        "ID", "STARTED", "COMMIT", "TRIGGER", "OUTCOME"
+        "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  {:<30}  SUBJECT\n",
+        "ID", "STARTED", "COMMIT", "TRIGGER", "OUTCOME", "SCOPES"
     );
     for v in views {
         let scopes: Vec<String> = v
@@ -108,14 +108,16 @@ pub fn render_list(views: &[RolloutView]) -> String {
         } else {
             scopes.join(", ")
         };
+        let subject = v.subject.as_deref().unwrap_or("-");
         out.push_str(&format!(
-            "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  {}\n",
+            "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  {:<30}  {}\n",
             v.id,
             v.started,
             super::short(&v.commit),
             v.trigger,
             v.outcome,
-            scopes
+            scopes,
+            subject
         ));
     }
     out
@@ -124,6 +126,12 @@ pub fn render_list(views: &[RolloutView]) -> String {
 pub fn render_one(v: &RolloutView) -> String {
     let mut out = format!("rollout {}: {}\n", v.id, v.outcome);
     out.push_str(&format!("commit:    {}\n", v.commit));
+    if let Some(subject) = &v.subject {
+        out.push_str(&format!("subject:   {subject}\n"));
+    }
+    if let Some(author) = &v.author {
+        out.push_str(&format!("author:    {author}\n"));
+    }
     out.push_str(&format!(
         "previous:  {}\n",
         v.previous_commit.as_deref().unwrap_or("-")

@@ -19,12 +19,29 @@ pub fn exit(code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Write `text` to stdout. A closed pipe (`moorline status --json | grep
+/// -q ...`) ends the command quietly with exit 0, as ripgrep does: the
+/// reader has what it wanted. Any other write error is exit 2.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(OK.into());
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(ERROR.into());
+    }
+}
+
 /// Print a value as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("views always serialize")
-    );
+    let mut text = serde_json::to_string_pretty(value).expect("views always serialize");
+    text.push('\n');
+    out(&text);
 }
 
 pub fn short(commit: &str) -> &str {

@@ -44,7 +44,7 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
             if json {
                 super::print_json(&view);
             } else {
-                print!("{}", render(&view));
+                super::out(&render(&view));
             }
             super::OK
         }

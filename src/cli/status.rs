@@ -32,7 +32,7 @@ pub async fn run(config: &Config, json: bool) -> u8 {
     if json {
         super::print_json(&report);
     } else {
-        print!("{}", render(&report));
+        super::out(&render(&report));
     }
     if is_negative(&report) {
         super::NEGATIVE

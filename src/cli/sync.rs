@@ -6,7 +6,10 @@ use crate::config::Config;
 pub async fn run(config: &Config) -> u8 {
     match api::request(&config.state.dir, &Request::Sync).await {
         Ok(Response::Synced) => {
-            println!("agent woken: fetching {} now", config.source.branch);
+            super::out(&format!(
+                "agent woken: fetching {} now\n",
+                config.source.branch
+            ));
             super::OK
         }
         Ok(other) => {

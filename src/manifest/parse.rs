@@ -656,6 +656,13 @@ fn read_health(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<HealthCheck> {
                         ),
                     );
                     ok = false;
+                } else if let Err(e) = reqwest::Url::parse(u.value) {
+                    // What the HTTP client would refuse at verification time.
+                    r.error(
+                        u.span.start,
+                        format!("health url {:?} is not a valid URL: {e}", u.value),
+                    );
+                    ok = false;
                 }
             }
             let mut expect_status = 200;

@@ -184,11 +184,23 @@ impl Engine {
                 .map(|s| s.job_timeout)
                 .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
             let stopped = if f.owner == "docker" {
-                self.stop_members("native", std::slice::from_ref(&f.member), false, limit, &mut journal)
-                    .await
+                self.stop_members(
+                    "native",
+                    std::slice::from_ref(&f.member),
+                    false,
+                    limit,
+                    &mut journal,
+                )
+                .await
             } else {
-                self.stop_members("docker", std::slice::from_ref(&f.member), false, limit, &mut journal)
-                    .await
+                self.stop_members(
+                    "docker",
+                    std::slice::from_ref(&f.member),
+                    false,
+                    limit,
+                    &mut journal,
+                )
+                .await
             };
             let result = match &stopped {
                 Ok(()) => "stopped".to_string(),

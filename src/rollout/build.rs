@@ -85,7 +85,9 @@ async fn run_one(
         forward(err, tx.clone());
     }
     drop(tx);
-    let pgid = child.id();
+    // Killed as a group on a timeout, and when this future is dropped (the
+    // agent stopping mid-build): no background process of a build outlives it.
+    let mut group = GroupGuard(child.id());
     let collect = async {
         while let Some(line) = rx.recv().await {
             info!(scope, "build: {line}");
@@ -97,6 +99,9 @@ async fn run_one(
         child.wait().await
     })
     .await;
+    if waited.is_ok() {
+        group.0 = None;
+    }
     match waited {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(match status.code() {
@@ -111,13 +116,26 @@ async fn run_one(
             "build command \"{command}\" of scope \"{scope}\" failed: {e}"
         )),
         Err(_) => {
-            if let Some(pid) = pgid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
+            drop(group);
             Err(format!(
                 "build of scope \"{scope}\" did not finish within {} (at \"{command}\")",
                 humantime::format_duration(limit)
             ))
+        }
+    }
+}
+
+/// Kills the process group led by the build's shell when dropped, unless
+/// the build ended by itself (`None`).
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self
+            .0
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
     }
 }
@@ -173,6 +191,16 @@ mod tests {
         );
     }
 
+    /// Whether `pid` is a process that has not exited (a zombie has).
+    fn alive(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
     #[tokio::test]
     async fn builds_run_in_the_release_and_time_out_as_a_group() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -191,19 +219,34 @@ mod tests {
             std::fs::read_to_string(dir.path().join("where")).expect("build wrote its file");
         assert_eq!(written.trim(), format!("{} abc", dir.path().display()));
 
+        let command = "sleep 30 & echo $! > bg.pid; sleep 30";
         let err = run(
             "web",
-            &["sleep 30 & sleep 30".to_string()],
+            &[command.to_string()],
             dir.path(),
             "abc",
-            Duration::from_millis(300),
+            Duration::from_millis(500),
             &mut tail,
         )
         .await
         .expect_err("times out");
         assert_eq!(
             err,
-            "build of scope \"web\" did not finish within 300ms (at \"sleep 30 & sleep 30\")"
+            format!("build of scope \"web\" did not finish within 500ms (at \"{command}\")")
         );
+        // The background sleep went with the group, not only the shell.
+        let pid: i32 = std::fs::read_to_string(dir.path().join("bg.pid"))
+            .expect("the build wrote its background pid")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background process {pid} of a timed-out build is still running"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

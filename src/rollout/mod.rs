@@ -90,7 +90,10 @@ impl<'a> Journal<'a> {
     /// closes it as interrupted).
     pub async fn boundary(&mut self) {
         if self.stop.is_requested() {
-            info!(rollout = self.record.id, "stop requested: the rollout ends here");
+            info!(
+                rollout = self.record.id,
+                "stop requested: the rollout ends here"
+            );
             self.save();
             match self.stop.park().await {}
         }
@@ -258,12 +261,7 @@ impl Engine {
             .source
             .read_file(commit, path)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "manifest \"{path}\" not found in commit {}",
-                    short(commit)
-                )
-            })?;
+            .ok_or_else(|| format!("manifest \"{path}\" not found in commit {}", short(commit)))?;
         manifest::parse(path, &bytes).map_err(|d| d.to_string())
     }
 
@@ -396,10 +394,9 @@ impl Engine {
             let (store, manifest) = (self.store.clone(), self.config.source.manifest.clone());
             let path = dir.join(&commit);
             let pruned = journal
-                .step(
-                    format!("prune release {}", short(&commit)),
-                    async move { releases::prune_one(&store, &path, &manifest, &commit) },
-                )
+                .step(format!("prune release {}", short(&commit)), async move {
+                    releases::prune_one(&store, &path, &manifest, &commit)
+                })
                 .await;
             let images = match pruned {
                 Ok(images) => images,
@@ -465,7 +462,11 @@ impl Engine {
                 reason: s.reason.clone(),
                 release: Some(s.release.clone()),
                 built: false,
-                members: manifest.scopes.get(&s.scope).map(Scope::members).unwrap_or_default(),
+                members: manifest
+                    .scopes
+                    .get(&s.scope)
+                    .map(Scope::members)
+                    .unwrap_or_default(),
                 result: None,
             })
             .collect();
@@ -700,7 +701,10 @@ impl Engine {
         native::stop(&sd, members, journal).await?;
         for unit in members {
             journal
-                .step(format!("remove the drop-in of {unit}"), sd.remove_dropin(unit))
+                .step(
+                    format!("remove the drop-in of {unit}"),
+                    sd.remove_dropin(unit),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             if installed.contains(unit) {

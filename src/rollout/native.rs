@@ -100,5 +100,3 @@ pub async fn stop(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> 
     }
     Ok(())
 }
-
-

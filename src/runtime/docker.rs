@@ -17,8 +17,8 @@ use bollard::models::{
     RestartPolicy,
 };
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, RemoveContainerOptions,
-    RemoveImageOptions, RenameContainerOptions, StopContainerOptions,
+    BuildImageOptions, CreateContainerOptions, RemoveContainerOptions, RemoveImageOptions,
+    RenameContainerOptions, StopContainerOptions,
 };
 use futures_util::StreamExt;
 use tokio::sync::{OnceCell, mpsc};
@@ -132,8 +132,9 @@ impl DockerError {
     pub fn is_transient(&self) -> bool {
         match self {
             DockerError::Unreachable { .. } => true,
-            DockerError::Image { transient, .. }
-            | DockerError::Container { transient, .. } => *transient,
+            DockerError::Image { transient, .. } | DockerError::Container { transient, .. } => {
+                *transient
+            }
             _ => false,
         }
     }

@@ -900,9 +900,17 @@ mod tests {
             "stop of \"moorline-test-hangs-on-stop.service\" did not finish within 1s 500ms"
         );
         // Given up at the limit, not at systemd's (infinite) stop timeout.
-        assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(
-            systemd.unit_state(unit).await.expect("queries").active_state,
+            systemd
+                .unit_state(unit)
+                .await
+                .expect("queries")
+                .active_state,
             "deactivating"
         );
         // Unbounded handles are not touched by the bounded one.
@@ -928,7 +936,12 @@ mod tests {
         assert!(systemd.remove_unit_file(unit).await.expect("removes"));
         assert!(!manager.unit_dir().join(unit).exists());
         assert!(!systemd.remove_dropin(unit).await.expect("absent is fine"));
-        assert!(!systemd.remove_unit_file(unit).await.expect("absent is fine"));
+        assert!(
+            !systemd
+                .remove_unit_file(unit)
+                .await
+                .expect("absent is fine")
+        );
     }
 
     #[tokio::test]

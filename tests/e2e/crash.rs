@@ -316,3 +316,109 @@ fn a_unit_left_on_an_unrecorded_release_is_put_back_after_a_kill() {
         host.agent_log()
     );
 }
+
+/// A kill half-way through writing a release leaves only its staging
+/// directory, which start-up removes before the release is written again.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn killed_during_checkout_the_partial_release_is_removed_and_written_again() {
+    let (mut host, _first) = deployed_host();
+    let commit = kill_at(&mut host, "during-checkout", "web v2", web_v2);
+    let releases = host.state_dir().join("releases");
+    let partial = releases.join(format!(".partial-{commit}"));
+    assert!(
+        partial.is_dir(),
+        "the kill came in the middle of the checkout"
+    );
+    assert!(!releases.join(&commit).exists(), "no release is half there");
+    host.start_agent();
+    let [interrupted, retried] = wait_for(
+        "the interrupted rollout and its retry",
+        Duration::from_secs(90),
+        || {
+            let found = rollouts_of(&host, &commit);
+            (found.len() == 2 && found[1]["outcome"] != "in-progress")
+                .then(|| [found[0].clone(), found[1].clone()])
+        },
+    );
+    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
+    assert_eq!(
+        interrupted["error"],
+        format!(
+            "the agent stopped during \"check out release {}\"",
+            &commit[..7]
+        )
+        .as_str()
+    );
+    assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
+    assert_consistent(&host, &commit);
+    assert!(
+        releases
+            .join(&commit)
+            .join("services/web/www/index.html")
+            .is_file()
+    );
+}
+
+/// Pruning is journaled in the rollout that decided it; a kill in the
+/// middle leaves a release the registry forgot, removed at start-up.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn killed_while_pruning_the_forgotten_release_is_removed_at_start_up() {
+    let mut host = Host::with(|work| {
+        let path = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&path).expect("read manifest");
+        std::fs::write(
+            &path,
+            text.replace("keep_releases = 5", "keep_releases = 1"),
+        )
+        .expect("write manifest");
+    });
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let second = host.commit_and_push("web v2", web_v2);
+    host.sync();
+    assert_eq!(host.wait_rollout(&second)["outcome"], "succeeded");
+    host.stop_agent();
+
+    // Web moves on to a third release: the second is no longer used by
+    // any scope, and is pruned when the third is healthy.
+    host.start_agent_with(&[("MOORLINE_FAULT", "during-prune")]);
+    let third = host.commit_and_push("web v3", |work| {
+        std::fs::write(work.join("services/web/www/index.html"), "<p>web v3</p>\n").expect("write");
+    });
+    host.sync();
+    let status = host.wait_agent_exit(Duration::from_secs(90));
+    assert_eq!(status.signal(), Some(9), "killed at during-prune: {status}");
+    let rollout = rollouts_of(&host, &third).pop().expect("third in history");
+    assert_eq!(
+        rollout["outcome"], "succeeded",
+        "decided before pruning: {rollout:#}"
+    );
+    let last = rollout["journal"]
+        .as_array()
+        .and_then(|j| j.last())
+        .cloned()
+        .expect("journal");
+    assert_eq!(
+        last["step"],
+        format!("prune release {}", &second[..7]).as_str()
+    );
+    assert_eq!(last["state"], "intent");
+    let releases = host.state_dir().join("releases");
+    assert!(releases.join(&second).exists(), "killed before the delete");
+
+    host.start_agent();
+    wait_for(
+        "start-up to remove the forgotten release",
+        Duration::from_secs(30),
+        || (!releases.join(&second).exists()).then_some(()),
+    );
+    assert!(
+        releases.join(&first).exists(),
+        "api and workers run the first"
+    );
+    assert!(releases.join(&third).exists());
+    assert_consistent(&host, &third);
+}

@@ -1,8 +1,6 @@
 //! The Docker runtime and cutovers, against a real Docker engine and a real
 //! user manager: a scope is owned by exactly one runtime at any instant.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -13,70 +11,32 @@ use serde_json::Value;
 use crate::harness::{self, Host, docker, set_owner, wait_for};
 use crate::scope;
 
-/// Whether a container runs, asked of the engine's socket directly (a CLI
-/// call is too slow to sample every 20 ms).
-pub(crate) fn container_running(name: &str) -> bool {
-    let Ok(mut stream) = UnixStream::connect("/var/run/docker.sock") else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(
-        stream,
-        "GET /containers/{name}/json HTTP/1.0\r\nHost: docker\r\n\r\n"
-    )
-    .is_err()
-    {
-        return false;
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.contains("\"Running\":true")
-}
-
 pub(crate) fn inspect(name: &str) -> Value {
     let output = docker(&["inspect", name]);
     let list: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
     list[0].clone()
 }
 
-/// Samples both runtimes of one scope every 20 ms until stopped.
+/// Samples both runtimes of one scope every 20 ms until stopped, through
+/// their APIs (the user manager over D-Bus, the engine over its socket),
+/// both asked at once in each pass. A failed query fails the test: it is
+/// never read as "not running".
 pub(crate) struct Exclusivity {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(usize, Vec<String>)>>,
+    thread: Option<JoinHandle<Result<(usize, Vec<String>), String>>>,
 }
 
 impl Exclusivity {
     pub(crate) fn watch(host: &Host, unit: &str, container: &str) -> Exclusivity {
         let stop = Arc::new(AtomicBool::new(false));
-        let env = host.um.env();
+        let bus = host.um.bus_address();
         let (unit, container, flag) = (unit.to_string(), container.to_string(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let mut samples = 0;
-            let mut both = Vec::new();
-            let started = Instant::now();
-            while !flag.load(Ordering::SeqCst) {
-                let tick = Instant::now();
-                let output = std::process::Command::new("systemctl")
-                    .args(["--user", "is-active", &unit])
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    .output()
-                    .expect("systemctl runs");
-                let state = String::from_utf8_lossy(&output.stdout).trim().to_string();
-                let native = matches!(
-                    state.as_str(),
-                    "active" | "activating" | "deactivating" | "reloading"
-                );
-                let docker = container_running(&container);
-                samples += 1;
-                if native && docker {
-                    both.push(format!(
-                        "at {:?}: {unit} is {state} and {container} runs",
-                        started.elapsed()
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(20).saturating_sub(tick.elapsed()));
-            }
-            (samples, both)
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(sample(&bus, &unit, &container, &flag))
         });
         Exclusivity {
             stop,
@@ -84,7 +44,8 @@ impl Exclusivity {
         }
     }
 
-    /// Stop sampling; panics if both runtimes ever ran the scope.
+    /// Stop sampling; panics if both runtimes ever ran the scope, or if
+    /// either could not be asked.
     pub(crate) fn finish(mut self) -> usize {
         self.stop.store(true, Ordering::SeqCst);
         let (samples, both) = self
@@ -92,10 +53,74 @@ impl Exclusivity {
             .take()
             .expect("running")
             .join()
-            .expect("sampler thread");
+            .expect("sampler thread")
+            .unwrap_or_else(|e| panic!("the exclusivity sampler could not ask a runtime: {e}"));
         assert!(both.is_empty(), "both runtimes ran the scope: {both:#?}");
         samples
     }
+}
+
+async fn sample(
+    bus: &str,
+    unit: &str,
+    container: &str,
+    stop: &AtomicBool,
+) -> Result<(usize, Vec<String>), String> {
+    use zbus::proxy::CacheProperties;
+    use zbus_systemd::systemd1::{ManagerProxy, UnitProxy};
+    let connection = zbus::connection::Builder::address(bus)
+        .build()
+        .await
+        .map_err(|e| format!("user bus: {e}"))?;
+    let manager = ManagerProxy::new(&connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = manager
+        .load_unit(unit.to_string())
+        .await
+        .map_err(|e| format!("load {unit}: {e}"))?;
+    let unit_proxy = UnitProxy::builder(&connection)
+        .path(path)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let engine = bollard::Docker::connect_with_socket_defaults()
+        .map_err(|e| format!("docker engine: {e}"))?;
+    let mut samples = 0;
+    let mut both = Vec::new();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    while !stop.load(Ordering::SeqCst) {
+        ticker.tick().await;
+        let (state, inspected) = tokio::join!(
+            unit_proxy.active_state(),
+            engine.inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>
+            )
+        );
+        let state = state.map_err(|e| format!("ActiveState of {unit}: {e}"))?;
+        let running = match inspected {
+            Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => false,
+            Err(e) => return Err(format!("inspect {container}: {e}")),
+        };
+        let native = matches!(
+            state.as_str(),
+            "active" | "activating" | "deactivating" | "reloading"
+        );
+        samples += 1;
+        if native && running {
+            both.push(format!(
+                "at {:?}: {unit} is {state} and {container} runs",
+                started.elapsed()
+            ));
+        }
+    }
+    Ok((samples, both))
 }
 
 /// Web on docker, and only the newest release kept beyond those in use.

@@ -6,6 +6,7 @@
 
 #![cfg(feature = "fault-injection")]
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -393,5 +394,71 @@ fn docker_killed_after_stop_then_cut_over_to_native_leaves_no_kept_container() {
     assert_eq!(
         host.web().map(|(_, body)| body.contains("web v2")),
         Some(true)
+    );
+}
+
+/// The audit writes its record before it stops a foreign member: a kill
+/// there is closed as interrupted, and the next start stops the member.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn killed_during_the_audit_the_foreign_member_is_stopped_on_restart() {
+    let mut host = Host::new();
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let to_docker = host.commit_and_push("workers: cut over to docker", |work| {
+        set_owner(work, "workers", "docker")
+    });
+    host.sync();
+    assert_eq!(host.wait_rollout(&to_docker)["outcome"], "succeeded");
+    host.stop_agent();
+    let started = host.um.systemctl(&["start", "app-worker.service"]);
+    assert!(started.status.success());
+
+    host.launch_agent_with(&[("MOORLINE_FAULT", "during-audit")]);
+    let status = host.wait_agent_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "killed during the audit: {status}"
+    );
+    let open = host
+        .history()
+        .into_iter()
+        .find(|r| r["trigger"] == "audit")
+        .expect("the audit is on record before its first stop");
+    assert_eq!(open["outcome"], "in-progress", "{open:#}");
+    assert_eq!(
+        host.unit_property("app-worker.service", "ActiveState"),
+        "active"
+    );
+
+    host.start_agent();
+    wait_for(
+        "the audit to stop app-worker.service",
+        Duration::from_secs(30),
+        || (host.unit_property("app-worker.service", "ActiveState") == "inactive").then_some(()),
+    );
+    let audits = wait_for("both audits in history", Duration::from_secs(10), || {
+        let found: Vec<Value> = host
+            .history()
+            .into_iter()
+            .filter(|r| r["trigger"] == "audit")
+            .collect();
+        (found.len() == 2 && found[0]["outcome"] != "in-progress").then_some(found)
+    });
+    // Newest first: the audit that stopped it, then the interrupted one.
+    assert_eq!(audits[0]["outcome"], "succeeded", "{:#}", audits[0]);
+    assert_eq!(
+        audits[0]["journal"]
+            .as_array()
+            .and_then(|j| j.last())
+            .map(|j| (j["step"].clone(), j["state"].clone())),
+        Some(("stop app-worker.service".into(), "done".into()))
+    );
+    assert_eq!(audits[1]["outcome"], "interrupted", "{:#}", audits[1]);
+    assert_eq!(
+        audits[1]["error"],
+        "the agent stopped before any change was made"
     );
 }

@@ -304,17 +304,7 @@ impl Host {
 
     /// Start the agent with extra environment (e.g. `MOORLINE_FAULT`).
     pub fn start_agent_with(&mut self, env: &[(&str, &str)]) {
-        self.agent_runs += 1;
-        let log = std::fs::File::create(self.agent_log_path(self.agent_runs)).expect("agent log");
-        let child = self
-            .command(&["agent"])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("agent starts");
-        self.agent = Some(child);
+        self.launch_agent_with(env);
         wait_for(
             "the agent's control socket",
             Duration::from_secs(20),
@@ -331,6 +321,22 @@ impl Host {
         );
     }
 
+    /// Spawn the agent without waiting for its control socket (for a fault
+    /// point it reaches before it answers).
+    pub fn launch_agent_with(&mut self, env: &[(&str, &str)]) {
+        self.agent_runs += 1;
+        let log = std::fs::File::create(self.agent_log_path(self.agent_runs)).expect("agent log");
+        let child = self
+            .command(&["agent"])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("agent starts");
+        self.agent = Some(child);
+    }
+
     fn status_running(&self) -> bool {
         let output = self.moorline(&["status", "--json"]);
         serde_json::from_slice::<Value>(&output.stdout)
@@ -345,6 +351,15 @@ impl Host {
                 .args(["-TERM", &child.id().to_string()])
                 .status();
             let _ = child.wait();
+        }
+    }
+
+    /// Send SIGTERM (as `systemctl --user stop` would) without waiting.
+    pub fn terminate_agent(&self) {
+        if let Some(child) = &self.agent {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
         }
     }
 

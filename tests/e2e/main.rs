@@ -5,6 +5,7 @@
 mod user_manager;
 
 mod bad_input;
+mod core;
 mod crash;
 mod docker;
 mod docker_crash;

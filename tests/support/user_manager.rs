@@ -73,27 +73,7 @@ impl UserManager {
         }
 
         let log_path = runtime_dir.path().join("manager.log");
-        let log = fs::File::create(&log_path).expect("the runtime dir is writable");
-        let log_err = log.try_clone().expect("a file handle can be duplicated");
-        // The shell joins the cgroups and then becomes (via exec) the manager, so the pid we
-        // hold is the manager's: `setsid` does not fork because the shell leads no group.
-        let child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(
-                r#"for d in "$@"; do echo $$ >"$d/cgroup.procs" || exit 97; done
-                   exec setsid env SYSTEMD_LOG_TARGET=console /lib/systemd/systemd --user"#,
-            )
-            .arg("sh")
-            .args(&cgroup_dirs)
-            .env("XDG_RUNTIME_DIR", runtime_dir.path())
-            .env("XDG_CONFIG_HOME", config_home.path())
-            .env_remove("DBUS_SESSION_BUS_ADDRESS")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .expect("/bin/sh can be spawned");
+        let child = Self::spawn(&runtime_dir, &config_home, &cgroup_dirs, &log_path);
 
         let mut manager = UserManager {
             runtime_dir,
@@ -104,6 +84,54 @@ impl UserManager {
         };
         manager.wait_until_running();
         manager
+    }
+
+    /// Stops the manager and everything it runs, keeping its directories and cgroup for
+    /// `start_again` (a manager that crashed, or a reboot).
+    pub fn stop(&mut self) {
+        self.stop_processes();
+    }
+
+    /// Starts the manager again on the same runtime dir, config home and cgroup.
+    pub fn start_again(&mut self) {
+        let log = self.log_path.with_extension("restarted.log");
+        self.child = Self::spawn(
+            &self.runtime_dir,
+            &self.config_home,
+            &self.cgroup_dirs,
+            &log,
+        );
+        self.log_path = log;
+        self.wait_until_running();
+    }
+
+    fn spawn(
+        runtime_dir: &TempDir,
+        config_home: &TempDir,
+        cgroup_dirs: &[PathBuf],
+        log_path: &Path,
+    ) -> Child {
+        let log = fs::File::create(log_path).expect("the runtime dir is writable");
+        let log_err = log.try_clone().expect("a file handle can be duplicated");
+        // The shell joins the cgroups and then becomes (via exec) the manager, so the pid we
+        // hold is the manager's: `setsid` does not fork because the shell leads no group.
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(
+                r#"for d in "$@"; do echo $$ >"$d/cgroup.procs" || exit 97; done
+                   exec setsid env SYSTEMD_LOG_TARGET=console /lib/systemd/systemd --user"#,
+            )
+            .arg("sh")
+            .args(cgroup_dirs)
+            .env("XDG_RUNTIME_DIR", runtime_dir.path())
+            .env("XDG_CONFIG_HOME", config_home.path())
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .expect("/bin/sh can be spawned")
     }
 
     fn wait_until_running(&mut self) {
@@ -225,6 +253,14 @@ impl UserManager {
 
 impl Drop for UserManager {
     fn drop(&mut self) {
+        self.stop_processes();
+        self.remove_cgroups();
+    }
+}
+
+impl UserManager {
+    /// SIGTERM to the manager, then SIGKILL to whatever is left in its cgroups.
+    fn stop_processes(&mut self) {
         let pid = self.child.id();
         Self::signal(pid, "TERM");
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -251,6 +287,5 @@ impl Drop for UserManager {
             }
             std::thread::sleep(POLL);
         }
-        self.remove_cgroups();
     }
 }
