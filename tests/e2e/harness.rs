@@ -142,8 +142,38 @@ impl Host {
 
     /// Like `new`, with `edit` applied to the example before its first commit.
     pub fn with(edit: impl FnOnce(&Path)) -> Host {
+        Host::on(UserManager::start(), edit)
+    }
+
+    /// A host whose agent, CLI and user manager run as another user (the
+    /// test runs as root): its home and state belong to that user; the
+    /// repositories stay root's and readable by all, as a shared bare
+    /// repository would be.
+    pub fn for_user(uid: u32, gid: u32) -> Host {
+        let host = Host::on(UserManager::start_as(uid, gid), |_| {});
+        let chmod = |mode: &str, path: &Path| {
+            let ok = Command::new("chmod")
+                .args(["-R", mode])
+                .arg(path)
+                .status()
+                .expect("chmod runs");
+            assert!(ok.success(), "chmod {mode} {path:?}");
+        };
+        chmod("a+rX", host.root.path());
+        std::fs::write(host.build_log(), "").expect("build log");
+        for path in [host.home(), host.build_log()] {
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{uid}:{gid}")])
+                .arg(&path)
+                .status()
+                .expect("chown runs");
+            assert!(ok.success(), "chown {path:?}");
+        }
+        host
+    }
+
+    fn on(um: UserManager, edit: impl FnOnce(&Path)) -> Host {
         static HOSTS: AtomicU64 = AtomicU64::new(0);
-        let um = UserManager::start();
         let root = tempfile::Builder::new()
             .prefix("moorline-e2e-")
             .tempdir()
@@ -256,7 +286,19 @@ impl Host {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.um.user() {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    BIN,
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["--config", self.config_path().to_str().expect("utf-8 path")])
             .args(args)
             .env_clear()

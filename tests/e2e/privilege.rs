@@ -234,3 +234,113 @@ fn rustix_uid() -> u32 {
         .parse()
         .expect("a uid")
 }
+
+/// The uid and gid of a system user for tests, created once.
+fn test_user() -> (u32, u32) {
+    const NAME: &str = "moorline-e2e";
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, NAME])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok())
+    };
+    if id("-u").is_none() {
+        // Another test process may create it at the same moment: judged by `id` after.
+        let _ = Command::new("useradd")
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status();
+    }
+    (
+        id("-u").expect("the test user exists"),
+        id("-g").expect("the test user has a group"),
+    )
+}
+
+fn owner_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .uid()
+}
+
+/// The agent run by an unprivileged user with its own user manager, as on
+/// a real host: builds, checks and units run as that user, everything the
+/// agent keeps is that user's only, and root's CLI gets no answer from the
+/// control socket.
+#[test]
+fn an_unprivileged_agent_deploys_as_its_user_and_keeps_its_state_to_itself() {
+    let (uid, gid) = test_user();
+    assert_ne!(uid, 0);
+    let mut host = Host::for_user(uid, gid);
+    let where_log = host.home().join("where.log");
+    let commit = host.commit_and_push("builds and checks say who runs them", |work| {
+        let manifest = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&manifest).expect("manifest");
+        let text = text.replace(
+            "build = [\"./build-api.sh\"]",
+            &format!(
+                "build = [\"./build-api.sh\", \"echo build $(id -u) >> {}\"]",
+                where_log.display()
+            ),
+        );
+        let text = text.replacen(
+            "body_contains = \"ok\"\n",
+            &format!(
+                "body_contains = \"ok\"\n\n[[scopes.api.health]]\nexec = [\"sh\", \"-c\", \"echo exec $(id -u) >> {}\"]\n",
+                where_log.display()
+            ),
+            1,
+        );
+        std::fs::write(&manifest, text).expect("manifest");
+    });
+    host.start_agent();
+    let rollout = host.wait_rollout(&commit);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &commit[..7]))));
+
+    let lines = std::fs::read_to_string(&where_log).expect("builds and checks ran");
+    assert!(lines.starts_with(&format!("build {uid}\n")), "{lines}");
+    assert!(
+        lines.lines().skip(1).all(|l| l == format!("exec {uid}")),
+        "{lines}"
+    );
+    // The unit's process is the user's too.
+    let pid = host.unit_property("app-api.service", "MainPID");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let real_uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("Uid line");
+    assert_eq!(real_uid, uid.to_string());
+
+    let state = host.state_dir();
+    let mut files = Vec::new();
+    modes(&state, &mut files);
+    assert!(files.len() > 3, "{files:?}");
+    for (path, mode, _) in &files {
+        let path = Path::new(path);
+        assert_eq!(owner_of(path), uid, "{} belongs to the agent's user", path.display());
+        assert_eq!(*mode & 0o077, 0, "{} is {mode:o}: not owner-only", path.display());
+    }
+    assert_eq!(mode(&state) & 0o777, 0o700);
+    // Root's own client (not the agent's uid) is answered nothing.
+    let socket = state.join("agent.sock");
+    assert_eq!(ask_as(0, &socket), "", "root gets no answer either");
+    let log = host.agent_log();
+    assert!(
+        log.contains("refused a control connection from another user uid=0"),
+        "{log}"
+    );
+}

@@ -33,6 +33,8 @@ pub struct UserManager {
     child: Child,
     cgroup_dirs: Vec<PathBuf>,
     log_path: PathBuf,
+    /// The (uid, gid) the manager runs as; `None` for the test's own user.
+    user: Option<(u32, u32)>,
 }
 
 impl UserManager {
@@ -40,6 +42,16 @@ impl UserManager {
     ///
     /// Panics, with the manager's log, if it does not come up within 20 s.
     pub fn start() -> UserManager {
+        Self::start_with(None)
+    }
+
+    /// Starts a manager for another user (the test itself runs as root): its runtime dir,
+    /// config home and cgroup are given to that user, and the manager drops to it.
+    pub fn start_as(uid: u32, gid: u32) -> UserManager {
+        Self::start_with(Some((uid, gid)))
+    }
+
+    fn start_with(user: Option<(u32, u32)>) -> UserManager {
         fs::create_dir_all("/run/systemd/system")
             .expect("creating /run/systemd/system needs root, which the test machines give");
         let runtime_dir = tempfile::Builder::new()
@@ -72,8 +84,21 @@ impl UserManager {
             fs::create_dir(dir).unwrap_or_else(|e| panic!("cannot create cgroup {dir:?}: {e}"));
         }
 
+        if let Some((uid, gid)) = user {
+            let owner = format!("{uid}:{gid}");
+            let mut targets = vec![runtime_dir.path().to_path_buf(), config_home.path().to_path_buf()];
+            targets.extend(cgroup_dirs.iter().cloned());
+            for target in targets {
+                let chown = Command::new("chown")
+                    .args(["-R", &owner])
+                    .arg(&target)
+                    .status()
+                    .expect("chown runs");
+                assert!(chown.success(), "chown {owner} {target:?}");
+            }
+        }
         let log_path = runtime_dir.path().join("manager.log");
-        let child = Self::spawn(&runtime_dir, &config_home, &cgroup_dirs, &log_path);
+        let child = Self::spawn(&runtime_dir, &config_home, &cgroup_dirs, &log_path, user);
 
         let mut manager = UserManager {
             runtime_dir,
@@ -81,6 +106,7 @@ impl UserManager {
             child,
             cgroup_dirs,
             log_path,
+            user,
         };
         manager.wait_until_running();
         manager
@@ -100,6 +126,7 @@ impl UserManager {
             &self.config_home,
             &self.cgroup_dirs,
             &log,
+            self.user,
         );
         self.log_path = log;
         self.wait_until_running();
@@ -110,6 +137,7 @@ impl UserManager {
         config_home: &TempDir,
         cgroup_dirs: &[PathBuf],
         log_path: &Path,
+        user: Option<(u32, u32)>,
     ) -> Child {
         let log = fs::File::create(log_path).expect("the runtime dir is writable");
         let log_err = log.try_clone().expect("a file handle can be duplicated");
@@ -119,10 +147,17 @@ impl UserManager {
             .arg("-c")
             .arg(
                 r#"for d in "$@"; do echo $$ >"$d/cgroup.procs" || exit 97; done
-                   exec setsid env SYSTEMD_LOG_TARGET=console /lib/systemd/systemd --user"#,
+                   exec setsid $MOORLINE_TEST_AS env SYSTEMD_LOG_TARGET=console /lib/systemd/systemd --user"#,
             )
             .arg("sh")
             .args(cgroup_dirs)
+            .env(
+                "MOORLINE_TEST_AS",
+                user.map(|(uid, gid)| {
+                    format!("setpriv --reuid={uid} --regid={gid} --clear-groups")
+                })
+                .unwrap_or_default(),
+            )
             .env("XDG_RUNTIME_DIR", runtime_dir.path())
             .env("XDG_CONFIG_HOME", config_home.path())
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
@@ -160,6 +195,11 @@ impl UserManager {
         }
     }
 
+    /// The (uid, gid) the manager runs as, when it is not the test's own user.
+    pub fn user(&self) -> Option<(u32, u32)> {
+        self.user
+    }
+
     /// The user bus of this manager.
     pub fn bus_address(&self) -> String {
         format!("unix:path={}/bus", self.runtime_dir.path().display())
@@ -185,9 +225,23 @@ impl UserManager {
         ]
     }
 
-    /// Runs `systemctl --user ARGS` against this manager, for tests to observe with.
+    /// Runs `systemctl --user ARGS` against this manager, for tests to observe with
+    /// (as the manager's user: systemd refuses a client of another uid).
     pub fn systemctl(&self, args: &[&str]) -> Output {
-        Command::new("systemctl")
+        let mut command = match self.user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    "systemctl",
+                ]);
+                c
+            }
+            None => Command::new("systemctl"),
+        };
+        command
             .arg("--user")
             .args(args)
             .envs(self.env())
