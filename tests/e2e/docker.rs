@@ -450,3 +450,52 @@ fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it
         "the owner keeps running"
     );
 }
+
+/// The last healthy release of each owner is the way back of a cutover:
+/// pruning keeps it (and the image built for it) however many commits come
+/// after, so reverting the cutover reuses it without a build.
+#[test]
+fn the_release_docker_last_ran_survives_pruning_for_the_way_back() {
+    let mut host = Host::with(web_docker);
+    let web = host.container("app-web");
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let to_native = host.commit_and_push("web: back to native", |work| {
+        set_owner(work, "web", "native")
+    });
+    host.sync();
+    assert_eq!(host.wait_rollout(&to_native)["outcome"], "succeeded");
+    // Two commits that move api and workers (packages/ is theirs) off the
+    // first release: only web's way back to docker still needs it.
+    for n in 1..=2 {
+        let commit = host.commit_and_push(&format!("packages: change {n}"), |work| {
+            std::fs::write(work.join("packages/shared/README"), format!("change {n}\n"))
+                .expect("write");
+        });
+        host.sync();
+        let rollout = host.wait_rollout(&commit);
+        assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+        assert_eq!(scope(&rollout, "web")["action"], "unchanged");
+    }
+    let releases = host.state_dir().join("releases");
+    assert!(releases.join(&first).is_dir(), "the way back was pruned");
+    let image = format!("{web}:{first}");
+    assert!(
+        docker(&["image", "inspect", &image]).status.success(),
+        "{image} was removed"
+    );
+
+    let revert = host.commit_and_push("Revert \"web: back to native\"", |work| {
+        harness::git(work, &["revert", "--no-commit", &to_native]);
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&revert);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    let back = scope(&rollout, "web");
+    assert_eq!(back["action"], "cutover", "{back}");
+    assert_eq!(back["release"], first.as_str(), "{back}");
+    assert_eq!(back["built"], false, "{back}");
+    assert_eq!(inspect(&web)["Config"]["Image"], image.as_str());
+    assert!(host.web().is_some_and(|(_, body)| body.contains("web v1")));
+}

@@ -244,7 +244,12 @@ fn test_user() -> (u32, u32) {
             .output()
             .ok()
             .filter(|o| o.status.success())
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
     };
     if id("-u").is_none() {
         // Another test process may create it at the same moment: judged by `id` after.
@@ -331,8 +336,18 @@ fn an_unprivileged_agent_deploys_as_its_user_and_keeps_its_state_to_itself() {
     assert!(files.len() > 3, "{files:?}");
     for (path, mode, _) in &files {
         let path = Path::new(path);
-        assert_eq!(owner_of(path), uid, "{} belongs to the agent's user", path.display());
-        assert_eq!(*mode & 0o077, 0, "{} is {mode:o}: not owner-only", path.display());
+        assert_eq!(
+            owner_of(path),
+            uid,
+            "{} belongs to the agent's user",
+            path.display()
+        );
+        assert_eq!(
+            *mode & 0o077,
+            0,
+            "{} is {mode:o}: not owner-only",
+            path.display()
+        );
     }
     assert_eq!(mode(&state) & 0o777, 0o700);
     // Root's own client (not the agent's uid) is answered nothing.

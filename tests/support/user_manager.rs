@@ -86,7 +86,10 @@ impl UserManager {
 
         if let Some((uid, gid)) = user {
             let owner = format!("{uid}:{gid}");
-            let mut targets = vec![runtime_dir.path().to_path_buf(), config_home.path().to_path_buf()];
+            let mut targets = vec![
+                runtime_dir.path().to_path_buf(),
+                config_home.path().to_path_buf(),
+            ];
             targets.extend(cgroup_dirs.iter().cloned());
             for target in targets {
                 let chown = Command::new("chown")
