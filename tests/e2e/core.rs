@@ -46,13 +46,12 @@ fn status_scope(host: &Host, name: &str) -> Value {
 }
 
 #[test]
-fn a_scope_found_down_is_repaired_while_the_branch_head_is_quarantined() {
+fn history_keeps_each_commits_subject_and_author() {
     let mut host = Host::new();
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
     let rollout = host.wait_rollout(&first);
     assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
-    // The commit's own words are kept with the rollout.
     assert_eq!(rollout["subject"], "initial import");
     assert_eq!(rollout["author"], "Test <test@example.invalid>");
     let show = host.moorline(&["show", &rollout["id"].to_string()]);
@@ -68,6 +67,15 @@ fn a_scope_found_down_is_repaired_while_the_branch_head_is_quarantined() {
         "{}",
         String::from_utf8_lossy(&list.stdout)
     );
+}
+
+#[test]
+fn a_scope_found_down_is_repaired_while_the_branch_head_is_quarantined() {
+    let mut host = Host::new();
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    host.start_agent();
+    let rollout = host.wait_rollout(&first);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
 
     let crash = host.commit_and_push("api that dies", api_that_never_answers);
     host.sync();

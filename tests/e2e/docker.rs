@@ -23,8 +23,11 @@ pub(crate) fn inspect(name: &str) -> Value {
 /// never read as "not running".
 pub(crate) struct Exclusivity {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<(usize, Vec<String>), String>>>,
+    thread: Option<JoinHandle<Result<Samples, String>>>,
 }
+
+/// How many passes the sampler made, and each moment both runtimes ran.
+type Samples = (usize, Vec<String>);
 
 impl Exclusivity {
     pub(crate) fn watch(host: &Host, unit: &str, container: &str) -> Exclusivity {
@@ -65,7 +68,7 @@ async fn sample(
     unit: &str,
     container: &str,
     stop: &AtomicBool,
-) -> Result<(usize, Vec<String>), String> {
+) -> Result<Samples, String> {
     use zbus::proxy::CacheProperties;
     use zbus_systemd::systemd1::{ManagerProxy, UnitProxy};
     let connection = zbus::connection::Builder::address(bus)

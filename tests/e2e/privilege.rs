@@ -74,6 +74,12 @@ fn state_and_control_socket_are_owner_only_and_another_uid_gets_no_answer() {
     let _ = host.wait_rollout(&first);
 
     let state = host.state_dir();
+    // The snapshot is written in the background once the loop is idle.
+    harness::wait_for(
+        "the status snapshot",
+        std::time::Duration::from_secs(20),
+        || state.join("status.json").exists().then_some(()),
+    );
     assert_eq!(mode(&state), 0o700);
     let socket = state.join("agent.sock");
     assert_eq!(mode(&socket), 0o600);

@@ -1,0 +1,407 @@
+//! Switching, verifying, stopping and restoring a scope owned by the
+//! `docker` runtime. A replaced container is stopped and renamed to
+//! `<name>.moorline-prev` until the new one is healthy, so a rollback brings
+//! back the very container that ran before.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+
+use super::{Docker, LABEL_COMMIT, Labels};
+use crate::journal::Journal;
+use crate::cli::short;
+use crate::manifest::{ContainerSpec, Scope};
+
+/// Suffix of a replaced container kept for rollback.
+pub const PREV_SUFFIX: &str = ".moorline-prev";
+/// How long a container gets to stop before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn prev_name(name: &str) -> String {
+    format!("{name}{PREV_SUFFIX}")
+}
+
+/// The image a container runs at `release`: built images are tagged with the
+/// release's commit; others are references that exist locally.
+pub fn image_ref(container: &ContainerSpec, release: &str) -> String {
+    if container.dockerfile.is_some() {
+        format!("{}:{release}", container.image)
+    } else {
+        container.image.clone()
+    }
+}
+
+pub fn containers(scope: &Scope) -> &[ContainerSpec] {
+    scope
+        .docker
+        .as_ref()
+        .map(|d| d.containers.as_slice())
+        .unwrap_or_default()
+}
+
+pub fn names(scope: &Scope) -> Vec<String> {
+    containers(scope).iter().map(|c| c.name.clone()).collect()
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Make sure every image of the scope exists for `release`, building the
+/// missing ones from the release directory. Build output goes to `on_line`.
+pub async fn ensure_images(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+    on_line: &mut (dyn FnMut(&str) + Send),
+) -> Result<(), String> {
+    for container in containers(scope) {
+        let reference = image_ref(container, release);
+        if docker.image_id(&reference).await.map_err(text)?.is_some() {
+            continue;
+        }
+        let Some(dockerfile) = &container.dockerfile else {
+            return Err(format!(
+                "image \"{reference}\" of container \"{}\" does not exist locally",
+                container.name
+            ));
+        };
+        let context = release_dir.join(&container.context);
+        let dockerfile = release_dir.join(dockerfile);
+        let dockerfile = dockerfile.to_string_lossy().into_owned();
+        // The engine is building once it sends output: a kill lands mid-build.
+        let mut output = |line: &str| {
+            crate::fault::point("during-image-build");
+            on_line(line)
+        };
+        journal
+            .step(
+                format!("build image {}:{}", container.image, short(release)),
+                docker.build_image(&context, &dockerfile, &reference, labels, &mut output),
+            )
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// The release a container was created for, from its label.
+async fn release_of(docker: &Docker, name: &str) -> Result<Option<String>, String> {
+    Ok(docker
+        .inspect(name)
+        .await
+        .map_err(text)?
+        .and_then(|state| state.labels.get(LABEL_COMMIT).cloned()))
+}
+
+/// Replace the scope's containers with new ones on `release`. Existing
+/// containers of the same names are stopped and kept as `<name>.moorline-prev`
+/// — unless a container on `way_back` (the release a rollback returns to) is
+/// already kept there and the existing one runs another release: a rollout
+/// killed after it started its containers left those, and keeping them would
+/// make a rollback bring back the very release that is being replaced.
+pub async fn replace(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    way_back: Option<&str>,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for container in containers(scope) {
+        let name = &container.name;
+        if let Some(state) = docker.inspect(name).await.map_err(text)? {
+            let prev = prev_name(name);
+            let kept = release_of(docker, &prev).await?;
+            if way_back.is_some()
+                && kept.as_deref() == way_back
+                && state.labels.get(LABEL_COMMIT).map(String::as_str) != way_back
+            {
+                journal
+                    .step(format!("remove container {name}"), async {
+                        docker.stop(name, STOP_TIMEOUT).await?;
+                        docker.remove(name).await
+                    })
+                    .await
+                    .map_err(text)?;
+                continue;
+            }
+            journal
+                .step(
+                    format!("stop container {name}"),
+                    docker.stop(name, STOP_TIMEOUT),
+                )
+                .await
+                .map_err(text)?;
+            remove_if_present(docker, &prev, journal).await?;
+            journal
+                .step(
+                    format!("keep container {name} as {prev}"),
+                    docker.rename(name, &prev),
+                )
+                .await
+                .map_err(text)?;
+        }
+    }
+    // The old containers are stopped and kept; the new ones not created yet.
+    crate::fault::point("after-stop");
+    start_new(docker, labels, scope, release_dir, release, journal).await
+}
+
+/// Create and start the scope's containers (no container of those names exists).
+pub async fn start_new(
+    docker: &Docker,
+    labels: &Labels,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    let env = [
+        ("MOORLINE_COMMIT".to_string(), release.to_string()),
+        (
+            "MOORLINE_RELEASE".to_string(),
+            release_dir.display().to_string(),
+        ),
+    ];
+    for container in containers(scope) {
+        let name = &container.name;
+        let image = image_ref(container, release);
+        journal
+            .step(
+                format!("create container {name} from {image}"),
+                docker.create(container, &image, labels, &env, release_dir),
+            )
+            .await
+            .map_err(text)?;
+        journal
+            .step(format!("start container {name}"), docker.start(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// Every container stays up through the settle window (and its image's own
+/// HEALTHCHECK passes), and every health check passes, watched at once; the
+/// first definite failure ends the wait.
+pub async fn verify(
+    docker: &Docker,
+    scope: &Scope,
+    release_dir: &Path,
+    http: &reqwest::Client,
+) -> Result<(), String> {
+    let settle = async {
+        try_join_all(
+            containers(scope)
+                .iter()
+                .map(|c| docker.settle(&c.name, scope.settle, scope.health_timeout)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(text)
+    };
+    let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
+    tokio::try_join!(settle, health).map(|_| ())
+}
+
+/// Remove the container `name` if it exists, journaled; absent is fine.
+async fn remove_if_present(
+    docker: &Docker,
+    name: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    if docker.inspect(name).await.map_err(text)?.is_some() {
+        journal
+            .step(format!("remove container {name}"), docker.remove(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// The new containers are healthy: drop the kept ones.
+pub async fn drop_previous(
+    docker: &Docker,
+    scope: &Scope,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names(scope) {
+        remove_if_present(docker, &prev_name(&name), journal).await?;
+    }
+    Ok(())
+}
+
+/// Undo `replace`: remove the new containers and put the kept ones back
+/// under their names, started when `start` is set. With `release`, a kept
+/// container of another release is not the way back: it is removed. Returns
+/// whether every container had a kept predecessor.
+pub async fn restore(
+    docker: &Docker,
+    names: &[String],
+    release: Option<&str>,
+    start: bool,
+    journal: &mut Journal<'_>,
+) -> Result<bool, String> {
+    let mut all_restored = true;
+    for name in names {
+        journal
+            .step(format!("remove container {name}"), docker.remove(name))
+            .await
+            .map_err(text)?;
+        let prev = prev_name(name);
+        if docker.inspect(&prev).await.map_err(text)?.is_none() {
+            all_restored = false;
+            continue;
+        }
+        let kept = release_of(docker, &prev).await?;
+        if release.is_some() && kept.as_deref() != release {
+            journal
+                .step(format!("remove container {prev}"), docker.remove(&prev))
+                .await
+                .map_err(text)?;
+            all_restored = false;
+            continue;
+        }
+        journal
+            .step(
+                format!("restore container {name} from {prev}"),
+                docker.rename(&prev, name),
+            )
+            .await
+            .map_err(text)?;
+        if start {
+            journal
+                .step(format!("start container {name}"), docker.start(name))
+                .await
+                .map_err(text)?;
+        }
+    }
+    Ok(all_restored)
+}
+
+/// Remove the containers and any kept as `<name>.moorline-prev` (a cutover
+/// to docker that is undone).
+pub async fn remove_all(
+    docker: &Docker,
+    names: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        for name in [name.clone(), prev_name(name)] {
+            remove_if_present(docker, &name, journal).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Stop containers, keeping them (cutovers) or removing them. Removing
+/// also removes a container kept as `<name>.moorline-prev` (left by a
+/// replacement that a kill interrupted): nothing of the scope stays on docker.
+pub async fn stop(
+    docker: &Docker,
+    names: &[String],
+    remove: bool,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        if remove {
+            journal
+                .step(format!("remove container {name}"), async {
+                    docker.stop(name, STOP_TIMEOUT).await?;
+                    docker.remove(name).await
+                })
+                .await
+                .map_err(text)?;
+            remove_if_present(docker, &prev_name(name), journal).await?;
+        } else {
+            journal
+                .step(
+                    format!("stop container {name}"),
+                    docker.stop(name, STOP_TIMEOUT),
+                )
+                .await
+                .map_err(text)?;
+        }
+    }
+    Ok(())
+}
+
+/// Start stopped containers again (undoing a cutover away from docker).
+pub async fn start(
+    docker: &Docker,
+    names: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    for name in names {
+        journal
+            .step(format!("start container {name}"), docker.start(name))
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
+}
+
+/// The scope's containers (and kept `.moorline-prev` ones) that run (the
+/// audit's foreign members when native owns the scope).
+pub async fn running(docker: &Docker, scope: &Scope) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for container in containers(scope) {
+        for name in [container.name.clone(), prev_name(&container.name)] {
+            let Some(state) = docker.inspect(&name).await.map_err(text)? else {
+                continue;
+            };
+            if state.running {
+                found.push(name);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Containers that are missing, stopped, or labelled with another release
+/// than `release`.
+pub async fn drift(docker: &Docker, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    for container in containers(scope) {
+        match docker.inspect(&container.name).await.map_err(text)? {
+            None => found.push(format!("container {} is missing", container.name)),
+            Some(state) if !state.running => {
+                found.push(format!("container {} is {}", container.name, state.status))
+            }
+            Some(state) => {
+                let commit = state.labels.get(LABEL_COMMIT);
+                if commit.is_some_and(|c| c != release) {
+                    found.push(format!(
+                        "container {} runs release {} but {} was recorded",
+                        container.name,
+                        short(commit.map(String::as_str).unwrap_or("")),
+                        short(release)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// What `status` shows for one container.
+pub async fn member_state(docker: &Docker, name: &str) -> crate::runtime::MemberState {
+    use crate::runtime::MemberState;
+    match docker.inspect(name).await {
+        Ok(Some(c)) if c.running => MemberState::Up(format!(
+            "running (image {}, id {})",
+            c.image_ref,
+            c.id.get(..12).unwrap_or(&c.id)
+        )),
+        Ok(Some(c)) => MemberState::Down(format!("{} (exit code {})", c.status, c.exit_code)),
+        Ok(None) => MemberState::Down("missing".to_string()),
+        Err(e) if e.is_transient() => MemberState::Unknown(format!("unknown: {e}")),
+        Err(e) => MemberState::Down(format!("unknown: {e}")),
+    }
+}

@@ -1,0 +1,218 @@
+//! Switching, verifying and stopping a scope owned by the `native` runtime:
+//! unit files and drop-ins installed from the release, units restarted
+//! through the user manager, then held to the settle window.
+
+use std::path::Path;
+
+use futures_util::future::try_join_all;
+
+use super::Systemd;
+use crate::cli::short;
+use crate::journal::Journal;
+use crate::manifest::Scope;
+
+/// Install the scope's unit files and drop-ins for `release`, reload, and
+/// restart every unit. Each side effect is journaled first.
+pub async fn switch(
+    sd: &Systemd,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    let Some(native) = &scope.native else {
+        return Err(format!("scope \"{}\" has no native section", scope.name));
+    };
+    let sd = &sd.with_job_timeout(scope.job_timeout);
+    let short = short(release);
+    for file in &native.unit_files {
+        let src = release_dir.join(file);
+        let unit = Path::new(file)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.clone());
+        journal
+            .step(
+                format!("install {unit} from {short}"),
+                sd.install_unit_file(&src, &unit),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    for unit in &native.units {
+        journal
+            .step(
+                format!("point {unit} at release {short}"),
+                sd.write_dropin(unit, release_dir, release),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    journal
+        .step("reload the user manager".to_string(), sd.daemon_reload())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Unit files and drop-ins now name the new release; nothing restarted yet.
+    crate::fault::point("after-stop");
+    // systemd's own start timeout may be infinite; the rollout's is the
+    // scope's job_timeout.
+    for unit in &native.units {
+        journal
+            .step(format!("restart {unit} on {short}"), sd.restart(unit))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Every unit stays up through the settle window and every health check
+/// passes within the scope's timeout; both are watched at once, and the
+/// first definite failure (a unit that went down) ends the wait.
+pub async fn verify(
+    sd: &Systemd,
+    scope: &Scope,
+    release_dir: &Path,
+    http: &reqwest::Client,
+) -> Result<(), String> {
+    let units: &[String] = scope
+        .native
+        .as_ref()
+        .map(|n| n.units.as_slice())
+        .unwrap_or_default();
+    let settle = async {
+        try_join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
+    tokio::try_join!(settle, health).map(|_| ())
+}
+
+/// Stop every unit of the scope (first deploys that fail, removed scopes,
+/// cutovers away from native).
+pub async fn stop(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> Result<(), String> {
+    for unit in units {
+        journal
+            .step(format!("stop {unit}"), sd.stop(unit))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Start units again (undoing a cutover away from native).
+pub async fn start(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> Result<(), String> {
+    for unit in units {
+        journal
+            .step(format!("start {unit}"), sd.start(unit))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Take units out of service for good: stopped, their drop-ins and the unit
+/// files `installed_by` (the scope as it ran) installed removed, reloaded.
+pub async fn retire(
+    sd: &Systemd,
+    installed_by: Option<&Scope>,
+    units: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
+    let installed: Vec<String> = installed_by
+        .and_then(|s| s.native.as_ref())
+        .map(|n| {
+            n.unit_files
+                .iter()
+                .filter_map(|f| Path::new(f).file_name())
+                .map(|f| f.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    stop(sd, units, journal).await?;
+    for unit in units {
+        journal
+            .step(format!("remove the drop-in of {unit}"), sd.remove_dropin(unit))
+            .await
+            .map_err(|e| e.to_string())?;
+        if installed.contains(unit) {
+            journal
+                .step(
+                    format!("remove the unit file {unit}"),
+                    sd.remove_unit_file(unit),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    journal
+        .step("reload the user manager".to_string(), sd.daemon_reload())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn is_up(active_state: &str) -> bool {
+    matches!(
+        active_state,
+        "active" | "activating" | "reloading" | "deactivating"
+    )
+}
+
+/// The scope's units that are up (the audit's foreign members when docker
+/// owns the scope).
+pub async fn running(sd: &Systemd, scope: &Scope) -> Result<Vec<String>, String> {
+    let Some(native) = &scope.native else {
+        return Ok(vec![]);
+    };
+    let mut found = Vec::new();
+    for unit in &native.units {
+        let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
+        if is_up(&state.active_state) {
+            found.push(unit.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// Units that are down, or whose drop-in names another release than `release`.
+pub async fn drift(sd: &Systemd, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+    let mut found = Vec::new();
+    let Some(native) = &scope.native else {
+        return Ok(found);
+    };
+    for unit in &native.units {
+        let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
+        if !is_up(&state.active_state) {
+            found.push(format!(
+                "{unit} is {} ({})",
+                state.active_state, state.sub_state
+            ));
+            continue;
+        }
+        if let Ok(Some((_, commit))) = sd.read_dropin(unit).await
+            && commit != release
+        {
+            found.push(format!(
+                "{unit} runs release {} but {} was recorded",
+                short(&commit),
+                short(release)
+            ));
+        }
+    }
+    Ok(found)
+}
+
+/// What `status` shows for one unit.
+pub async fn member_state(sd: &Systemd, unit: &str) -> crate::runtime::MemberState {
+    use crate::runtime::MemberState;
+    match sd.unit_state(unit).await {
+        Ok(u) if u.load_state == "not-found" => MemberState::Down("not-found".to_string()),
+        Ok(u) if u.active_state == "active" => {
+            MemberState::Up(format!("{} ({})", u.active_state, u.sub_state))
+        }
+        Ok(u) => MemberState::Down(format!("{} ({})", u.active_state, u.sub_state)),
+        Err(e) if e.is_transient() => MemberState::Unknown(format!("unknown: {e}")),
+        Err(e) => MemberState::Down(format!("unknown: {e}")),
+    }
+}
