@@ -18,7 +18,7 @@ use crate::api::{
 use crate::cli::short;
 use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle};
-use crate::runtime::systemd::Systemd;
+use crate::runtime::{MemberState, Runtimes};
 use crate::source::Wake;
 use crate::source::watch::{RefWatcher, WatchHealth, watch_ref};
 use crate::source::webhook::WebhookServer;
@@ -157,9 +157,9 @@ struct Agent {
     store: Store,
     live: Arc<Mutex<Live>>,
     wake: mpsc::Sender<Wake>,
-    /// The status path's own user-manager connection: made when first
-    /// needed, dropped when it breaks, so a manager that comes back is seen.
-    systemd: tokio::sync::Mutex<Option<Systemd>>,
+    /// The status path's own runtime connections: made when first needed,
+    /// dropped when they break, so a manager that comes back is seen.
+    runtimes: tokio::sync::Mutex<Runtimes>,
     watch: Mutex<WatchState>,
     snapshot_turn: tokio::sync::Mutex<()>,
 }
@@ -218,78 +218,38 @@ impl Agent {
         self.live.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    async fn systemd(&self) -> Option<Systemd> {
-        let mut cached = self.systemd.lock().await;
-        if cached.is_none() {
-            *cached = Systemd::connect().await.ok();
-        }
-        cached.clone()
-    }
-
-    /// Forget a connection that failed, so the next status connects again.
-    async fn forget_systemd(&self) {
-        *self.systemd.lock().await = None;
-    }
-
     /// The status as the agent sees it now, with live member states.
     async fn status(&self) -> StatusReport {
         let live = self.live();
         let host = self.store.host().unwrap_or_default();
         let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
-        let sd = self.systemd().await;
-        let docker = crate::runtime::docker::Docker::connect(&self.config.docker.host).ok();
+        let mut runtimes = self.runtimes.lock().await;
         let mut scopes = Vec::new();
-        let mut bus_broke = false;
         for (name, state) in &host.scopes {
             let mut members = Vec::new();
             let mut problems = Vec::new();
             // Members whose runtime could not be asked: neither up nor down.
             let mut unknown = Vec::new();
+            let owner = state.current.owner;
+            let runtime = runtimes.get(owner).await;
             for member in &state.current.members {
-                let text = match (&sd, state.current.owner.as_str()) {
-                    (Some(sd), "native") => match sd.unit_state(member).await {
-                        Ok(u) if u.load_state == "not-found" => "not-found".to_string(),
-                        Ok(u) => format!("{} ({})", u.active_state, u.sub_state),
-                        Err(e) => {
-                            bus_broke |= e.is_transient();
-                            if e.is_transient() {
-                                unknown.push(member.clone());
-                            }
-                            format!("unknown: {e}")
-                        }
-                    },
-                    (_, "docker") => match &docker {
-                        Some(dk) => match dk.inspect(member).await {
-                            Ok(Some(c)) if c.running => format!(
-                                "running (image {}, id {})",
-                                c.image_ref,
-                                c.id.get(..12).unwrap_or(&c.id)
-                            ),
-                            Ok(Some(c)) => format!("{} (exit code {})", c.status, c.exit_code),
-                            Ok(None) => "missing".to_string(),
-                            Err(e) => {
-                                if e.is_transient() {
-                                    unknown.push(member.clone());
-                                }
-                                format!("unknown: {e}")
-                            }
-                        },
-                        None => "unknown: docker is not reachable".to_string(),
-                    },
-                    (None, _) => {
-                        unknown.push(member.clone());
-                        "unknown: the systemd user manager is not reachable".to_string()
-                    }
-                    _ => "unknown".to_string(),
+                let member_state = match &runtime {
+                    Ok(runtime) => runtime.member_state(member).await,
+                    Err(e) => MemberState::Unknown(format!("unknown: {e}")),
                 };
-                let up = text.starts_with("active") || text.starts_with("running");
-                if !up && !unknown.contains(member) {
-                    problems.push(format!("{member} is {text}"));
+                match &member_state {
+                    MemberState::Up(_) => {}
+                    MemberState::Down(text) => problems.push(format!("{member} is {text}")),
+                    MemberState::Unknown(_) => unknown.push(member.clone()),
                 }
                 members.push(MemberView {
                     name: member.clone(),
-                    state: text,
+                    state: member_state.text().to_string(),
                 });
+            }
+            if !unknown.is_empty() {
+                // A broken connection is made again at the next status.
+                runtimes.forget(owner);
             }
             let (health, detail) = if !state.healthy {
                 (
@@ -311,7 +271,7 @@ impl Agent {
             };
             scopes.push(ScopeView {
                 name: name.clone(),
-                owner: state.current.owner.clone(),
+                owner: state.current.owner.to_string(),
                 release: state.current.release.clone(),
                 commit: state.current.commit.clone(),
                 health: health.to_string(),
@@ -320,9 +280,6 @@ impl Agent {
                 rollout: state.current.rollout,
                 problem: state.problem.clone(),
             });
-        }
-        if bus_broke {
-            self.forget_systemd().await;
         }
         StatusReport {
             agent: AgentView {
@@ -475,7 +432,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         live: live.clone(),
         wake: wake_tx.clone(),
-        systemd: tokio::sync::Mutex::new(None),
+        runtimes: tokio::sync::Mutex::new(Runtimes::new(
+            &config.docker.host,
+            &engine.source.url_text(),
+        )),
         watch: Mutex::new(WatchState::Off),
         snapshot_turn: tokio::sync::Mutex::new(()),
     });

@@ -217,7 +217,7 @@ impl From<&ScopeRecord> for ScopeActionView {
     fn from(s: &ScopeRecord) -> ScopeActionView {
         ScopeActionView {
             scope: s.scope.clone(),
-            owner: s.owner.clone(),
+            owner: s.owner.to_string(),
             action: s.action.clone(),
             reason: s.reason.clone(),
             release: s.release.clone(),

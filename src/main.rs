@@ -14,6 +14,8 @@ mod config;
 mod fault;
 /// Health checks: http, tcp, exec.
 mod health;
+/// The journal of a rollout's side effects, and the stop request it obeys.
+mod journal;
 /// The manifest committed in the source: schema, validation, fingerprints.
 mod manifest;
 /// (manifest, recorded state, inputs) → what each scope needs; pure.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{Manifest, Runtime, Scope};
+use crate::manifest::{Manifest, Owner, Scope};
 use crate::store::{HostState, ReleaseRecord};
 
 /// What a scope's deployment depends on at one commit.
@@ -38,7 +38,7 @@ pub enum Action {
     Deploy,
     /// The owner changed: stop the old runtime's members, start the new one's.
     Cutover {
-        from: Runtime,
+        from: Owner,
     },
     Unchanged,
     /// The scope left the manifest: stop its members.
@@ -59,7 +59,7 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopePlan {
     pub scope: String,
-    pub owner: Runtime,
+    pub owner: Owner,
     pub action: Action,
     pub reason: String,
     /// The release whose files the scope will run: an existing release
@@ -73,6 +73,9 @@ pub struct ScopePlan {
     /// Members the scope ran on this owner that it no longer lists: stopped
     /// and removed once the rollout is healthy.
     pub retired: Vec<String>,
+    /// The members the scope runs once this step is done (a removed
+    /// scope: those it ran).
+    pub members: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,13 +155,6 @@ fn build_scripts(line: &str) -> Vec<String> {
         .collect()
 }
 
-pub fn runtime_name(runtime: Runtime) -> &'static str {
-    match runtime {
-        Runtime::Native => "native",
-        Runtime::Docker => "docker",
-    }
-}
-
 /// Decide what each scope needs to reach `commit`.
 pub fn plan(
     commit: &str,
@@ -177,19 +173,16 @@ pub fn plan(
             path_ids: BTreeMap::new(),
         });
         let fingerprint = input.fingerprint();
-        let owner = runtime_name(scope.owner);
+        let owner = scope.owner;
         let (action, reason) = match host.scopes.get(name) {
             None => (Action::Deploy, "first deploy".to_string()),
             Some(state) => {
                 let current = &state.current;
                 if current.owner != owner {
-                    let from = if current.owner == "docker" {
-                        Runtime::Docker
-                    } else {
-                        Runtime::Native
-                    };
                     (
-                        Action::Cutover { from },
+                        Action::Cutover {
+                            from: current.owner,
+                        },
                         format!("owner changed from {} to {owner}", current.owner),
                     )
                 } else if current.section_text != input.section_text {
@@ -254,17 +247,14 @@ pub fn plan(
             path_ids: input.path_ids,
             section_text: input.section_text,
             retired,
+            members: scope.members(),
         });
     }
     for (name, state) in host.scopes.iter().rev() {
         if manifest.scopes.contains_key(name) {
             continue;
         }
-        let owner = if state.current.owner == "docker" {
-            Runtime::Docker
-        } else {
-            Runtime::Native
-        };
+        let owner = state.current.owner;
         scopes.push(ScopePlan {
             scope: name.clone(),
             owner,
@@ -276,6 +266,7 @@ pub fn plan(
             path_ids: state.current.path_ids.clone(),
             section_text: state.current.section_text.clone(),
             retired: vec![],
+            members: state.current.members.clone(),
         });
     }
     Plan {
@@ -395,8 +386,8 @@ units = ["web.service"]
             let owner = owners
                 .iter()
                 .find(|(n, _)| *n == s.scope)
-                .map(|(_, o)| o.to_string())
-                .unwrap_or_else(|| runtime_name(s.owner).to_string());
+                .and_then(|(_, o)| Owner::parse(o))
+                .unwrap_or(s.owner);
             let current = DeployedScope {
                 owner,
                 release: s.release.clone(),
@@ -534,7 +525,7 @@ units = ["web.service"]
         assert_eq!(
             next.scopes[1].action,
             Action::Cutover {
-                from: Runtime::Docker
+                from: Owner::Docker
             }
         );
         assert_eq!(next.scopes[1].reason, "owner changed from docker to native");

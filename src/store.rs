@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::Owner;
+
 /// Bumped whenever a stored record changes shape. Records of an older
 /// version are read through `migrate`; a newer one is refused by name.
 ///
@@ -97,8 +99,7 @@ pub struct RolloutRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScopeRecord {
     pub scope: String,
-    /// "native" or "docker".
-    pub owner: String,
+    pub owner: Owner,
     /// "deploy", "cutover", "unchanged", "remove".
     pub action: String,
     pub reason: String,
@@ -131,7 +132,7 @@ pub struct JournalEntry {
 /// What one scope runs now, as the agent last established it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeployedScope {
-    pub owner: String,
+    pub owner: Owner,
     /// Commit whose release directory the scope runs.
     pub release: String,
     /// The host commit this state was reached at.
@@ -156,10 +157,10 @@ pub struct ScopeState {
     /// that does not own the scope, a unit pointing at another release).
     #[serde(default)]
     pub problem: Option<String>,
-    /// Owner ("native", "docker") → the last release that was healthy on
-    /// it: the way back after a cutover, which pruning keeps.
+    /// Owner → the last release that was healthy on it: the way back
+    /// after a cutover, which pruning keeps.
     #[serde(default)]
-    pub way_back: BTreeMap<String, String>,
+    pub way_back: BTreeMap<Owner, String>,
 }
 
 impl ScopeState {
@@ -167,7 +168,7 @@ impl ScopeState {
     /// keeping what `previous` knew of the way back to other owners.
     pub fn healthy(current: DeployedScope, previous: Option<&ScopeState>) -> ScopeState {
         let mut way_back = previous.map(|p| p.way_back.clone()).unwrap_or_default();
-        way_back.insert(current.owner.clone(), current.release.clone());
+        way_back.insert(current.owner, current.release.clone());
         ScopeState {
             current: current.clone(),
             healthy: true,
@@ -490,7 +491,7 @@ mod tests {
             author: Some("Test <test@example.invalid>".into()),
             scopes: vec![ScopeRecord {
                 scope: scope.into(),
-                owner: "native".into(),
+                owner: Owner::Native,
                 action: "deploy".into(),
                 reason: "first deploy".into(),
                 release: None,
@@ -608,7 +609,7 @@ mod tests {
         // The way back of a schema-1 state is its last healthy release.
         assert_eq!(
             api.way_back,
-            BTreeMap::from([("docker".to_string(), "2".repeat(40))])
+            BTreeMap::from([(Owner::Docker, "2".repeat(40))])
         );
         assert_eq!(api.problem, None);
     }

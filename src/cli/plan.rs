@@ -3,7 +3,6 @@
 
 use crate::api::{self, PlanView, PlannedScopeView, Request, Response};
 use crate::config::Config;
-use crate::plan::runtime_name;
 use crate::rollout::Engine;
 use crate::store::Store;
 
@@ -21,7 +20,7 @@ pub fn compute(engine: &Engine, rev: Option<&str>) -> Result<PlanView, String> {
             .iter()
             .map(|s| PlannedScopeView {
                 scope: s.scope.clone(),
-                owner: runtime_name(s.owner).to_string(),
+                owner: s.owner.to_string(),
                 action: s.action.as_str().to_string(),
                 reason: s.reason.clone(),
                 release: s.release.clone(),

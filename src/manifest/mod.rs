@@ -64,12 +64,8 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-/// The one runtime that owns a scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Runtime {
-    Native,
-    Docker,
-}
+pub use crate::health::HealthCheck;
+pub use crate::runtime::Owner;
 
 /// A validated manifest.
 #[derive(Debug, Clone)]
@@ -99,7 +95,7 @@ pub struct Defaults {
 #[derive(Debug, Clone)]
 pub struct Scope {
     pub name: String,
-    pub owner: Runtime,
+    pub owner: Owner,
     pub after: Vec<String>,
     /// Repository-relative prefixes; empty means "any change".
     pub paths: Vec<String>,
@@ -121,13 +117,19 @@ pub struct Scope {
 impl Scope {
     /// The unit or container names of the owning runtime's form.
     pub fn members(&self) -> Vec<String> {
-        match self.owner {
-            Runtime::Native => self
+        self.members_on(self.owner)
+    }
+
+    /// The unit or container names of the scope's form on `owner` (empty
+    /// when it has none).
+    pub fn members_on(&self, owner: Owner) -> Vec<String> {
+        match owner {
+            Owner::Native => self
                 .native
                 .as_ref()
                 .map(|n| n.units.clone())
                 .unwrap_or_default(),
-            Runtime::Docker => self
+            Owner::Docker => self
                 .docker
                 .as_ref()
                 .map(|d| d.containers.iter().map(|c| c.name.clone()).collect())
@@ -164,29 +166,4 @@ pub struct ContainerSpec {
     pub command: Option<Vec<String>>,
     /// "no", "always", "unless-stopped", "on-failure"; default "unless-stopped".
     pub restart: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub kind: HealthKind,
-    /// One attempt's limit. Default 5s.
-    pub timeout: Duration,
-    /// Pause between attempts. Default 500ms.
-    pub interval: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HealthKind {
-    Http {
-        url: String,
-        expect_status: u16,
-        body_contains: Option<String>,
-    },
-    Tcp {
-        addr: String,
-    },
-    /// argv run in the release directory.
-    Exec {
-        argv: Vec<String>,
-    },
 }

@@ -8,10 +8,7 @@ use std::time::Duration;
 use toml::de::DeValue;
 
 use super::reader::{At, Reader, Table, check_repo_path, duration, integer_of, read_toml};
-use super::{
-    ContainerSpec, Defaults, Diagnostics, DockerSpec, HealthCheck, HealthKind, Manifest,
-    NativeSpec, Runtime, Scope,
-};
+use super::{ContainerSpec, Defaults, Diagnostics, DockerSpec, Manifest, NativeSpec, Owner, Scope};
 
 const TOP_KEYS: &[&str] = &["version", "defaults", "scopes"];
 const DEFAULTS_KEYS: &[&str] = &[
@@ -47,15 +44,6 @@ const CONTAINER_KEYS: &[&str] = &[
     "volumes",
     "command",
     "restart",
-];
-const HEALTH_KEYS: &[&str] = &[
-    "http",
-    "tcp",
-    "exec",
-    "expect_status",
-    "body_contains",
-    "timeout",
-    "interval",
 ];
 const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path"];
 const RESTART_POLICIES: &[&str] = &["no", "always", "unless-stopped", "on-failure"];
@@ -253,19 +241,18 @@ fn read_scope(
     let mut ok = true;
 
     let owner = table.required_string(r, "owner");
-    let owner = owner.and_then(|o| match o.value {
-        "native" => Some(At {
+    let owner = owner.and_then(|o| match Owner::parse(o.value) {
+        Some(value) => Some(At {
             span: o.span,
-            value: Runtime::Native,
+            value,
         }),
-        "docker" => Some(At {
-            span: o.span,
-            value: Runtime::Docker,
-        }),
-        other => {
+        None => {
             r.error(
                 o.span.start,
-                format!("unknown owner {other:?}; expected \"native\" or \"docker\""),
+                format!(
+                    "unknown owner {:?}; expected \"native\" or \"docker\"",
+                    o.value
+                ),
             );
             None
         }
@@ -309,7 +296,7 @@ fn read_scope(
         format!("health check {i} of scope {name:?}")
     }) {
         for check in checks {
-            match read_health(r, &check) {
+            match crate::health::parse(r, &check) {
                 Some(h) => health.push(h),
                 None => ok = false,
             }
@@ -332,8 +319,8 @@ fn read_scope(
 
     if let Some(o) = &owner {
         let (present, section) = match o.value {
-            Runtime::Native => (table.value("native").is_some(), "native"),
-            Runtime::Docker => (table.value("docker").is_some(), "docker"),
+            Owner::Native => (table.value("native").is_some(), "native"),
+            Owner::Docker => (table.value("docker").is_some(), "docker"),
         };
         if !present {
             r.error(
@@ -610,124 +597,6 @@ fn read_container(
     .filter(|_| ok)
 }
 
-fn read_health(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<HealthCheck> {
-    t.check_keys(r, HEALTH_KEYS);
-    let kinds: Vec<&str> = ["http", "tcp", "exec"]
-        .into_iter()
-        .filter(|k| t.value(k).is_some())
-        .collect();
-    if kinds.len() != 1 {
-        r.error(
-            t.span.start,
-            format!("{} must have exactly one of http, tcp, exec", t.label),
-        );
-        return None;
-    }
-    let mut ok = true;
-    if kinds[0] != "http" {
-        for key in ["expect_status", "body_contains"] {
-            if let Some((key_span, _)) = t.entry(key) {
-                r.error(
-                    key_span.start,
-                    format!("{key:?} only applies to http checks"),
-                );
-                ok = false;
-            }
-        }
-    }
-    let mut timeout = Duration::from_secs(5);
-    let mut interval = Duration::from_millis(500);
-    ok &= set_duration(r, t, "timeout", false, &mut timeout);
-    ok &= set_duration(r, t, "interval", false, &mut interval);
-    let kind = match kinds[0] {
-        "http" => {
-            let url = t.string(r, "http");
-            if let Some(u) = &url {
-                let rest = u
-                    .value
-                    .strip_prefix("http://")
-                    .or_else(|| u.value.strip_prefix("https://"));
-                if rest.is_none_or(str::is_empty) {
-                    r.error(
-                        u.span.start,
-                        format!(
-                            "health url {:?} must start with http:// or https://",
-                            u.value
-                        ),
-                    );
-                    ok = false;
-                } else if let Err(e) = reqwest::Url::parse(u.value) {
-                    // What the HTTP client would refuse at verification time.
-                    r.error(
-                        u.span.start,
-                        format!("health url {:?} is not a valid URL: {e}", u.value),
-                    );
-                    ok = false;
-                }
-            }
-            let mut expect_status = 200;
-            if let Some(s) = t.integer(r, "expect_status") {
-                match u16::try_from(s.value) {
-                    Ok(code @ 100..=599) => expect_status = code,
-                    _ => {
-                        r.error(
-                            s.span.start,
-                            format!(
-                                "expect_status {} is not an HTTP status code (100 to 599)",
-                                s.value
-                            ),
-                        );
-                        ok = false;
-                    }
-                }
-            } else if t.value("expect_status").is_some() {
-                ok = false;
-            }
-            let body_contains = t.string(r, "body_contains");
-            ok &= t.value("body_contains").is_none() || body_contains.is_some();
-            HealthKind::Http {
-                url: url?.value.to_owned(),
-                expect_status,
-                body_contains: body_contains.map(|b| b.value.to_owned()),
-            }
-        }
-        "tcp" => {
-            let addr = t.string(r, "tcp")?;
-            let valid = addr.value.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !valid {
-                r.error(
-                    addr.span.start,
-                    format!(
-                        "tcp address {:?} must be \"host:port\", e.g. \"127.0.0.1:4000\"",
-                        addr.value
-                    ),
-                );
-                return None;
-            }
-            HealthKind::Tcp {
-                addr: addr.value.to_owned(),
-            }
-        }
-        _ => {
-            let argv = t.strings(r, "exec")?;
-            if argv.value.is_empty() {
-                r.error(argv.span.start, "\"exec\" must not be empty");
-                return None;
-            }
-            HealthKind::Exec {
-                argv: argv.value.iter().map(|a| a.value.to_owned()).collect(),
-            }
-        }
-    };
-    ok.then_some(HealthCheck {
-        kind,
-        timeout,
-        interval,
-    })
-}
-
 /// Reports `after` entries that name an unknown scope or the scope itself,
 /// drops them, dedupes the rest and copies them into the scopes.
 fn check_after(r: &mut Reader<'_>, parts: &mut [Part]) {
@@ -929,6 +798,7 @@ fn canonical(value: &DeValue<'_>, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::{HealthCheck, HealthKind};
 
     const FILE: &str = "deploy/moorline.toml";
 
@@ -1013,7 +883,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             vec![vec!["infra"], vec!["api", "workers"], vec!["web"]]
         );
         let api = &m.scopes["api"];
-        assert_eq!(api.owner, Runtime::Native);
+        assert_eq!(api.owner, Owner::Native);
         assert_eq!(api.after, vec!["infra"]);
         assert_eq!(api.paths, vec!["services/api/", "packages/"]);
         assert_eq!(api.build, vec!["./build-api.sh"]);
@@ -1053,18 +923,18 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             api.health,
             vec![
                 HealthCheck {
-                    kind: HealthKind::Http {
+                    kind: HealthKind::Http(crate::health::http::Http {
                         url: "http://127.0.0.1:4000/health".into(),
                         expect_status: 200,
                         body_contains: Some("ok".into()),
-                    },
+                    }),
                     timeout: Duration::from_secs(5),
                     interval: Duration::from_millis(500),
                 },
                 HealthCheck {
-                    kind: HealthKind::Tcp {
+                    kind: HealthKind::Tcp(crate::health::tcp::Tcp {
                         addr: "127.0.0.1:4000".into()
-                    },
+                    }),
                     timeout: Duration::from_secs(2),
                     interval: Duration::from_millis(500),
                 },
@@ -1074,15 +944,15 @@ units = ["app-worker@1.service", "app-worker@2.service"]
         assert_eq!(
             web.health,
             vec![HealthCheck {
-                kind: HealthKind::Exec {
+                kind: HealthKind::Exec(crate::health::exec::Exec {
                     argv: vec!["./check.sh".into(), "web".into()]
-                },
+                }),
                 timeout: Duration::from_secs(5),
                 interval: Duration::from_secs(1),
             }]
         );
         let infra = &m.scopes["infra"];
-        assert_eq!(infra.owner, Runtime::Docker);
+        assert_eq!(infra.owner, Owner::Docker);
         let nats = &infra.docker.as_ref().expect("infra has docker").containers[0];
         assert_eq!(nats.restart, "unless-stopped");
         assert_eq!(nats.ports, vec!["127.0.0.1:4222:4222"]);

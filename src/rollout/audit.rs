@@ -8,9 +8,9 @@ use tracing::warn;
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Journal, docker as dk};
-use crate::cli::short;
+use super::{Engine, Journal};
 use crate::manifest::Scope;
+use crate::runtime::{Keep, Owner};
 use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
 
 /// What the audit found for one scope.
@@ -18,40 +18,34 @@ use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
 pub struct Finding {
     pub scope: String,
     /// The runtime that owns the scope.
-    pub owner: String,
+    pub owner: Owner,
     pub text: String,
     /// A foreign member was stopped (recorded in history) rather than the
     /// scope merely marked for redeployment.
     pub stopped: bool,
 }
 
-fn is_up(active_state: &str) -> bool {
-    matches!(
-        active_state,
-        "active" | "activating" | "reloading" | "deactivating"
-    )
-}
-
-/// A member running on the runtime that does not own its scope.
+/// A member running on a runtime that does not own its scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Foreign {
     scope: String,
     /// The runtime that owns the scope.
-    owner: String,
+    owner: Owner,
+    /// The runtime the member was found running on.
+    found_on: Owner,
     /// The unit or container found running.
     member: String,
 }
 
 impl Foreign {
     fn text(&self) -> String {
-        let (what, other) = if self.owner == "docker" {
-            ("", "docker")
-        } else {
-            ("container ", "native")
+        let what = match self.found_on {
+            Owner::Docker => "container ",
+            Owner::Native => "",
         };
         format!(
-            "{what}{} was running although {other} owns scope \"{}\"; stopped it",
-            self.member, self.scope
+            "{what}{} was running although {} owns scope \"{}\"; stopped it",
+            self.member, self.owner, self.scope
         )
     }
 }
@@ -74,27 +68,35 @@ impl Engine {
                     continue;
                 }
             };
-            let found = if state.current.owner == "docker" {
-                self.foreign_units(&scope).await
-            } else {
-                self.foreign_containers(&scope).await
-            };
-            let found = found.unwrap_or_else(|e| {
-                warn!(scope = %name, error = %e, "cannot check the runtime that does not own the scope");
-                vec![]
-            });
-            foreign.extend(found.into_iter().map(|member| Foreign {
-                scope: name.clone(),
-                owner: state.current.owner.clone(),
-                member,
-            }));
+            let owner = state.current.owner;
+            for other in owner.others() {
+                if scope.members_on(other).is_empty() {
+                    continue;
+                }
+                let found = match self.runtime(other).await {
+                    Ok(runtime) => runtime.running(&scope).await,
+                    Err(e) => Err(e),
+                };
+                let found = found.unwrap_or_else(|e| {
+                    warn!(scope = %name, error = %e, "cannot check the runtime that does not own the scope");
+                    vec![]
+                });
+                foreign.extend(found.into_iter().map(|member| Foreign {
+                    scope: name.clone(),
+                    owner,
+                    found_on: other,
+                    member,
+                }));
+            }
             let redeploy = if drift {
-                self.drift(&scope, &state.current.owner, &state.current.release)
-                    .await
-                    .unwrap_or_else(|e| {
-                        warn!(scope = %name, error = %e, "cannot check the scope's members");
-                        vec![]
-                    })
+                let found = match self.runtime(owner).await {
+                    Ok(runtime) => runtime.drift(&scope, &state.current.release).await,
+                    Err(e) => Err(e),
+                };
+                found.unwrap_or_else(|e| {
+                    warn!(scope = %name, error = %e, "cannot check the scope's members");
+                    vec![]
+                })
             } else {
                 vec![]
             };
@@ -104,7 +106,7 @@ impl Engine {
             for text in redeploy {
                 findings.push(Finding {
                     scope: name.clone(),
-                    owner: state.current.owner.clone(),
+                    owner,
                     text,
                     stopped: false,
                 });
@@ -157,7 +159,7 @@ impl Engine {
                 .iter()
                 .map(|f| ScopeRecord {
                     scope: f.scope.clone(),
-                    owner: f.owner.clone(),
+                    owner: f.owner,
                     action: "audit".into(),
                     reason: f.text(),
                     release: None,
@@ -183,24 +185,18 @@ impl Engine {
                 .get(&f.scope)
                 .map(|s| s.job_timeout)
                 .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
-            let stopped = if f.owner == "docker" {
-                self.stop_members(
-                    "native",
-                    std::slice::from_ref(&f.member),
-                    false,
-                    limit,
-                    &mut journal,
-                )
-                .await
-            } else {
-                self.stop_members(
-                    "docker",
-                    std::slice::from_ref(&f.member),
-                    false,
-                    limit,
-                    &mut journal,
-                )
-                .await
+            let stopped = match self.runtime(f.found_on).await {
+                Ok(runtime) => {
+                    runtime
+                        .stop(
+                            std::slice::from_ref(&f.member),
+                            Keep::WayBack,
+                            limit,
+                            &mut journal,
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
             };
             let result = match &stopped {
                 Ok(()) => "stopped".to_string(),
@@ -210,7 +206,7 @@ impl Engine {
             match stopped {
                 Ok(()) => findings.push(Finding {
                     scope: f.scope.clone(),
-                    owner: f.owner.clone(),
+                    owner: f.owner,
                     text: f.text(),
                     stopped: true,
                 }),
@@ -226,105 +222,5 @@ impl Engine {
         }
         journal.save();
         Ok(findings)
-    }
-
-    /// Units of a docker-owned scope that are up.
-    async fn foreign_units(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
-        let Some(native) = &scope.native else {
-            return Ok(vec![]);
-        };
-        let sd = self.systemd().await?;
-        let mut found = Vec::new();
-        for unit in &native.units {
-            let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
-            if is_up(&state.active_state) {
-                found.push(unit.clone());
-            }
-        }
-        Ok(found)
-    }
-
-    /// Containers (and kept `.moorline-prev` ones) of a native-owned scope
-    /// that are running.
-    async fn foreign_containers(&mut self, scope: &Scope) -> Result<Vec<String>, String> {
-        let Some(docker) = &scope.docker else {
-            return Ok(vec![]);
-        };
-        if docker.containers.is_empty() {
-            return Ok(vec![]);
-        }
-        let client = self.docker()?;
-        let mut found = Vec::new();
-        for container in &docker.containers {
-            for name in [container.name.clone(), dk::prev_name(&container.name)] {
-                let Some(state) = client.inspect(&name).await.map_err(|e| e.to_string())? else {
-                    continue;
-                };
-                if state.running {
-                    found.push(name);
-                }
-            }
-        }
-        Ok(found)
-    }
-    /// Owned members that are down or run another release than recorded.
-    async fn drift(
-        &mut self,
-        scope: &Scope,
-        owner: &str,
-        release: &str,
-    ) -> Result<Vec<String>, String> {
-        let mut found = Vec::new();
-        if owner == "native" {
-            let Some(native) = &scope.native else {
-                return Ok(found);
-            };
-            let sd = self.systemd().await?;
-            for unit in &native.units {
-                let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
-                if !is_up(&state.active_state) {
-                    found.push(format!(
-                        "{unit} is {} ({})",
-                        state.active_state, state.sub_state
-                    ));
-                    continue;
-                }
-                if let Ok(Some((_, commit))) = sd.read_dropin(unit).await
-                    && commit != release
-                {
-                    found.push(format!(
-                        "{unit} runs release {} but {} was recorded",
-                        short(&commit),
-                        short(release)
-                    ));
-                }
-            }
-        } else {
-            let client = self.docker()?;
-            for container in dk::containers(scope) {
-                match client
-                    .inspect(&container.name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    None => found.push(format!("container {} is missing", container.name)),
-                    Some(state) if !state.running => {
-                        found.push(format!("container {} is {}", container.name, state.status))
-                    }
-                    Some(state) => {
-                        let commit = state.labels.get(crate::runtime::docker::LABEL_COMMIT);
-                        if commit.is_some_and(|c| c != release) {
-                            found.push(format!(
-                                "container {} runs release {} but {} was recorded",
-                                container.name,
-                                short(commit.map(String::as_str).unwrap_or("")),
-                                short(release)
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(found)
     }
 }

@@ -7,145 +7,32 @@
 pub mod audit;
 /// Build commands: output tail, timeout.
 pub mod build;
-/// The `docker` runtime: images, containers kept for rollback.
-pub mod docker;
-/// The `native` runtime: unit files, drop-ins, restarts.
-pub mod native;
+/// The rollout's decisions: next step, outcome, host state; pure.
+pub mod core;
 /// Start-up recovery: half-written releases, units that disagree with the store.
 pub mod recover;
 /// Release directories: checkout, registry, pruning.
 pub mod releases;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use self::core::{Core, Decision, Next, Target};
 use crate::cli::short;
 use crate::config::Config;
-use crate::manifest::{self, Manifest, Runtime, Scope};
+pub use crate::journal::{Journal, Stop};
+use crate::manifest::{self, Manifest, Owner, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
-use crate::runtime::docker::{Docker, Labels};
-use crate::runtime::systemd::Systemd;
+use crate::runtime::{Keep, Runtime, Runtimes};
 use crate::source::git::Source;
 use crate::store::{
-    DeployedScope, HostState, JournalEntry, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION,
-    ScopeRecord, ScopeState, Store, now_ms,
+    DeployedScope, HostState, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
+    ScopeState, Store, now_ms,
 };
-
-/// A request to stop the agent (SIGTERM from `systemctl --user stop`): a
-/// rollout acts on it at its next step boundary, where nothing is half
-/// done, and parks there so the agent can record it as interrupted.
-#[derive(Debug, Default)]
-pub struct Stop {
-    requested: AtomicBool,
-    parked: tokio::sync::Notify,
-}
-
-impl Stop {
-    pub fn request(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once a rollout has parked at a step boundary.
-    pub async fn parked(&self) {
-        self.parked.notified().await;
-    }
-
-    /// Never returns: the agent drops the parked rollout.
-    async fn park(&self) -> std::convert::Infallible {
-        // A stored permit: the agent may start waiting only after this.
-        self.parked.notify_one();
-        std::future::pending().await
-    }
-}
-
-/// Appends intent and result of side effects to the rollout record, writing
-/// it to the store before and after each one.
-pub struct Journal<'a> {
-    store: &'a Store,
-    stop: Arc<Stop>,
-    pub record: RolloutRecord,
-}
-
-impl<'a> Journal<'a> {
-    pub fn new(store: &'a Store, stop: Arc<Stop>, record: RolloutRecord) -> Journal<'a> {
-        Journal {
-            store,
-            stop,
-            record,
-        }
-    }
-
-    /// A step boundary: when the agent is asked to stop, the rollout goes no
-    /// further than here (the record stays `in-progress` until the agent
-    /// closes it as interrupted).
-    pub async fn boundary(&mut self) {
-        if self.stop.is_requested() {
-            info!(
-                rollout = self.record.id,
-                "stop requested: the rollout ends here"
-            );
-            self.save();
-            match self.stop.park().await {}
-        }
-    }
-
-    /// Persist the record as it is now. A failure to write history is
-    /// logged; the rollout goes on so that the host is not left half-done.
-    pub fn save(&self) {
-        if let Err(e) = self.store.put_rollout(&self.record) {
-            warn!(error = %e, rollout = self.record.id, "cannot write history");
-        }
-    }
-
-    /// Record the intent `step`, run `action`, record its result.
-    pub async fn step<T, E: std::fmt::Display>(
-        &mut self,
-        step: String,
-        action: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        self.boundary().await;
-        info!(rollout = self.record.id, "{step}");
-        self.record.journal.push(JournalEntry {
-            at: now_ms(),
-            step: step.clone(),
-            state: "intent".into(),
-        });
-        self.save();
-        let result = action.await;
-        let state = match &result {
-            Ok(_) => "done".to_string(),
-            Err(e) => format!("failed: {e}"),
-        };
-        self.record.journal.push(JournalEntry {
-            at: now_ms(),
-            step,
-            state,
-        });
-        self.save();
-        result
-    }
-
-    fn phase(&mut self, phase: &str, started: Instant) {
-        self.record.phases.push(PhaseRecord {
-            phase: phase.to_string(),
-            duration_ms: started.elapsed().as_millis() as u64,
-        });
-    }
-
-    fn scope_mut(&mut self, scope: &str) -> Option<&mut ScopeRecord> {
-        self.record.scopes.iter_mut().find(|s| s.scope == scope)
-    }
-}
 
 /// What the engine needs from its surroundings.
 pub struct Engine {
@@ -155,8 +42,7 @@ pub struct Engine {
     pub http: reqwest::Client,
     /// Set by the agent on SIGTERM; rollouts stop at their next step boundary.
     pub stop: Arc<Stop>,
-    systemd: Option<Systemd>,
-    docker: Option<Docker>,
+    runtimes: Runtimes,
 }
 
 /// Why no rollout ran for a fetched commit.
@@ -177,14 +63,14 @@ pub enum Converged {
 impl Engine {
     pub fn new(config: Config, store: Store) -> Engine {
         let source = Source::new(&config.source, &config.state.dir);
+        let runtimes = Runtimes::new(&config.docker.host, &source.url_text());
         Engine {
-            config,
             store,
             source,
             http: crate::health::client(),
             stop: Arc::new(Stop::default()),
-            systemd: None,
-            docker: None,
+            runtimes,
+            config,
         }
     }
 
@@ -192,22 +78,9 @@ impl Engine {
         self.config.state.dir.join("releases")
     }
 
-    pub(crate) async fn systemd(&mut self) -> Result<Systemd, String> {
-        if let Some(sd) = &self.systemd {
-            return Ok(sd.clone());
-        }
-        let sd = Systemd::connect().await.map_err(|e| e.to_string())?;
-        self.systemd = Some(sd.clone());
-        Ok(sd)
-    }
-
-    pub(crate) fn docker(&mut self) -> Result<Docker, String> {
-        if let Some(dk) = &self.docker {
-            return Ok(dk.clone());
-        }
-        let dk = Docker::connect(&self.config.docker.host).map_err(|e| e.to_string())?;
-        self.docker = Some(dk.clone());
-        Ok(dk)
+    /// The runtime of `owner`, connected.
+    pub(crate) async fn runtime(&mut self, owner: Owner) -> Result<Runtime, String> {
+        self.runtimes.get(owner).await
     }
 
     /// Fetch the branch. `Err` is a fetch failure (not a rollout).
@@ -227,29 +100,17 @@ impl Engine {
         fetch_ms: u64,
     ) -> Result<Converged, String> {
         let host = self.store.host().map_err(|e| e.to_string())?;
-        // A scope found unhealthy (by the start-up audit, or a failed
-        // rollback) is redeployed even when the branch did not move.
-        if host.deployed_commit.as_deref() == Some(head.as_str())
-            && host.scopes.values().all(|s| s.healthy)
-        {
-            return Ok(Converged::Idle(Idle::UpToDate));
-        }
-        if host.failed_commit.as_deref() == Some(head.as_str()) {
-            // The head is quarantined, but a scope found down (the start-up
-            // audit) is still brought back to what the store records: the
-            // deployed commit, whose releases are reused as they are.
-            if let Some(deployed) = host.deployed_commit.clone()
-                && host.scopes.values().any(|s| !s.healthy)
-            {
-                let record = self
-                    .rollout(&deployed, "repair", fetch_ms, host, Target::Repair)
-                    .await?;
-                return Ok(Converged::Rolled(Box::new(record)));
-            }
-            return Ok(Converged::Idle(Idle::FailedBefore));
-        }
+        let (commit, target) = match core::decide(&head, &host) {
+            Decision::UpToDate => return Ok(Converged::Idle(Idle::UpToDate)),
+            Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
+            Decision::Roll { commit, target } => (commit, target),
+        };
+        let trigger = match target {
+            Target::Head => trigger,
+            Target::Repair => "repair",
+        };
         let record = self
-            .rollout(&head, trigger, fetch_ms, host, Target::Head)
+            .rollout(&commit, trigger, fetch_ms, host, target)
             .await?;
         Ok(Converged::Rolled(Box::new(record)))
     }
@@ -289,18 +150,6 @@ impl Engine {
         Ok((manifest, plan))
     }
 
-    /// Drop a cached bus connection that no longer works (the user manager
-    /// restarted), so the rollout connects afresh.
-    async fn check_runtimes(&mut self) {
-        if let Some(sd) = &self.systemd
-            && let Err(e) = sd.unit_state("-.slice").await
-            && e.is_transient()
-        {
-            warn!(error = %e, "the user manager connection broke; reconnecting");
-            self.systemd = None;
-        }
-    }
-
     async fn rollout(
         &mut self,
         head: &str,
@@ -309,7 +158,7 @@ impl Engine {
         host: HostState,
         target: Target,
     ) -> Result<RolloutRecord, String> {
-        self.check_runtimes().await;
+        self.runtimes.check().await;
         let id = self.store.next_rollout_id().map_err(|e| e.to_string())?;
         let (subject, author) = match self.source.commit_info(head) {
             Ok((subject, author)) => (Some(subject), Some(author)),
@@ -350,15 +199,7 @@ impl Engine {
             Err((outcome, error)) => (outcome, Some(error), None),
         };
         let mut host = self.store.host().map_err(|e| e.to_string())?;
-        match (outcome, target) {
-            (Outcome::Succeeded, Target::Head) => {
-                host.deployed_commit = Some(head.to_string());
-                host.failed_commit = None;
-            }
-            (_, Target::Head) => host.failed_commit = Some(head.to_string()),
-            // A repair leaves the quarantined head quarantined.
-            (_, Target::Repair) => {}
-        }
+        core::record_outcome(&mut host, head, target, outcome);
         self.store.put_host(&host).map_err(|e| e.to_string())?;
         crate::fault::point("while-recording");
         journal.record.outcome = outcome;
@@ -408,7 +249,7 @@ impl Engine {
             if images.is_empty() {
                 continue;
             }
-            let Ok(dk) = self.docker() else {
+            let Ok(dk) = crate::runtime::docker::Docker::connect(&self.config.docker.host) else {
                 continue;
             };
             for image in images {
@@ -427,7 +268,7 @@ impl Engine {
         &mut self,
         journal: &mut Journal<'_>,
         head: &str,
-        mut host: HostState,
+        host: HostState,
     ) -> Result<Succeeded, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
@@ -457,7 +298,7 @@ impl Engine {
             .iter()
             .map(|s| ScopeRecord {
                 scope: s.scope.clone(),
-                owner: plan::runtime_name(s.owner).to_string(),
+                owner: s.owner,
                 action: s.action.as_str().to_string(),
                 reason: s.reason.clone(),
                 release: Some(s.release.clone()),
@@ -478,110 +319,118 @@ impl Engine {
             });
         }
 
-        let started = Instant::now();
-        let prepared = self.prepare(journal, &manifest, &plan).await;
-        journal.phase("prepare", started);
-        prepared.map_err(failed)?;
-
-        let mut switched: Vec<Switched> = Vec::new();
-        let mut failure = None;
-        let (mut switch_ms, mut verify_ms) = (0u64, 0u64);
-        for step in plan.scopes.iter().filter(|s| s.action != Action::Unchanged) {
-            let previous = host.scopes.get(&step.scope).cloned();
-            if step.action == Action::Remove {
-                let started = Instant::now();
-                let result = match &previous {
-                    Some(p) => {
-                        let limit = manifest.defaults.job_timeout;
-                        self.retire(&step.scope, &p.current, &p.current.members, limit, journal)
-                            .await
-                    }
-                    None => Ok(()),
-                };
-                switch_ms += started.elapsed().as_millis() as u64;
-                if let Err(e) = result {
-                    failure = Some(format!("removing scope \"{}\" failed: {e}", step.scope));
-                    break;
+        // The decisions are `core`'s; this loop carries them out.
+        let mut core = Core::new(plan.clone(), host, journal.record.id);
+        let mut ms = BTreeMap::<&str, u64>::new();
+        let mut prepared = false;
+        loop {
+            let next = core.next();
+            let started = Instant::now();
+            let (phase, result) = match &next {
+                Next::Prepare => {
+                    let result = self.prepare(journal, &manifest, &plan).await;
+                    prepared = result.is_ok();
+                    ("prepare", result)
                 }
-                host.scopes.remove(&step.scope);
-                set_result(journal, &step.scope, "stopped");
-                continue;
-            }
-            let Some(scope) = manifest.scopes.get(&step.scope) else {
-                continue;
+                Next::Retire { scope } => {
+                    let result = match core.previous(scope).cloned() {
+                        Some(p) => {
+                            let limit = manifest.defaults.job_timeout;
+                            self.retire(scope, &p.current, &p.current.members, limit, journal)
+                                .await
+                        }
+                        None => Ok(()),
+                    };
+                    ("switch", result)
+                }
+                Next::Switch { scope } => {
+                    let sw = switched_of(&core, &manifest, scope)?;
+                    let release_dir = self.releases_dir().join(&sw.step.release);
+                    let result = self
+                        .switch(
+                            journal,
+                            &sw.step,
+                            &sw.scope,
+                            sw.previous.as_ref(),
+                            &release_dir,
+                        )
+                        .await;
+                    ("switch", result)
+                }
+                Next::Verify { scope } => {
+                    journal.boundary().await;
+                    crate::fault::point("during-verify");
+                    let sw = switched_of(&core, &manifest, scope)?;
+                    let release_dir = self.releases_dir().join(&sw.step.release);
+                    ("verify", self.verify(&sw.scope, &release_dir).await)
+                }
+                Next::Finish => {
+                    self.store
+                        .put_host(core.host())
+                        .map_err(|e| failed(e.to_string()))?;
+                    let switched: Vec<Switched> = core
+                        .switched()
+                        .map(|step| switched_of(&core, &manifest, &step.scope))
+                        .collect::<Result<_, _>>()?;
+                    self.finish_switched(journal, &switched).await;
+                    ("finish", Ok(()))
+                }
+                Next::RollBack { scope, to } => {
+                    let sw = switched_of(&core, &manifest, scope)?;
+                    let new_members = sw.scope.members();
+                    let result = match to {
+                        Some(target) => self.restore(journal, &sw, target, &new_members).await,
+                        None => match self.runtime(sw.scope.owner).await {
+                            Ok(runtime) => {
+                                runtime
+                                    .stop(
+                                        &new_members,
+                                        Keep::Nothing,
+                                        sw.scope.job_timeout,
+                                        journal,
+                                    )
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        },
+                    };
+                    ("rollback", result)
+                }
+                Next::Done => break,
             };
-            let release_dir = self.releases_dir().join(&step.release);
-            switched.push(Switched {
-                step: step.clone(),
-                scope: scope.clone(),
-                previous: previous.clone(),
-            });
-            let started = Instant::now();
-            let result = self
-                .switch(journal, step, scope, previous.as_ref(), &release_dir)
-                .await;
-            switch_ms += started.elapsed().as_millis() as u64;
-            if let Err(e) = result {
-                failure = Some(format!("switching scope \"{}\" failed: {e}", scope.name));
-                break;
+            *ms.entry(phase).or_default() += started.elapsed().as_millis() as u64;
+            core.report(result, now_ms());
+            for (scope, result) in core.take_results() {
+                set_result(journal, &scope, &result);
             }
-            set_result(journal, &step.scope, "switched");
-            journal.boundary().await;
-            let started = Instant::now();
-            crate::fault::point("during-verify");
-            let verified = self.verify(scope, &release_dir).await;
-            verify_ms += started.elapsed().as_millis() as u64;
-            if let Err(e) = verified {
-                failure = Some(format!("scope \"{}\" failed verification: {e}", scope.name));
-                break;
-            }
-            set_result(journal, &step.scope, "healthy");
-            let current = DeployedScope {
-                owner: plan::runtime_name(scope.owner).to_string(),
-                release: step.release.clone(),
-                commit: head.to_string(),
-                fingerprint: step.fingerprint.clone(),
-                section_text: step.section_text.clone(),
-                path_ids: step.path_ids.clone(),
-                members: scope.members(),
-                rollout: journal.record.id,
-                at: now_ms(),
-            };
-            let state = ScopeState::healthy(current, previous.as_ref());
-            host.scopes.insert(step.scope.clone(), state);
         }
-        journal.record.phases.push(PhaseRecord {
-            phase: "switch".into(),
-            duration_ms: switch_ms,
-        });
-        journal.record.phases.push(PhaseRecord {
-            phase: "verify".into(),
-            duration_ms: verify_ms,
-        });
-        let Some(reason) = failure else {
-            self.store
-                .put_host(&host)
-                .map_err(|e| failed(e.to_string()))?;
-            self.finish_switched(journal, &switched).await;
-            return Ok(Succeeded {
+        let mut phases = vec!["prepare"];
+        if prepared {
+            phases.extend(["switch", "verify"]);
+        }
+        if ms.contains_key("rollback") {
+            phases.push("rollback");
+        }
+        for phase in phases {
+            journal.record.phases.push(PhaseRecord {
+                phase: phase.into(),
+                duration_ms: ms.get(phase).copied().unwrap_or(0),
+            });
+        }
+        match core.outcome() {
+            (Outcome::Succeeded, _) => Ok(Succeeded {
                 keep_releases: manifest.defaults.keep_releases,
-            });
-        };
-
-        let started = Instant::now();
-        let restored = self.roll_back(journal, switched).await;
-        journal.phase("rollback", started);
-        match restored {
-            Ok(()) => Err((Outcome::RolledBack, reason)),
-            Err(e) => Err((Outcome::Failed, format!("{reason}; {e}"))),
-        }
-    }
-
-    fn labels(&self, scope: &str, release: &str) -> Labels {
-        Labels {
-            source: self.source.url_text(),
-            scope: scope.to_string(),
-            commit: release.to_string(),
+            }),
+            (outcome, error) => {
+                if prepared {
+                    // The rollback's host state (nothing changed when the
+                    // prepare failed).
+                    self.store
+                        .put_host(core.host())
+                        .map_err(|e| failed(e.to_string()))?;
+                }
+                Err((outcome, error.unwrap_or_default()))
+            }
         }
     }
 
@@ -595,79 +444,34 @@ impl Engine {
         previous: Option<&ScopeState>,
         release_dir: &Path,
     ) -> Result<(), String> {
-        if let (Action::Cutover { .. }, Some(previous)) = (step.action, previous) {
-            self.stop_members(
-                &previous.current.owner,
+        if let (Action::Cutover { from }, Some(previous)) = (step.action, previous) {
+            let old = self.runtime(from).await?;
+            old.stop(
                 &previous.current.members,
-                false,
+                Keep::WayBack,
                 scope.job_timeout,
                 journal,
             )
             .await?;
         }
-        match scope.owner {
-            Runtime::Native => {
-                let sd = self.systemd().await?;
-                native::switch(&sd, scope, release_dir, &step.release, journal).await
-            }
-            Runtime::Docker => {
-                let dk = self.docker()?;
-                let labels = self.labels(&scope.name, &step.release);
-                let way_back = previous
-                    .filter(|p| p.current.owner == "docker")
-                    .and_then(|p| p.last_healthy.as_ref())
-                    .map(|h| h.release.as_str());
-                docker::replace(
-                    &dk,
-                    &labels,
-                    scope,
-                    release_dir,
-                    &step.release,
-                    way_back,
-                    journal,
-                )
-                .await
-            }
-        }
+        let way_back = previous
+            .filter(|p| p.current.owner == scope.owner)
+            .and_then(|p| p.last_healthy.as_ref())
+            .map(|h| h.release.as_str());
+        let runtime = self.runtime(scope.owner).await?;
+        runtime
+            .switch(scope, release_dir, &step.release, way_back, journal)
+            .await
     }
 
     async fn verify(&mut self, scope: &Scope, release_dir: &Path) -> Result<(), String> {
-        match scope.owner {
-            Runtime::Native => {
-                let sd = self.systemd().await?;
-                native::verify(&sd, scope, release_dir, &self.http).await
-            }
-            Runtime::Docker => {
-                let dk = self.docker()?;
-                docker::verify(&dk, scope, release_dir, &self.http).await
-            }
-        }
-    }
-
-    /// Stop a scope's members on `owner` ("native" or "docker"), each job
-    /// bounded by `limit`; containers are removed when `remove`, else kept
-    /// for a way back.
-    async fn stop_members(
-        &mut self,
-        owner: &str,
-        members: &[String],
-        remove: bool,
-        limit: Duration,
-        journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
-        if owner == "docker" {
-            let dk = self.docker()?;
-            docker::stop(&dk, members, remove, journal).await
-        } else {
-            let sd = self.systemd().await?.with_job_timeout(limit);
-            native::stop(&sd, members, journal).await
-        }
+        let runtime = self.runtime(scope.owner).await?;
+        runtime.verify(scope, release_dir, &self.http).await
     }
 
     /// Take `members` out of service for good (a removed scope, or members
-    /// a scope no longer lists): stopped, and their drop-ins and the unit
-    /// files the scope installed (native) or containers (docker) removed,
-    /// so nothing keeps running from a release that pruning may delete.
+    /// a scope no longer lists), so nothing keeps running from a release
+    /// that pruning may delete.
     async fn retire(
         &mut self,
         scope: &str,
@@ -679,72 +483,18 @@ impl Engine {
         if members.is_empty() {
             return Ok(());
         }
-        if deployed.owner == "docker" {
-            return self
-                .stop_members("docker", members, true, limit, journal)
-                .await;
-        }
-        // The unit files this scope installed, by unit name.
-        let installed: Vec<String> = self
-            .scope_from_release(&deployed.release, scope)
-            .ok()
-            .and_then(|s| s.native)
-            .map(|n| {
-                n.unit_files
-                    .iter()
-                    .filter_map(|f| Path::new(f).file_name())
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let sd = self.systemd().await?.with_job_timeout(limit);
-        native::stop(&sd, members, journal).await?;
-        for unit in members {
-            journal
-                .step(
-                    format!("remove the drop-in of {unit}"),
-                    sd.remove_dropin(unit),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            if installed.contains(unit) {
-                journal
-                    .step(
-                        format!("remove the unit file {unit}"),
-                        sd.remove_unit_file(unit),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        journal
-            .step("reload the user manager".to_string(), sd.daemon_reload())
+        let ran_as = self.scope_from_release(&deployed.release, scope).ok();
+        let runtime = self.runtime(deployed.owner).await?;
+        runtime
+            .retire(ran_as.as_ref(), members, limit, journal)
             .await
-            .map_err(|e| e.to_string())
     }
 
     /// Every switched scope is healthy: drop what was kept for a way back
     /// (replaced containers, the containers of a scope cut over to native).
     async fn finish_switched(&mut self, journal: &mut Journal<'_>, switched: &[Switched]) {
         for sw in switched {
-            let result = match (sw.step.action, sw.scope.owner, &sw.previous) {
-                (
-                    Action::Cutover {
-                        from: Runtime::Docker,
-                    },
-                    _,
-                    Some(previous),
-                ) => {
-                    let limit = sw.scope.job_timeout;
-                    self.stop_members("docker", &previous.current.members, true, limit, journal)
-                        .await
-                }
-                (_, Runtime::Docker, _) => match self.docker() {
-                    Ok(dk) => docker::drop_previous(&dk, &sw.scope, journal).await,
-                    Err(e) => Err(e),
-                },
-                _ => Ok(()),
-            };
+            let result = self.finish_one(journal, sw).await;
             if let Err(e) = result {
                 warn!(scope = %sw.scope.name, error = %e, "cannot clean up after the switch");
             }
@@ -765,6 +515,18 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Drop what one healthy scope kept for a way back: the old owner's
+    /// stopped members after a cutover, the new owner's replaced instances.
+    async fn finish_one(&mut self, journal: &mut Journal<'_>, sw: &Switched) -> Result<(), String> {
+        if let (Action::Cutover { from }, Some(previous)) = (sw.step.action, &sw.previous) {
+            let old = self.runtime(from).await?;
+            old.finish_leaving(&previous.current.members, sw.scope.job_timeout, journal)
+                .await?;
+        }
+        let runtime = self.runtime(sw.scope.owner).await?;
+        runtime.finish(&sw.scope, journal).await
     }
 
     /// Check out the release if a scope needs it, run the builds, and make
@@ -823,39 +585,21 @@ impl Engine {
                     break;
                 }
             }
-            if scope.owner == Runtime::Docker {
-                let dk = match self.docker() {
-                    Ok(dk) => dk,
-                    Err(e) => {
-                        result = Err(e);
-                        break;
-                    }
-                };
-                let labels = self.labels(&scope.name, &step.release);
-                let release_dir = self.releases_dir().join(&step.release);
-                let mut on_line = |line: &str| tail.push(line.to_string());
-                let images = docker::ensure_images(
-                    &dk,
-                    &labels,
-                    scope,
-                    &release_dir,
-                    &step.release,
-                    journal,
-                    &mut on_line,
-                );
-                let images = tokio::time::timeout(scope.build_timeout, images)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "building the images of scope \"{}\" did not finish within {}",
-                            scope.name,
-                            humantime::format_duration(scope.build_timeout)
-                        ))
-                    });
-                if let Err(e) = images {
+            let runtime = match self.runtime(scope.owner).await {
+                Ok(runtime) => runtime,
+                Err(e) => {
                     result = Err(e);
                     break;
                 }
+            };
+            let release_dir = self.releases_dir().join(&step.release);
+            let mut on_line = |line: &str| tail.push(line.to_string());
+            let prepared = runtime
+                .prepare(scope, &release_dir, &step.release, journal, &mut on_line)
+                .await;
+            if let Err(e) = prepared {
+                result = Err(e);
+                break;
             }
             if step.build {
                 built.insert(step.scope.clone(), step.fingerprint.clone());
@@ -876,72 +620,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Return every switched scope, newest first, to how it ran before:
-    /// native scopes to their last healthy release, docker scopes to the
-    /// containers kept for that, cutovers to the old owner. Scopes that had
-    /// no earlier healthy state are stopped.
-    async fn roll_back(
-        &mut self,
-        journal: &mut Journal<'_>,
-        switched: Vec<Switched>,
-    ) -> Result<(), String> {
-        let mut host = self.store.host().map_err(|e| e.to_string())?;
-        let mut problems = Vec::new();
-        for sw in switched.into_iter().rev() {
-            let name = sw.scope.name.clone();
-            let new_members = sw.scope.members();
-            let new_owner = plan::runtime_name(sw.scope.owner);
-            let Some(target) = sw.previous.as_ref().and_then(|p| p.last_healthy.clone()) else {
-                let stopped = self
-                    .stop_members(new_owner, &new_members, true, sw.scope.job_timeout, journal)
-                    .await;
-                set_result(
-                    journal,
-                    &name,
-                    "failed: stopped, no earlier healthy release",
-                );
-                host.scopes.remove(&name);
-                problems.push(format!(
-                    "scope \"{name}\" has no earlier healthy release and was stopped"
-                ));
-                if let Err(e) = stopped {
-                    problems.push(e);
-                }
-                continue;
-            };
-            let restored = self.restore(journal, &sw, &target, &new_members).await;
-            let healthy = restored.is_ok();
-            match restored {
-                Ok(()) => set_result(journal, &name, "rolled-back"),
-                Err(e) => {
-                    set_result(journal, &name, &format!("failed: rollback unhealthy: {e}"));
-                    problems.push(format!("rolling back scope \"{name}\" failed: {e}"));
-                }
-            }
-            let way_back = sw
-                .previous
-                .as_ref()
-                .map(|p| p.way_back.clone())
-                .unwrap_or_default();
-            host.scopes.insert(
-                name,
-                ScopeState {
-                    current: target.clone(),
-                    healthy,
-                    last_healthy: Some(target),
-                    problem: None,
-                    way_back,
-                },
-            );
-        }
-        self.store.put_host(&host).map_err(|e| e.to_string())?;
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
-    }
-
     /// Undo one scope's switch and verify what runs again.
     async fn restore(
         &mut self,
@@ -952,41 +630,22 @@ impl Engine {
     ) -> Result<(), String> {
         let old = self.scope_from_release(&target.release, &sw.scope.name)?;
         let release_dir = self.releases_dir().join(&target.release);
-        match (sw.step.action, sw.scope.owner) {
-            (Action::Cutover { .. }, Runtime::Docker) => {
-                // Back from docker to native: the units still point at their
-                // release. Nothing of the docker form is a way back (a kept
-                // container is left by an interrupted attempt): remove it all.
-                let dk = self.docker()?;
-                docker::remove_all(&dk, new_members, journal).await?;
-                let sd = self.systemd().await?.with_job_timeout(old.job_timeout);
-                for unit in &target.members {
-                    journal
-                        .step(format!("start {unit}"), sd.start(unit))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            (Action::Cutover { .. }, Runtime::Native) => {
-                self.stop_members("native", new_members, false, old.job_timeout, journal)
-                    .await?;
-                let dk = self.docker()?;
-                docker::start(&dk, &target.members, journal).await?;
-            }
-            (_, Runtime::Docker) => {
-                let dk = self.docker()?;
-                if !docker::restore(&dk, new_members, Some(&target.release), true, journal).await? {
-                    // Nothing kept (an interrupted earlier attempt): recreate.
-                    docker::stop(&dk, new_members, true, journal).await?;
-                    let labels = self.labels(&old.name, &target.release);
-                    docker::start_new(&dk, &labels, &old, &release_dir, &target.release, journal)
-                        .await?;
-                }
-            }
-            (_, Runtime::Native) => {
-                let sd = self.systemd().await?;
-                native::switch(&sd, &old, &release_dir, &target.release, journal).await?;
-            }
+        let runtime = self.runtime(sw.scope.owner).await?;
+        if let Action::Cutover { .. } = sw.step.action {
+            // Back to the old owner: nothing of the new form is a way back
+            // (a kept container is left by an interrupted attempt), and the
+            // old owner's members were stopped, not changed.
+            runtime
+                .discard(new_members, old.job_timeout, journal)
+                .await?;
+            let previous = self.runtime(target.owner).await?;
+            previous
+                .resume(&target.members, old.job_timeout, journal)
+                .await?;
+        } else {
+            runtime
+                .restore(&old, &release_dir, &target.release, new_members, journal)
+                .await?;
         }
         crate::fault::point("during-rollback");
         self.verify(&old, &release_dir).await
@@ -1034,14 +693,24 @@ fn set_result(journal: &mut Journal<'_>, scope: &str, result: &str) {
     journal.save();
 }
 
-/// What a rollout brings the host to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// The branch head: success deploys it, failure quarantines it.
-    Head,
-    /// The deployed commit again, to bring back scopes found down while the
-    /// head is quarantined; the quarantine stays as it is.
-    Repair,
+/// The scope `name` of this rollout with what switching or undoing it
+/// needs: its plan step, its manifest section, its state before.
+fn switched_of(
+    core: &Core,
+    manifest: &Manifest,
+    name: &str,
+) -> Result<Switched, (Outcome, String)> {
+    let missing = || {
+        (
+            Outcome::Failed,
+            format!("scope \"{name}\" is not in the plan or the manifest"),
+        )
+    };
+    Ok(Switched {
+        step: core.plan_step(name).ok_or_else(missing)?.clone(),
+        scope: manifest.scopes.get(name).ok_or_else(missing)?.clone(),
+        previous: core.previous(name).cloned(),
+    })
 }
 
 /// A scope this rollout switched, with what undoing it needs.

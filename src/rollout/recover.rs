@@ -131,7 +131,7 @@ mod tests {
         let d = "d".repeat(40);
         let mut host = HostState::default();
         let deployed = DeployedScope {
-            owner: "native".into(),
+            owner: crate::runtime::Owner::Native,
             release: c.clone(),
             commit: c.clone(),
             fingerprint: String::new(),

@@ -77,7 +77,7 @@ pub fn built_images(release_dir: &Path, manifest: &str, commit: &str) -> Vec<Str
         .values()
         .flat_map(|s| s.docker.iter().flat_map(|d| d.containers.iter()))
         .filter(|c| c.dockerfile.is_some())
-        .map(|c| super::docker::image_ref(c, commit))
+        .map(|c| crate::runtime::docker::scope::image_ref(c, commit))
         .collect()
 }
 
@@ -116,9 +116,10 @@ mod tests {
 
     #[test]
     fn the_way_back_to_every_owner_is_protected() {
+        use crate::runtime::Owner;
         use crate::store::{DeployedScope, ScopeState};
-        let deployed = |owner: &str, release: &str| DeployedScope {
-            owner: owner.into(),
+        let deployed = |owner: Owner, release: &str| DeployedScope {
+            owner,
             release: release.into(),
             commit: release.into(),
             fingerprint: String::new(),
@@ -129,9 +130,9 @@ mod tests {
             at: 0,
         };
         // Docker ran "d", then a cutover to native ran "n1" and "n2".
-        let mut state = ScopeState::healthy(deployed("docker", "d"), None);
-        state = ScopeState::healthy(deployed("native", "n1"), Some(&state));
-        state = ScopeState::healthy(deployed("native", "n2"), Some(&state));
+        let mut state = ScopeState::healthy(deployed(Owner::Docker, "d"), None);
+        state = ScopeState::healthy(deployed(Owner::Native, "n1"), Some(&state));
+        state = ScopeState::healthy(deployed(Owner::Native, "n2"), Some(&state));
         let host = HostState {
             scopes: BTreeMap::from([("api".to_string(), state)]),
             ..HostState::default()

@@ -3,6 +3,8 @@
 //! `docker` CLI.
 
 mod context;
+/// A scope's containers: replace (kept for rollback), verify, stop, restore.
+pub mod scope;
 mod spec;
 
 use std::collections::{BTreeMap, HashMap};

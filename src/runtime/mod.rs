@@ -1,6 +1,407 @@
-//! The two runtimes a scope can be owned by.
+//! The runtimes a scope can be owned by, and `Owner`, the one type that
+//! names them. Nothing outside this module (and its submodules) matches on
+//! a particular runtime: the engine, the audit, the status and the plan ask
+//! the runtime of an `Owner` through `Runtime`.
 
 /// Docker containers and images over the Engine API (bollard).
 pub mod docker;
 /// systemd user units over D-Bus (zbus).
 pub mod systemd;
+
+use serde::{Deserialize, Serialize};
+
+/// The one runtime that runs a scope: what the manifest's `owner` says, as
+/// recorded in the store and shown in `--json` (lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// systemd user units.
+    Native,
+    /// Docker containers.
+    Docker,
+}
+
+impl Owner {
+    /// Every owner, in the order the manifest documents them.
+    pub const ALL: [Owner; 2] = [Owner::Native, Owner::Docker];
+
+    /// The manifest's spelling: `"native"`, `"docker"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owner::Native => "native",
+            Owner::Docker => "docker",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Owner> {
+        Owner::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+
+    /// The owners that are not this one.
+    pub fn others(self) -> impl Iterator<Item = Owner> {
+        Owner::ALL.into_iter().filter(move |o| *o != self)
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::journal::Journal;
+use crate::manifest::Scope;
+
+/// What a stop leaves of the members it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Kept, stopped, so a rollback can start them again.
+    WayBack,
+    /// Nothing that could run again.
+    Nothing,
+}
+
+/// What a runtime says of one member, for `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberState {
+    /// Running as it should; the text says how.
+    Up(String),
+    /// Down, missing, or in a state that is not running.
+    Down(String),
+    /// The runtime could not be asked (its bus or engine is away).
+    Unknown(String),
+}
+
+impl MemberState {
+    pub fn text(&self) -> &str {
+        match self {
+            MemberState::Up(t) | MemberState::Down(t) | MemberState::Unknown(t) => t,
+        }
+    }
+}
+
+/// One connected runtime: everything the engine, the audit and the status
+/// ask of the runtime that owns (or must not run) a scope. Each variant's
+/// work lives in its module's `scope.rs`.
+#[derive(Clone)]
+pub enum Runtime {
+    Native(systemd::Systemd),
+    Docker {
+        docker: docker::Docker,
+        /// The `moorline.source` label of what it creates.
+        source: String,
+    },
+}
+
+impl Runtime {
+    fn labels(source: &str, scope: &str, release: &str) -> docker::Labels {
+        docker::Labels {
+            source: source.to_string(),
+            scope: scope.to_string(),
+            commit: release.to_string(),
+        }
+    }
+
+    /// Make sure everything the scope's members run exists for `release`
+    /// (images built from the release), build output to `on_line`.
+    pub async fn prepare(
+        &self,
+        scope: &Scope,
+        release_dir: &Path,
+        release: &str,
+        journal: &mut Journal<'_>,
+        on_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(_) => Ok(()),
+            Runtime::Docker { docker, source } => {
+                let labels = Self::labels(source, &scope.name, release);
+                let images = docker::scope::ensure_images(
+                    docker,
+                    &labels,
+                    scope,
+                    release_dir,
+                    release,
+                    journal,
+                    on_line,
+                );
+                tokio::time::timeout(scope.build_timeout, images)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "building the images of scope \"{}\" did not finish within {}",
+                            scope.name,
+                            humantime::format_duration(scope.build_timeout)
+                        ))
+                    })
+            }
+        }
+    }
+
+    /// Bring the scope's members onto `release`. `way_back` is the release
+    /// a rollback would return to on this runtime.
+    pub async fn switch(
+        &self,
+        scope: &Scope,
+        release_dir: &Path,
+        release: &str,
+        way_back: Option<&str>,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => {
+                systemd::scope::switch(sd, scope, release_dir, release, journal).await
+            }
+            Runtime::Docker { docker, source } => {
+                let labels = Self::labels(source, &scope.name, release);
+                docker::scope::replace(
+                    docker,
+                    &labels,
+                    scope,
+                    release_dir,
+                    release,
+                    way_back,
+                    journal,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Every member stays up through the settle window and every health
+    /// check passes; the first definite failure ends the wait.
+    pub async fn verify(
+        &self,
+        scope: &Scope,
+        release_dir: &Path,
+        http: &reqwest::Client,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => systemd::scope::verify(sd, scope, release_dir, http).await,
+            Runtime::Docker { docker, .. } => {
+                docker::scope::verify(docker, scope, release_dir, http).await
+            }
+        }
+    }
+
+    /// Stop members. `Keep::WayBack` keeps them for a way back;
+    /// `Keep::Nothing` leaves nothing that could run again: no container
+    /// (kept ones included), units stopped (their files stay for a revert).
+    pub async fn stop(
+        &self,
+        members: &[String],
+        keep: Keep,
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => {
+                systemd::scope::stop(&sd.with_job_timeout(limit), members, journal).await
+            }
+            Runtime::Docker { docker, .. } => {
+                docker::scope::stop(docker, members, keep == Keep::Nothing, journal).await
+            }
+        }
+    }
+
+    /// Take members out of service for good (a removed scope, members a
+    /// scope no longer lists): stopped, and their drop-ins and the unit files
+    /// `ran_as` (the scope as it ran) installed, or their containers, removed.
+    pub async fn retire(
+        &self,
+        ran_as: Option<&Scope>,
+        members: &[String],
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => {
+                systemd::scope::retire(&sd.with_job_timeout(limit), ran_as, members, journal).await
+            }
+            Runtime::Docker { docker, .. } => {
+                docker::scope::stop(docker, members, true, journal).await
+            }
+        }
+    }
+
+    /// Start members that were stopped and kept (undoing a cutover away).
+    pub async fn resume(
+        &self,
+        members: &[String],
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => {
+                systemd::scope::start(&sd.with_job_timeout(limit), members, journal).await
+            }
+            Runtime::Docker { docker, .. } => docker::scope::start(docker, members, journal).await,
+        }
+    }
+
+    /// Undo `switch` on this runtime: back to `old` (the scope as release
+    /// `target` describes it), bringing back the kept instances when they
+    /// are of that release, else starting it afresh.
+    pub async fn restore(
+        &self,
+        old: &Scope,
+        release_dir: &Path,
+        target: &str,
+        new_members: &[String],
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(sd) => {
+                systemd::scope::switch(sd, old, release_dir, target, journal).await
+            }
+            Runtime::Docker { docker, source } => {
+                let restored =
+                    docker::scope::restore(docker, new_members, Some(target), true, journal)
+                        .await?;
+                if !restored {
+                    // Nothing kept (an interrupted earlier attempt): recreate.
+                    docker::scope::stop(docker, new_members, true, journal).await?;
+                    let labels = Self::labels(source, &old.name, target);
+                    docker::scope::start_new(docker, &labels, old, release_dir, target, journal)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Undo a cutover *to* this runtime: nothing of the new form stays.
+    pub async fn discard(
+        &self,
+        members: &[String],
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(_) => self.stop(members, Keep::Nothing, limit, journal).await,
+            Runtime::Docker { docker, .. } => {
+                docker::scope::remove_all(docker, members, journal).await
+            }
+        }
+    }
+
+    /// The scope's switch on this runtime passed: drop what was kept for a
+    /// way back (replaced containers).
+    pub async fn finish(&self, scope: &Scope, journal: &mut Journal<'_>) -> Result<(), String> {
+        match self {
+            Runtime::Native(_) => Ok(()),
+            Runtime::Docker { docker, .. } => {
+                docker::scope::drop_previous(docker, scope, journal).await
+            }
+        }
+    }
+
+    /// A cutover away from this runtime passed: drop what it kept stopped
+    /// for the way back (containers; stopped units stay, files and all).
+    pub async fn finish_leaving(
+        &self,
+        members: &[String],
+        limit: Duration,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Runtime::Native(_) => Ok(()),
+            Runtime::Docker { .. } => self.stop(members, Keep::Nothing, limit, journal).await,
+        }
+    }
+
+    /// Members of the scope's form on this runtime that run now.
+    pub async fn running(&self, scope: &Scope) -> Result<Vec<String>, String> {
+        match self {
+            Runtime::Native(sd) => systemd::scope::running(sd, scope).await,
+            Runtime::Docker { docker, .. } => docker::scope::running(docker, scope).await,
+        }
+    }
+
+    /// Members (of the owning runtime) that are down or run another release
+    /// than `release`.
+    pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+        match self {
+            Runtime::Native(sd) => systemd::scope::drift(sd, scope, release).await,
+            Runtime::Docker { docker, .. } => docker::scope::drift(docker, scope, release).await,
+        }
+    }
+
+    pub async fn member_state(&self, member: &str) -> MemberState {
+        match self {
+            Runtime::Native(sd) => systemd::scope::member_state(sd, member).await,
+            Runtime::Docker { docker, .. } => docker::scope::member_state(docker, member).await,
+        }
+    }
+}
+
+/// The runtimes of one agent, connected on first use and reconnected when
+/// a connection broke.
+pub struct Runtimes {
+    docker_host: String,
+    source: String,
+    systemd: Option<systemd::Systemd>,
+    docker: Option<docker::Docker>,
+}
+
+impl Runtimes {
+    pub fn new(docker_host: &str, source: &str) -> Runtimes {
+        Runtimes {
+            docker_host: docker_host.to_string(),
+            source: source.to_string(),
+            systemd: None,
+            docker: None,
+        }
+    }
+
+    /// The runtime of `owner`, connecting to it if needed.
+    pub async fn get(&mut self, owner: Owner) -> Result<Runtime, String> {
+        match owner {
+            Owner::Native => {
+                if self.systemd.is_none() {
+                    let sd = systemd::Systemd::connect()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.systemd = Some(sd);
+                }
+                let sd = self.systemd.clone().expect("connected just above");
+                Ok(Runtime::Native(sd))
+            }
+            Owner::Docker => {
+                if self.docker.is_none() {
+                    let dk =
+                        docker::Docker::connect(&self.docker_host).map_err(|e| e.to_string())?;
+                    self.docker = Some(dk);
+                }
+                let docker = self.docker.clone().expect("connected just above");
+                Ok(Runtime::Docker {
+                    docker,
+                    source: self.source.clone(),
+                })
+            }
+        }
+    }
+
+    /// Drop a connection that no longer works (the user manager restarted),
+    /// so the next use connects afresh.
+    pub async fn check(&mut self) {
+        if let Some(sd) = &self.systemd
+            && let Err(e) = sd.unit_state("-.slice").await
+            && e.is_transient()
+        {
+            tracing::warn!(error = %e, "the user manager connection broke; reconnecting");
+            self.systemd = None;
+        }
+    }
+
+    /// Forget a connection after a transient failure (used by `status`).
+    pub fn forget(&mut self, owner: Owner) {
+        match owner {
+            Owner::Native => self.systemd = None,
+            Owner::Docker => self.docker = None,
+        }
+    }
+}

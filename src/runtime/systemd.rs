@@ -2,6 +2,9 @@
 //! drop-in that points a unit at its release, restarts units and waits for their jobs, and
 //! watches a started unit long enough to know it stays up.
 
+/// A scope's units: switch, verify, stop, retire (journaled).
+pub mod scope;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures_util::future::try_join_all;
 
 use super::{Docker, LABEL_COMMIT, Labels};
-use crate::journal::Journal;
 use crate::cli::short;
+use crate::journal::Journal;
 use crate::manifest::{ContainerSpec, Scope};
 
 /// Suffix of a replaced container kept for rollback.

@@ -102,7 +102,11 @@ pub async fn stop(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> 
 }
 
 /// Start units again (undoing a cutover away from native).
-pub async fn start(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> Result<(), String> {
+pub async fn start(
+    sd: &Systemd,
+    units: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), String> {
     for unit in units {
         journal
             .step(format!("start {unit}"), sd.start(unit))
@@ -133,7 +137,10 @@ pub async fn retire(
     stop(sd, units, journal).await?;
     for unit in units {
         journal
-            .step(format!("remove the drop-in of {unit}"), sd.remove_dropin(unit))
+            .step(
+                format!("remove the drop-in of {unit}"),
+                sd.remove_dropin(unit),
+            )
             .await
             .map_err(|e| e.to_string())?;
         if installed.contains(unit) {

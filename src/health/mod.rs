@@ -1,20 +1,111 @@
-//! Health checks of a scope: HTTP, TCP and a command run in the release
-//! directory, retried at their interval until all pass or time runs out.
+//! Health checks of a scope, retried at their interval until all pass or
+//! time runs out. One module per kind — `http`, `tcp`, `exec` — holds its
+//! manifest keys, its probe and its description; a new kind is a new
+//! module and a variant of `HealthKind`.
+
+/// `exec`: a command run in the release directory.
+pub mod exec;
+/// `http`: a GET with an expected status and body.
+pub mod http;
+/// `tcp`: an accepted connection.
+pub mod tcp;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::manifest::{HealthCheck, HealthKind};
+use crate::manifest::reader::{Reader, Table, duration};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// One attempt's limit. Default 5s.
+    pub timeout: Duration,
+    /// Pause between attempts. Default 500ms.
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    Http(http::Http),
+    Tcp(tcp::Tcp),
+    Exec(exec::Exec),
+}
+
+/// Each kind's selecting key and the keys only it takes.
+const KINDS: [(&str, &[&str]); 3] = [
+    (http::KEY, http::EXTRA_KEYS),
+    (tcp::KEY, tcp::EXTRA_KEYS),
+    (exec::KEY, exec::EXTRA_KEYS),
+];
+/// Keys every kind takes.
+const COMMON_KEYS: [&str; 2] = ["timeout", "interval"];
+
+/// Read one `[[scopes.NAME.health]]` table; problems go to `r`.
+pub(crate) fn parse(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<HealthCheck> {
+    let mut allowed: Vec<&str> = KINDS.iter().map(|(key, _)| *key).collect();
+    allowed.extend(KINDS.iter().flat_map(|(_, extra)| extra.iter().copied()));
+    allowed.extend(COMMON_KEYS);
+    t.check_keys(r, &allowed);
+    let chosen: Vec<&str> = KINDS
+        .iter()
+        .map(|(key, _)| *key)
+        .filter(|k| t.value(k).is_some())
+        .collect();
+    let [kind] = chosen[..] else {
+        let names: Vec<&str> = KINDS.iter().map(|(key, _)| *key).collect();
+        r.error(
+            t.span.start,
+            format!("{} must have exactly one of {}", t.label, names.join(", ")),
+        );
+        return None;
+    };
+    let mut ok = true;
+    for (other, extra) in KINDS.iter().filter(|(key, _)| *key != kind) {
+        for key in extra.iter() {
+            if let Some((key_span, _)) = t.entry(key) {
+                r.error(
+                    key_span.start,
+                    format!("{key:?} only applies to {other} checks"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let mut timeout = Duration::from_secs(5);
+    let mut interval = Duration::from_millis(500);
+    for (key, slot) in [("timeout", &mut timeout), ("interval", &mut interval)] {
+        if t.value(key).is_none() {
+            continue;
+        }
+        match duration(r, t, key) {
+            Some(d) if d.value.is_zero() => {
+                r.error(d.span.start, format!("{key:?} must be longer than zero"));
+                ok = false;
+            }
+            Some(d) => *slot = d.value,
+            None => ok = false,
+        }
+    }
+    let kind = match kind {
+        http::KEY => HealthKind::Http(http::parse(r, t)?),
+        tcp::KEY => HealthKind::Tcp(tcp::parse(r, t)?),
+        _ => HealthKind::Exec(exec::parse(r, t)?),
+    };
+    ok.then_some(HealthCheck {
+        kind,
+        timeout,
+        interval,
+    })
+}
 
 /// How a check is named in messages: `http "http://127.0.0.1:4000/health"`.
 pub fn describe(check: &HealthCheck) -> String {
     match &check.kind {
-        HealthKind::Http { url, .. } => format!("http \"{url}\""),
-        HealthKind::Tcp { addr } => format!("tcp \"{addr}\""),
-        HealthKind::Exec { argv } => format!("exec \"{}\"", argv.join(" ")),
+        HealthKind::Http(c) => c.describe(),
+        HealthKind::Tcp(c) => c.describe(),
+        HealthKind::Exec(c) => c.describe(),
     }
 }
 
@@ -26,29 +117,9 @@ pub async fn probe(
 ) -> Result<(), String> {
     let attempt = async {
         match &check.kind {
-            HealthKind::Http {
-                url,
-                expect_status,
-                body_contains,
-            } => {
-                let response = http.get(url).send().await.map_err(|e| http_error(&e))?;
-                let status = response.status().as_u16();
-                if status != *expect_status {
-                    return Err(format!("status {status} (expected {expect_status})"));
-                }
-                if let Some(needle) = body_contains {
-                    let body = response.text().await.map_err(|e| http_error(&e))?;
-                    if !body.contains(needle.as_str()) {
-                        return Err(format!("body does not contain \"{needle}\""));
-                    }
-                }
-                Ok(())
-            }
-            HealthKind::Tcp { addr } => tokio::net::TcpStream::connect(addr.as_str())
-                .await
-                .map(drop)
-                .map_err(|e| format!("connect failed: {e}")),
-            HealthKind::Exec { argv } => run_exec(argv, release).await,
+            HealthKind::Http(c) => c.probe(http).await,
+            HealthKind::Tcp(c) => c.probe().await,
+            HealthKind::Exec(c) => c.probe(release).await,
         }
     };
     match timeout(check.timeout, attempt).await {
@@ -57,57 +128,6 @@ pub async fn probe(
             "no answer within {}",
             humantime::format_duration(check.timeout)
         )),
-    }
-}
-
-fn http_error(error: &reqwest::Error) -> String {
-    if error.is_connect() {
-        "connection refused".to_string()
-    } else if error.is_timeout() {
-        "timed out".to_string()
-    } else {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(inner) = source {
-            text = format!("{text}: {inner}");
-            source = inner.source();
-        }
-        text
-    }
-}
-
-async fn run_exec(argv: &[String], release: &Path) -> Result<(), String> {
-    let Some((program, args)) = argv.split_first() else {
-        return Err("empty command".to_string());
-    };
-    let program_path = if program.contains('/') {
-        release.join(program)
-    } else {
-        program.into()
-    };
-    let output = tokio::process::Command::new(&program_path)
-        .args(args)
-        .current_dir(release)
-        .env("MOORLINE_RELEASE", release)
-        .env("MOORLINE_COMMIT", release.file_name().unwrap_or_default())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run: {e}"))?;
-    if output.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let last = stderr
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    match output.status.code() {
-        Some(code) if last.is_empty() => Err(format!("exited with status {code}")),
-        Some(code) => Err(format!("exited with status {code}: {last}")),
-        None => Err("killed by a signal".to_string()),
     }
 }
 
@@ -186,27 +206,27 @@ mod tests {
         let http = client();
         let dir = tempfile::tempdir().expect("tempdir");
         let url = serve(200, "version v2 ok").await;
-        let ok = check(HealthKind::Http {
+        let ok = check(HealthKind::Http(http::Http {
             url: url.clone(),
             expect_status: 200,
             body_contains: Some("v2".into()),
-        });
+        }));
         assert_eq!(probe(&ok, dir.path(), &http).await, Ok(()));
-        let wrong_body = check(HealthKind::Http {
+        let wrong_body = check(HealthKind::Http(http::Http {
             url: url.clone(),
             expect_status: 200,
             body_contains: Some("v3".into()),
-        });
+        }));
         assert_eq!(
             probe(&wrong_body, dir.path(), &http).await,
             Err("body does not contain \"v3\"".to_string())
         );
         let failing = serve(503, "down").await;
-        let wrong_status = check(HealthKind::Http {
+        let wrong_status = check(HealthKind::Http(http::Http {
             url: failing,
             expect_status: 200,
             body_contains: None,
-        });
+        }));
         assert_eq!(
             probe(&wrong_status, dir.path(), &http).await,
             Err("status 503 (expected 200)".to_string())
@@ -222,7 +242,12 @@ mod tests {
             .expect("bind");
         let open = listener.local_addr().expect("addr").to_string();
         assert_eq!(
-            probe(&check(HealthKind::Tcp { addr: open }), dir.path(), &http).await,
+            probe(
+                &check(HealthKind::Tcp(tcp::Tcp { addr: open })),
+                dir.path(),
+                &http
+            )
+            .await,
             Ok(())
         );
         drop(listener);
@@ -237,20 +262,20 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("chmod");
-        let exec = check(HealthKind::Exec {
+        let exec = check(HealthKind::Exec(exec::Exec {
             argv: vec!["./check.sh".into()],
-        });
+        }));
         assert_eq!(
             probe(&exec, dir.path(), &http).await,
             Err("exited with status 3: not ready".to_string())
         );
-        let pwd = check(HealthKind::Exec {
+        let pwd = check(HealthKind::Exec(exec::Exec {
             argv: vec![
                 "sh".into(),
                 "-c".into(),
                 format!("test \"$PWD\" = '{}'", dir.path().display()),
             ],
-        });
+        }));
         assert_eq!(
             probe(&pwd, dir.path(), &http).await,
             Ok(()),
@@ -266,7 +291,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr").to_string();
         drop(listener);
         let err = wait_all(
-            &[check(HealthKind::Tcp { addr: addr.clone() })],
+            &[check(HealthKind::Tcp(tcp::Tcp { addr: addr.clone() }))],
             dir.path(),
             Duration::from_millis(300),
             &http,
