@@ -536,7 +536,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     }
                     break;
                 };
-                let error = converged.as_ref().err().cloned();
+                let error = converged.as_ref().err().map(ToString::to_string);
                 set_live(&|l| l.last_error = error.clone());
                 match converged {
                     Ok(Converged::Rolled(record)) => {
@@ -561,16 +561,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         };
                         notify_status(&text);
                     }
-                    Err(e) => warn!(error = %e, "cannot converge"),
+                    Err(e) => {
+                        warn!(error = %e, transient = e.is_transient(), "cannot converge")
+                    }
                 }
             }
             Err(e) => {
                 failures += 1;
-                warn!(error = %e, failures, "fetch failed");
+                warn!(error = %e, transient = e.is_transient(), failures, "fetch failed");
                 notify_status(&format!("fetch failed: {e}"));
                 set_live(&|l| {
                     l.last_fetch = Some(now_ms());
-                    l.last_fetch_error = Some(e.clone());
+                    l.last_fetch_error = Some(e.to_string());
                 });
             }
         }

@@ -45,6 +45,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// A database that is busy or cannot write now (a full disk, the agent
+    /// holding it) may work later; an unreadable record stays unreadable.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Open { .. }
+                | StoreError::Locked { .. }
+                | StoreError::Write { .. }
+                | StoreError::Read { .. }
+        )
+    }
+}
+
 /// How a rollout ended (or that it has not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

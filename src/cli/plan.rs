@@ -12,7 +12,7 @@ pub fn compute(engine: &Engine, rev: Option<&str>) -> Result<PlanView, String> {
         Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
         None => engine.source.fetch().map_err(|e| e.to_string())?,
     };
-    let (_, plan) = engine.plan_for(&commit)?;
+    let (_, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
     Ok(PlanView {
         commit: plan.commit.clone(),
         scopes: plan

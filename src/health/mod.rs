@@ -131,6 +131,16 @@ pub async fn probe(
     }
 }
 
+/// A check that did not pass in time, with its last error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("health check {check} did not pass within {}: {why}", humantime::format_duration(*.limit))]
+pub struct HealthError {
+    /// As `describe` names it.
+    pub check: String,
+    pub limit: Duration,
+    pub why: String,
+}
+
 /// Retry every check until all have passed, or fail naming the first one
 /// that did not pass within `limit` and its last error.
 pub async fn wait_all(
@@ -138,7 +148,7 @@ pub async fn wait_all(
     release: &Path,
     limit: Duration,
     http: &reqwest::Client,
-) -> Result<(), String> {
+) -> Result<(), HealthError> {
     let deadline = Instant::now() + limit;
     for check in checks {
         loop {
@@ -146,11 +156,11 @@ pub async fn wait_all(
             match result {
                 Ok(()) => break,
                 Err(why) if Instant::now() + check.interval >= deadline => {
-                    return Err(format!(
-                        "health check {} did not pass within {}: {why}",
-                        describe(check),
-                        humantime::format_duration(limit)
-                    ));
+                    return Err(HealthError {
+                        check: describe(check),
+                        limit,
+                        why,
+                    });
                 }
                 Err(_) => sleep(check.interval).await,
             }
@@ -298,6 +308,7 @@ mod tests {
         )
         .await
         .expect_err("nothing listens");
+        let err = err.to_string();
         assert!(
             err.starts_with(&format!(
                 "health check tcp \"{addr}\" did not pass within 300ms: connect failed:"

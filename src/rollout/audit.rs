@@ -8,7 +8,7 @@ use tracing::warn;
 
 use std::collections::BTreeMap;
 
-use super::{Engine, Journal};
+use super::{Engine, Error, Journal};
 use crate::manifest::Scope;
 use crate::runtime::{Keep, Owner};
 use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
@@ -55,8 +55,8 @@ impl Engine {
     /// owned members run the recorded release (at start-up). Foreign members
     /// are stopped inside an audit record that is on file before the first
     /// stop, each stop journaled.
-    pub async fn audit(&mut self, drift: bool) -> Result<Vec<Finding>, String> {
-        let mut host = self.store.host().map_err(|e| e.to_string())?;
+    pub async fn audit(&mut self, drift: bool) -> Result<Vec<Finding>, Error> {
+        let mut host = self.store.host()?;
         let mut findings = Vec::new();
         let mut foreign = Vec::new();
         let mut scopes = BTreeMap::new();
@@ -74,7 +74,7 @@ impl Engine {
                     continue;
                 }
                 let found = match self.runtime(other).await {
-                    Ok(runtime) => runtime.running(&scope).await,
+                    Ok(runtime) => runtime.running(&scope).await.map_err(Error::from),
                     Err(e) => Err(e),
                 };
                 let found = found.unwrap_or_else(|e| {
@@ -90,7 +90,10 @@ impl Engine {
             }
             let redeploy = if drift {
                 let found = match self.runtime(owner).await {
-                    Ok(runtime) => runtime.drift(&scope, &state.current.release).await,
+                    Ok(runtime) => runtime
+                        .drift(&scope, &state.current.release)
+                        .await
+                        .map_err(Error::from),
                     Err(e) => Err(e),
                 };
                 found.unwrap_or_else(|e| {
@@ -128,7 +131,7 @@ impl Engine {
                 state.problem = Some(format!("{} (audit at {at})", texts.join("; ")));
             }
         }
-        self.store.put_host(&host).map_err(|e| e.to_string())?;
+        self.store.put_host(&host)?;
         Ok(findings)
     }
 
@@ -138,7 +141,7 @@ impl Engine {
         commit: Option<String>,
         foreign: &[Foreign],
         scopes: &BTreeMap<String, Scope>,
-    ) -> Result<Vec<Finding>, String> {
+    ) -> Result<Vec<Finding>, Error> {
         if foreign.is_empty() {
             return Ok(vec![]);
         }
@@ -146,7 +149,7 @@ impl Engine {
         let now = now_ms();
         let record = RolloutRecord {
             schema: SCHEMA_VERSION,
-            id: self.store.next_rollout_id().map_err(|e| e.to_string())?,
+            id: self.store.next_rollout_id()?,
             previous_commit: Some(commit.clone()),
             commit,
             trigger: "audit".into(),
@@ -174,7 +177,7 @@ impl Engine {
             journal: vec![],
         };
         // On file before the first stop: a kill leaves it to be closed as interrupted.
-        self.store.put_rollout(&record).map_err(|e| e.to_string())?;
+        self.store.put_rollout(&record)?;
         let store = self.store.clone();
         let mut journal = Journal::new(&store, self.stop.clone(), record);
         let mut findings = Vec::new();
@@ -186,16 +189,15 @@ impl Engine {
                 .map(|s| s.job_timeout)
                 .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
             let stopped = match self.runtime(f.found_on).await {
-                Ok(runtime) => {
-                    runtime
-                        .stop(
-                            std::slice::from_ref(&f.member),
-                            Keep::WayBack,
-                            limit,
-                            &mut journal,
-                        )
-                        .await
-                }
+                Ok(runtime) => runtime
+                    .stop(
+                        std::slice::from_ref(&f.member),
+                        Keep::WayBack,
+                        limit,
+                        &mut journal,
+                    )
+                    .await
+                    .map_err(Error::from),
                 Err(e) => Err(e),
             };
             let result = match &stopped {
@@ -218,6 +220,7 @@ impl Engine {
             journal.record.outcome = Outcome::Succeeded;
         } else {
             journal.record.outcome = Outcome::Failed;
+            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
             journal.record.error = Some(errors.join("; "));
         }
         journal.save();

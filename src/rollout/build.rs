@@ -11,6 +11,48 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::info;
 
+/// Why a build did not succeed, naming the scope and the command.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("build command \"{command}\" of scope \"{scope}\" could not start: {source}")]
+    Spawn {
+        scope: String,
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("build command \"{command}\" of scope \"{scope}\" exited with status {code}")]
+    Exit {
+        scope: String,
+        command: String,
+        code: i32,
+    },
+    #[error("build command \"{command}\" of scope \"{scope}\" was killed by a signal")]
+    Signal { scope: String, command: String },
+    #[error("build command \"{command}\" of scope \"{scope}\" failed: {source}")]
+    Wait {
+        scope: String,
+        command: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "build of scope \"{scope}\" did not finish within {} (at \"{command}\")",
+        humantime::format_duration(*.limit)
+    )]
+    Timeout {
+        scope: String,
+        command: String,
+        limit: Duration,
+    },
+}
+
+impl BuildError {
+    /// A build that could not even start (no `/bin/sh`, no processes left)
+    /// may start later; what a build command did, it would do again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BuildError::Spawn { .. })
+    }
+}
+
 /// How many lines of build output a rollout keeps.
 pub const TAIL_LINES: usize = 40;
 
@@ -40,7 +82,7 @@ pub async fn run(
     commit: &str,
     limit: Duration,
     tail: &mut Tail,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     let deadline = tokio::time::Instant::now() + limit;
     for command in commands {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -57,7 +99,7 @@ async fn run_one(
     remaining: Duration,
     limit: Duration,
     tail: &mut Tail,
-) -> Result<(), String> {
+) -> Result<(), BuildError> {
     info!(scope, command, "build started");
     let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
@@ -73,8 +115,10 @@ async fn run_one(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            format!("build command \"{command}\" of scope \"{scope}\" could not start: {e}")
+        .map_err(|source| BuildError::Spawn {
+            scope: scope.to_string(),
+            command: command.to_string(),
+            source,
         })?;
     crate::fault::point("during-build");
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -105,22 +149,28 @@ async fn run_one(
     match waited {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(match status.code() {
-            Some(code) => format!(
-                "build command \"{command}\" of scope \"{scope}\" exited with status {code}"
-            ),
-            None => {
-                format!("build command \"{command}\" of scope \"{scope}\" was killed by a signal")
-            }
+            Some(code) => BuildError::Exit {
+                scope: scope.to_string(),
+                command: command.to_string(),
+                code,
+            },
+            None => BuildError::Signal {
+                scope: scope.to_string(),
+                command: command.to_string(),
+            },
         }),
-        Ok(Err(e)) => Err(format!(
-            "build command \"{command}\" of scope \"{scope}\" failed: {e}"
-        )),
+        Ok(Err(source)) => Err(BuildError::Wait {
+            scope: scope.to_string(),
+            command: command.to_string(),
+            source,
+        }),
         Err(_) => {
             drop(group);
-            Err(format!(
-                "build of scope \"{scope}\" did not finish within {} (at \"{command}\")",
-                humantime::format_duration(limit)
-            ))
+            Err(BuildError::Timeout {
+                scope: scope.to_string(),
+                command: command.to_string(),
+                limit,
+            })
         }
     }
 }
@@ -178,7 +228,7 @@ mod tests {
         .await
         .expect_err("second command fails");
         assert_eq!(
-            err,
+            err.to_string(),
             "build command \"echo oops >&2; exit 4\" of scope \"api\" exited with status 4"
         );
         let lines = tail.lines();
@@ -231,7 +281,7 @@ mod tests {
         .await
         .expect_err("times out");
         assert_eq!(
-            err,
+            err.to_string(),
             format!("build of scope \"web\" did not finish within 500ms (at \"{command}\")")
         );
         // The background sleep went with the group, not only the shell.

@@ -27,12 +27,87 @@ use crate::config::Config;
 pub use crate::journal::{Journal, Stop};
 use crate::manifest::{self, Manifest, Owner, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
-use crate::runtime::{Keep, Runtime, Runtimes};
-use crate::source::git::Source;
+use crate::runtime::{Keep, Runtime, RuntimeError, Runtimes};
+use crate::source::git::{GitError, Source};
 use crate::store::{
     DeployedScope, HostState, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
-    ScopeState, Store, now_ms,
+    ScopeState, Store, StoreError, now_ms,
 };
+
+/// What can go wrong in the engine, naming the commit, path, scope, unit or
+/// container involved; `is_transient` tells a failure that may pass by
+/// itself (a runtime or repository away, a store refusing writes) from one
+/// the commit or the host config must change for.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error("{0}")]
+    Manifest(manifest::Diagnostics),
+    #[error("manifest \"{path}\" not found in commit {}", short(commit))]
+    NoManifest { path: String, commit: String },
+    #[error("cannot read \"{}\": {source}", path.display())]
+    ReadRelease {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot list releases in \"{}\": {source}", path.display())]
+    ListReleases {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("release {} has no scope \"{scope}\"", short(commit))]
+    NoScopeInRelease { commit: String, scope: String },
+    #[error(
+        "branch \"{branch}\" was rewritten: {} does not descend from the deployed commit {}; set allow_force_push = true in \"{}\" to deploy it",
+        short(head),
+        short(deployed),
+        config.display()
+    )]
+    Rewritten {
+        branch: String,
+        head: String,
+        deployed: String,
+        config: PathBuf,
+    },
+    #[error("scope \"{scope}\" is not in the plan or the manifest")]
+    UnknownScope { scope: String },
+    #[error("the {what} task failed: {detail}")]
+    Task { what: &'static str, detail: String },
+}
+
+impl Error {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Runtime(e) => e.is_transient(),
+            Error::Git(e) => e.is_transient(),
+            Error::Store(e) => e.is_transient(),
+            Error::Build(e) => e.is_transient(),
+            Error::Task { .. } => true,
+            Error::Manifest(_)
+            | Error::NoManifest { .. }
+            | Error::ReadRelease { .. }
+            | Error::ListReleases { .. }
+            | Error::NoScopeInRelease { .. }
+            | Error::Rewritten { .. }
+            | Error::UnknownScope { .. } => false,
+        }
+    }
+}
+
+/// A blocking task's join error as an engine error.
+fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+    move |e| Error::Task {
+        what,
+        detail: e.to_string(),
+    }
+}
 
 /// What the engine needs from its surroundings.
 pub struct Engine {
@@ -79,17 +154,16 @@ impl Engine {
     }
 
     /// The runtime of `owner`, connected.
-    pub(crate) async fn runtime(&mut self, owner: Owner) -> Result<Runtime, String> {
-        self.runtimes.get(owner).await
+    pub(crate) async fn runtime(&mut self, owner: Owner) -> Result<Runtime, Error> {
+        Ok(self.runtimes.get(owner).await?)
     }
 
     /// Fetch the branch. `Err` is a fetch failure (not a rollout).
-    pub async fn fetch(&self) -> Result<String, String> {
+    pub async fn fetch(&self) -> Result<String, Error> {
         let source = self.source.clone();
-        tokio::task::spawn_blocking(move || source.fetch())
+        Ok(tokio::task::spawn_blocking(move || source.fetch())
             .await
-            .map_err(|e| format!("fetch task failed: {e}"))?
-            .map_err(|e| e.to_string())
+            .map_err(task("fetch"))??)
     }
 
     /// Bring the host to `head` if it is not there yet and did not fail before.
@@ -98,8 +172,8 @@ impl Engine {
         head: String,
         trigger: &str,
         fetch_ms: u64,
-    ) -> Result<Converged, String> {
-        let host = self.store.host().map_err(|e| e.to_string())?;
+    ) -> Result<Converged, Error> {
+        let host = self.store.host()?;
         let (commit, target) = match core::decide(&head, &host) {
             Decision::UpToDate => return Ok(Converged::Idle(Idle::UpToDate)),
             Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
@@ -116,28 +190,27 @@ impl Engine {
     }
 
     /// Read and validate the manifest at `commit`.
-    pub fn manifest_at(&self, commit: &str) -> Result<Manifest, String> {
+    pub fn manifest_at(&self, commit: &str) -> Result<Manifest, Error> {
         let path = &self.config.source.manifest;
         let bytes = self
             .source
-            .read_file(commit, path)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("manifest \"{path}\" not found in commit {}", short(commit)))?;
-        manifest::parse(path, &bytes).map_err(|d| d.to_string())
+            .read_file(commit, path)?
+            .ok_or_else(|| Error::NoManifest {
+                path: path.clone(),
+                commit: commit.to_string(),
+            })?;
+        manifest::parse(path, &bytes).map_err(Error::Manifest)
     }
 
     /// The plan for `commit` against the recorded host state.
-    pub fn plan_for(&self, commit: &str) -> Result<(Manifest, Plan), String> {
+    pub fn plan_for(&self, commit: &str) -> Result<(Manifest, Plan), Error> {
         let manifest = self.manifest_at(commit)?;
-        let host = self.store.host().map_err(|e| e.to_string())?;
-        let releases = self.store.releases().map_err(|e| e.to_string())?;
+        let host = self.store.host()?;
+        let releases = self.store.releases()?;
         let mut inputs = BTreeMap::new();
         for (name, scope) in &manifest.scopes {
             let paths = plan::input_paths(scope);
-            let path_ids = self
-                .source
-                .path_ids(commit, &paths)
-                .map_err(|e| e.to_string())?;
+            let path_ids = self.source.path_ids(commit, &paths)?;
             inputs.insert(
                 name.clone(),
                 ScopeInputs {
@@ -157,9 +230,9 @@ impl Engine {
         fetch_ms: u64,
         host: HostState,
         target: Target,
-    ) -> Result<RolloutRecord, String> {
+    ) -> Result<RolloutRecord, Error> {
         self.runtimes.check().await;
-        let id = self.store.next_rollout_id().map_err(|e| e.to_string())?;
+        let id = self.store.next_rollout_id()?;
         let (subject, author) = match self.source.commit_info(head) {
             Ok((subject, author)) => (Some(subject), Some(author)),
             Err(e) => {
@@ -190,7 +263,7 @@ impl Engine {
         let store = self.store.clone();
         // No side effect before the rollout is on record: a store that
         // refuses this write (disk full) fails the turn with nothing touched.
-        store.put_rollout(&record).map_err(|e| e.to_string())?;
+        store.put_rollout(&record)?;
         let mut journal = Journal::new(&store, self.stop.clone(), record);
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %short(head), trigger, "rollout started");
@@ -198,9 +271,9 @@ impl Engine {
             Ok(Succeeded { keep_releases }) => (Outcome::Succeeded, None, Some(keep_releases)),
             Err((outcome, error)) => (outcome, Some(error), None),
         };
-        let mut host = self.store.host().map_err(|e| e.to_string())?;
+        let mut host = self.store.host()?;
         core::record_outcome(&mut host, head, target, outcome);
-        self.store.put_host(&host).map_err(|e| e.to_string())?;
+        self.store.put_host(&host)?;
         crate::fault::point("while-recording");
         journal.record.outcome = outcome;
         journal.record.error = error;
@@ -281,18 +354,18 @@ impl Engine {
                 .map_err(|e| failed(e.to_string()))?
                 .map_err(|e| failed(e.to_string()))?;
             if !descends {
-                return Err(failed(format!(
-                    "branch \"{}\" was rewritten: {} does not descend from the deployed commit {}; set allow_force_push = true in \"{}\" to deploy it",
-                    self.config.source.branch,
-                    short(head),
-                    short(&deployed),
-                    self.config.path.display()
-                )));
+                let rewritten = Error::Rewritten {
+                    branch: self.config.source.branch.clone(),
+                    head: head.to_string(),
+                    deployed,
+                    config: self.config.path.clone(),
+                };
+                return Err(failed(rewritten.to_string()));
             }
         }
 
         let started = Instant::now();
-        let (manifest, plan) = self.plan_for(head).map_err(failed)?;
+        let (manifest, plan) = self.plan_for(head).map_err(|e| failed(e.to_string()))?;
         journal.record.scopes = plan
             .scopes
             .iter()
@@ -381,16 +454,10 @@ impl Engine {
                     let result = match to {
                         Some(target) => self.restore(journal, &sw, target, &new_members).await,
                         None => match self.runtime(sw.scope.owner).await {
-                            Ok(runtime) => {
-                                runtime
-                                    .stop(
-                                        &new_members,
-                                        Keep::Nothing,
-                                        sw.scope.job_timeout,
-                                        journal,
-                                    )
-                                    .await
-                            }
+                            Ok(runtime) => runtime
+                                .stop(&new_members, Keep::Nothing, sw.scope.job_timeout, journal)
+                                .await
+                                .map_err(Error::from),
                             Err(e) => Err(e),
                         },
                     };
@@ -399,7 +466,7 @@ impl Engine {
                 Next::Done => break,
             };
             *ms.entry(phase).or_default() += started.elapsed().as_millis() as u64;
-            core.report(result, now_ms());
+            core.report(result.map_err(|e| e.to_string()), now_ms());
             for (scope, result) in core.take_results() {
                 set_result(journal, &scope, &result);
             }
@@ -443,7 +510,7 @@ impl Engine {
         scope: &Scope,
         previous: Option<&ScopeState>,
         release_dir: &Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         if let (Action::Cutover { from }, Some(previous)) = (step.action, previous) {
             let old = self.runtime(from).await?;
             old.stop(
@@ -459,14 +526,14 @@ impl Engine {
             .and_then(|p| p.last_healthy.as_ref())
             .map(|h| h.release.as_str());
         let runtime = self.runtime(scope.owner).await?;
-        runtime
+        Ok(runtime
             .switch(scope, release_dir, &step.release, way_back, journal)
-            .await
+            .await?)
     }
 
-    async fn verify(&mut self, scope: &Scope, release_dir: &Path) -> Result<(), String> {
+    async fn verify(&mut self, scope: &Scope, release_dir: &Path) -> Result<(), Error> {
         let runtime = self.runtime(scope.owner).await?;
-        runtime.verify(scope, release_dir, &self.http).await
+        Ok(runtime.verify(scope, release_dir, &self.http).await?)
     }
 
     /// Take `members` out of service for good (a removed scope, or members
@@ -479,15 +546,15 @@ impl Engine {
         members: &[String],
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         if members.is_empty() {
             return Ok(());
         }
         let ran_as = self.scope_from_release(&deployed.release, scope).ok();
         let runtime = self.runtime(deployed.owner).await?;
-        runtime
+        Ok(runtime
             .retire(ran_as.as_ref(), members, limit, journal)
-            .await
+            .await?)
     }
 
     /// Every switched scope is healthy: drop what was kept for a way back
@@ -519,14 +586,14 @@ impl Engine {
 
     /// Drop what one healthy scope kept for a way back: the old owner's
     /// stopped members after a cutover, the new owner's replaced instances.
-    async fn finish_one(&mut self, journal: &mut Journal<'_>, sw: &Switched) -> Result<(), String> {
+    async fn finish_one(&mut self, journal: &mut Journal<'_>, sw: &Switched) -> Result<(), Error> {
         if let (Action::Cutover { from }, Some(previous)) = (sw.step.action, &sw.previous) {
             let old = self.runtime(from).await?;
             old.finish_leaving(&previous.current.members, sw.scope.job_timeout, journal)
                 .await?;
         }
         let runtime = self.runtime(sw.scope.owner).await?;
-        runtime.finish(&sw.scope, journal).await
+        Ok(runtime.finish(&sw.scope, journal).await?)
     }
 
     /// Check out the release if a scope needs it, run the builds, and make
@@ -536,7 +603,7 @@ impl Engine {
         journal: &mut Journal<'_>,
         manifest: &Manifest,
         plan: &Plan,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let dir = self.releases_dir().join(&plan.commit);
         let fresh = plan.needs_checkout() && !dir.exists();
         if fresh {
@@ -548,15 +615,15 @@ impl Engine {
                     async move {
                         tokio::task::spawn_blocking(move || source.checkout(&commit, &dest))
                             .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())
+                            .map_err(task("checkout"))?
+                            .map_err(Error::from)
                     },
                 )
                 .await?;
         }
         let mut tail = build::Tail::default();
         let mut built = BTreeMap::new();
-        let mut result = Ok(());
+        let mut result: Result<(), Error> = Ok(());
         for step in plan.scopes.iter() {
             let Some(scope) = manifest.scopes.get(&step.scope) else {
                 continue;
@@ -577,7 +644,8 @@ impl Engine {
                             &mut tail,
                         ),
                     )
-                    .await;
+                    .await
+                    .map_err(Error::from);
                 if let Some(s) = journal.scope_mut(&step.scope) {
                     s.built = true;
                 }
@@ -598,7 +666,7 @@ impl Engine {
                 .prepare(scope, &release_dir, &step.release, journal, &mut on_line)
                 .await;
             if let Err(e) = prepared {
-                result = Err(e);
+                result = Err(e.into());
                 break;
             }
             if step.build {
@@ -614,7 +682,7 @@ impl Engine {
             return Err(e);
         }
         if plan.needs_checkout() {
-            releases::register(&self.store, &plan.commit, built).map_err(|e| e.to_string())?;
+            releases::register(&self.store, &plan.commit, built)?;
         }
         journal.save();
         Ok(())
@@ -627,7 +695,7 @@ impl Engine {
         sw: &Switched,
         target: &DeployedScope,
         new_members: &[String],
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let old = self.scope_from_release(&target.release, &sw.scope.name)?;
         let release_dir = self.releases_dir().join(&target.release);
         let runtime = self.runtime(sw.scope.owner).await?;
@@ -652,34 +720,35 @@ impl Engine {
     }
 
     /// The scope as the manifest inside release `commit` describes it.
-    fn scope_from_release(&self, commit: &str, name: &str) -> Result<Scope, String> {
+    fn scope_from_release(&self, commit: &str, name: &str) -> Result<Scope, Error> {
         let path = self
             .releases_dir()
             .join(commit)
             .join(&self.config.source.manifest);
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|source| Error::ReadRelease {
+            path: path.clone(),
+            source,
+        })?;
         let manifest =
-            manifest::parse(&path.display().to_string(), &bytes).map_err(|d| d.to_string())?;
+            manifest::parse(&path.display().to_string(), &bytes).map_err(Error::Manifest)?;
         manifest
             .scopes
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("release {} has no scope \"{name}\"", short(commit)))
+            .ok_or_else(|| Error::NoScopeInRelease {
+                commit: commit.to_string(),
+                scope: name.to_string(),
+            })
     }
 
     /// Close rollouts a previous agent left in progress.
-    pub fn close_interrupted(&self) -> Result<Vec<u64>, String> {
+    pub fn close_interrupted(&self) -> Result<Vec<u64>, Error> {
         let mut closed = Vec::new();
-        for mut record in self
-            .store
-            .unfinished_rollouts()
-            .map_err(|e| e.to_string())?
-        {
+        for mut record in self.store.unfinished_rollouts()? {
             record.outcome = Outcome::Interrupted;
             record.finished_at = Some(now_ms());
             record.error = Some(recover::interrupted_error(&record.journal));
-            self.store.put_rollout(&record).map_err(|e| e.to_string())?;
+            self.store.put_rollout(&record)?;
             closed.push(record.id);
         }
         Ok(closed)
@@ -701,10 +770,10 @@ fn switched_of(
     name: &str,
 ) -> Result<Switched, (Outcome, String)> {
     let missing = || {
-        (
-            Outcome::Failed,
-            format!("scope \"{name}\" is not in the plan or the manifest"),
-        )
+        let error = Error::UnknownScope {
+            scope: name.to_string(),
+        };
+        (Outcome::Failed, error.to_string())
     };
     Ok(Switched {
         step: core.plan_step(name).ok_or_else(missing)?.clone(),

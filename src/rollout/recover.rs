@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::Engine;
+use super::{Engine, Error};
 use super::releases;
 use crate::store::{HostState, JournalEntry, Store};
 
@@ -45,15 +45,15 @@ pub fn stale_releases(names: &[String], registered: &[String], host: &HostState)
 }
 
 /// Remove stale release directories; returns what was removed.
-pub fn clean_releases(store: &Store, releases_dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn clean_releases(store: &Store, releases_dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let entries = match std::fs::read_dir(releases_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => {
-            return Err(format!(
-                "cannot list releases in \"{}\": {e}",
-                releases_dir.display()
-            ));
+        Err(source) => {
+            return Err(Error::ListReleases {
+                path: releases_dir.to_path_buf(),
+                source,
+            });
         }
     };
     let names: Vec<String> = entries
@@ -63,11 +63,11 @@ pub fn clean_releases(store: &Store, releases_dir: &Path) -> Result<Vec<PathBuf>
         .collect();
     let registered: Vec<String> = store
         .releases()
-        .map_err(|e| e.to_string())?
+        ?
         .into_iter()
         .map(|r| r.commit)
         .collect();
-    let host = store.host().map_err(|e| e.to_string())?;
+    let host = store.host()?;
     let mut removed = Vec::new();
     for name in stale_releases(&names, &registered, &host) {
         let path = releases_dir.join(&name);

@@ -55,6 +55,42 @@ use std::time::Duration;
 use crate::journal::Journal;
 use crate::manifest::Scope;
 
+/// What went wrong in a runtime, naming the unit, container, image or
+/// scope; `is_transient` tells a runtime that was away from one that said no.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
+    #[error(transparent)]
+    Docker(#[from] docker::DockerError),
+    #[error("scope {scope:?} has no {owner} section")]
+    NoForm { scope: String, owner: Owner },
+    #[error("image {image:?} of container {container:?} does not exist locally")]
+    MissingImage { image: String, container: String },
+    #[error(
+        "building the images of scope {scope:?} did not finish within {}",
+        humantime::format_duration(*.limit)
+    )]
+    ImagesTimedOut { scope: String, limit: Duration },
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
+}
+
+impl RuntimeError {
+    /// Whether trying again later may succeed with nothing changed in the
+    /// manifest (the user manager or the engine was away or busy).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RuntimeError::Systemd(e) => e.is_transient(),
+            RuntimeError::Docker(e) => e.is_transient(),
+            RuntimeError::NoForm { .. }
+            | RuntimeError::MissingImage { .. }
+            | RuntimeError::ImagesTimedOut { .. }
+            | RuntimeError::Health(_) => false,
+        }
+    }
+}
+
 /// What a stop leaves of the members it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
@@ -114,7 +150,7 @@ impl Runtime {
         release: &str,
         journal: &mut Journal<'_>,
         on_line: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(_) => Ok(()),
             Runtime::Docker { docker, source } => {
@@ -131,11 +167,10 @@ impl Runtime {
                 tokio::time::timeout(scope.build_timeout, images)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(format!(
-                            "building the images of scope \"{}\" did not finish within {}",
-                            scope.name,
-                            humantime::format_duration(scope.build_timeout)
-                        ))
+                        Err(RuntimeError::ImagesTimedOut {
+                            scope: scope.name.clone(),
+                            limit: scope.build_timeout,
+                        })
                     })
             }
         }
@@ -150,7 +185,7 @@ impl Runtime {
         release: &str,
         way_back: Option<&str>,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => {
                 systemd::scope::switch(sd, scope, release_dir, release, journal).await
@@ -178,7 +213,7 @@ impl Runtime {
         scope: &Scope,
         release_dir: &Path,
         http: &reqwest::Client,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => systemd::scope::verify(sd, scope, release_dir, http).await,
             Runtime::Docker { docker, .. } => {
@@ -196,7 +231,7 @@ impl Runtime {
         keep: Keep,
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => {
                 systemd::scope::stop(&sd.with_job_timeout(limit), members, journal).await
@@ -216,7 +251,7 @@ impl Runtime {
         members: &[String],
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => {
                 systemd::scope::retire(&sd.with_job_timeout(limit), ran_as, members, journal).await
@@ -233,7 +268,7 @@ impl Runtime {
         members: &[String],
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => {
                 systemd::scope::start(&sd.with_job_timeout(limit), members, journal).await
@@ -252,7 +287,7 @@ impl Runtime {
         target: &str,
         new_members: &[String],
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(sd) => {
                 systemd::scope::switch(sd, old, release_dir, target, journal).await
@@ -279,7 +314,7 @@ impl Runtime {
         members: &[String],
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(_) => self.stop(members, Keep::Nothing, limit, journal).await,
             Runtime::Docker { docker, .. } => {
@@ -290,7 +325,11 @@ impl Runtime {
 
     /// The scope's switch on this runtime passed: drop what was kept for a
     /// way back (replaced containers).
-    pub async fn finish(&self, scope: &Scope, journal: &mut Journal<'_>) -> Result<(), String> {
+    pub async fn finish(
+        &self,
+        scope: &Scope,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(_) => Ok(()),
             Runtime::Docker { docker, .. } => {
@@ -306,7 +345,7 @@ impl Runtime {
         members: &[String],
         limit: Duration,
         journal: &mut Journal<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RuntimeError> {
         match self {
             Runtime::Native(_) => Ok(()),
             Runtime::Docker { .. } => self.stop(members, Keep::Nothing, limit, journal).await,
@@ -314,7 +353,7 @@ impl Runtime {
     }
 
     /// Members of the scope's form on this runtime that run now.
-    pub async fn running(&self, scope: &Scope) -> Result<Vec<String>, String> {
+    pub async fn running(&self, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
         match self {
             Runtime::Native(sd) => systemd::scope::running(sd, scope).await,
             Runtime::Docker { docker, .. } => docker::scope::running(docker, scope).await,
@@ -323,7 +362,7 @@ impl Runtime {
 
     /// Members (of the owning runtime) that are down or run another release
     /// than `release`.
-    pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+    pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, RuntimeError> {
         match self {
             Runtime::Native(sd) => systemd::scope::drift(sd, scope, release).await,
             Runtime::Docker { docker, .. } => docker::scope::drift(docker, scope, release).await,
@@ -358,13 +397,11 @@ impl Runtimes {
     }
 
     /// The runtime of `owner`, connecting to it if needed.
-    pub async fn get(&mut self, owner: Owner) -> Result<Runtime, String> {
+    pub async fn get(&mut self, owner: Owner) -> Result<Runtime, RuntimeError> {
         match owner {
             Owner::Native => {
                 if self.systemd.is_none() {
-                    let sd = systemd::Systemd::connect()
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let sd = systemd::Systemd::connect().await?;
                     self.systemd = Some(sd);
                 }
                 let sd = self.systemd.clone().expect("connected just above");
@@ -372,8 +409,7 @@ impl Runtimes {
             }
             Owner::Docker => {
                 if self.docker.is_none() {
-                    let dk =
-                        docker::Docker::connect(&self.docker_host).map_err(|e| e.to_string())?;
+                    let dk = docker::Docker::connect(&self.docker_host)?;
                     self.docker = Some(dk);
                 }
                 let docker = self.docker.clone().expect("connected just above");

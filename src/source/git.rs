@@ -50,6 +50,17 @@ pub enum GitError {
     },
 }
 
+impl GitError {
+    /// A repository or remote that is away may come back; what a commit
+    /// holds (an escaping link, an unsafe path, a missing branch) stays.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            GitError::Open { .. } | GitError::Fetch { .. } | GitError::Write { .. }
+        )
+    }
+}
+
 /// The followed branch of one repository.
 #[derive(Debug, Clone)]
 pub struct Source {

@@ -12,6 +12,7 @@ use super::{Docker, LABEL_COMMIT, Labels};
 use crate::cli::short;
 use crate::journal::Journal;
 use crate::manifest::{ContainerSpec, Scope};
+use crate::runtime::RuntimeError;
 
 /// Suffix of a replaced container kept for rollback.
 pub const PREV_SUFFIX: &str = ".moorline-prev";
@@ -44,10 +45,6 @@ pub fn names(scope: &Scope) -> Vec<String> {
     containers(scope).iter().map(|c| c.name.clone()).collect()
 }
 
-fn text(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 /// Make sure every image of the scope exists for `release`, building the
 /// missing ones from the release directory. Build output goes to `on_line`.
 pub async fn ensure_images(
@@ -58,17 +55,22 @@ pub async fn ensure_images(
     release: &str,
     journal: &mut Journal<'_>,
     on_line: &mut (dyn FnMut(&str) + Send),
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for container in containers(scope) {
         let reference = image_ref(container, release);
-        if docker.image_id(&reference).await.map_err(text)?.is_some() {
+        if docker
+            .image_id(&reference)
+            .await
+            .map_err(RuntimeError::from)?
+            .is_some()
+        {
             continue;
         }
         let Some(dockerfile) = &container.dockerfile else {
-            return Err(format!(
-                "image \"{reference}\" of container \"{}\" does not exist locally",
-                container.name
-            ));
+            return Err(RuntimeError::MissingImage {
+                image: reference,
+                container: container.name.clone(),
+            });
         };
         let context = release_dir.join(&container.context);
         let dockerfile = release_dir.join(dockerfile);
@@ -84,17 +86,17 @@ pub async fn ensure_images(
                 docker.build_image(&context, &dockerfile, &reference, labels, &mut output),
             )
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
 
 /// The release a container was created for, from its label.
-async fn release_of(docker: &Docker, name: &str) -> Result<Option<String>, String> {
+async fn release_of(docker: &Docker, name: &str) -> Result<Option<String>, RuntimeError> {
     Ok(docker
         .inspect(name)
         .await
-        .map_err(text)?
+        .map_err(RuntimeError::from)?
         .and_then(|state| state.labels.get(LABEL_COMMIT).cloned()))
 }
 
@@ -112,10 +114,10 @@ pub async fn replace(
     release: &str,
     way_back: Option<&str>,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for container in containers(scope) {
         let name = &container.name;
-        if let Some(state) = docker.inspect(name).await.map_err(text)? {
+        if let Some(state) = docker.inspect(name).await.map_err(RuntimeError::from)? {
             let prev = prev_name(name);
             let kept = release_of(docker, &prev).await?;
             if way_back.is_some()
@@ -128,7 +130,7 @@ pub async fn replace(
                         docker.remove(name).await
                     })
                     .await
-                    .map_err(text)?;
+                    .map_err(RuntimeError::from)?;
                 continue;
             }
             journal
@@ -137,7 +139,7 @@ pub async fn replace(
                     docker.stop(name, STOP_TIMEOUT),
                 )
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
             remove_if_present(docker, &prev, journal).await?;
             journal
                 .step(
@@ -145,7 +147,7 @@ pub async fn replace(
                     docker.rename(name, &prev),
                 )
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
         }
     }
     // The old containers are stopped and kept; the new ones not created yet.
@@ -161,7 +163,7 @@ pub async fn start_new(
     release_dir: &Path,
     release: &str,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     let env = [
         ("MOORLINE_COMMIT".to_string(), release.to_string()),
         (
@@ -178,11 +180,11 @@ pub async fn start_new(
                 docker.create(container, &image, labels, &env, release_dir),
             )
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
         journal
             .step(format!("start container {name}"), docker.start(name))
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
@@ -195,7 +197,7 @@ pub async fn verify(
     scope: &Scope,
     release_dir: &Path,
     http: &reqwest::Client,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     let settle = async {
         try_join_all(
             containers(scope)
@@ -204,9 +206,13 @@ pub async fn verify(
         )
         .await
         .map(|_| ())
-        .map_err(text)
+        .map_err(RuntimeError::from)
     };
-    let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
+    let health = async {
+        crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
+            .await
+            .map_err(RuntimeError::from)
+    };
     tokio::try_join!(settle, health).map(|_| ())
 }
 
@@ -215,12 +221,17 @@ async fn remove_if_present(
     docker: &Docker,
     name: &str,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
-    if docker.inspect(name).await.map_err(text)?.is_some() {
+) -> Result<(), RuntimeError> {
+    if docker
+        .inspect(name)
+        .await
+        .map_err(RuntimeError::from)?
+        .is_some()
+    {
         journal
             .step(format!("remove container {name}"), docker.remove(name))
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
@@ -230,7 +241,7 @@ pub async fn drop_previous(
     docker: &Docker,
     scope: &Scope,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for name in names(scope) {
         remove_if_present(docker, &prev_name(&name), journal).await?;
     }
@@ -247,15 +258,20 @@ pub async fn restore(
     release: Option<&str>,
     start: bool,
     journal: &mut Journal<'_>,
-) -> Result<bool, String> {
+) -> Result<bool, RuntimeError> {
     let mut all_restored = true;
     for name in names {
         journal
             .step(format!("remove container {name}"), docker.remove(name))
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
         let prev = prev_name(name);
-        if docker.inspect(&prev).await.map_err(text)?.is_none() {
+        if docker
+            .inspect(&prev)
+            .await
+            .map_err(RuntimeError::from)?
+            .is_none()
+        {
             all_restored = false;
             continue;
         }
@@ -264,7 +280,7 @@ pub async fn restore(
             journal
                 .step(format!("remove container {prev}"), docker.remove(&prev))
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
             all_restored = false;
             continue;
         }
@@ -274,12 +290,12 @@ pub async fn restore(
                 docker.rename(&prev, name),
             )
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
         if start {
             journal
                 .step(format!("start container {name}"), docker.start(name))
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
         }
     }
     Ok(all_restored)
@@ -291,7 +307,7 @@ pub async fn remove_all(
     docker: &Docker,
     names: &[String],
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for name in names {
         for name in [name.clone(), prev_name(name)] {
             remove_if_present(docker, &name, journal).await?;
@@ -308,7 +324,7 @@ pub async fn stop(
     names: &[String],
     remove: bool,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for name in names {
         if remove {
             journal
@@ -317,7 +333,7 @@ pub async fn stop(
                     docker.remove(name).await
                 })
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
             remove_if_present(docker, &prev_name(name), journal).await?;
         } else {
             journal
@@ -326,7 +342,7 @@ pub async fn stop(
                     docker.stop(name, STOP_TIMEOUT),
                 )
                 .await
-                .map_err(text)?;
+                .map_err(RuntimeError::from)?;
         }
     }
     Ok(())
@@ -337,23 +353,23 @@ pub async fn start(
     docker: &Docker,
     names: &[String],
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for name in names {
         journal
             .step(format!("start container {name}"), docker.start(name))
             .await
-            .map_err(text)?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
 
 /// The scope's containers (and kept `.moorline-prev` ones) that run (the
 /// audit's foreign members when native owns the scope).
-pub async fn running(docker: &Docker, scope: &Scope) -> Result<Vec<String>, String> {
+pub async fn running(docker: &Docker, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
     for container in containers(scope) {
         for name in [container.name.clone(), prev_name(&container.name)] {
-            let Some(state) = docker.inspect(&name).await.map_err(text)? else {
+            let Some(state) = docker.inspect(&name).await.map_err(RuntimeError::from)? else {
                 continue;
             };
             if state.running {
@@ -366,10 +382,18 @@ pub async fn running(docker: &Docker, scope: &Scope) -> Result<Vec<String>, Stri
 
 /// Containers that are missing, stopped, or labelled with another release
 /// than `release`.
-pub async fn drift(docker: &Docker, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+pub async fn drift(
+    docker: &Docker,
+    scope: &Scope,
+    release: &str,
+) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
     for container in containers(scope) {
-        match docker.inspect(&container.name).await.map_err(text)? {
+        match docker
+            .inspect(&container.name)
+            .await
+            .map_err(RuntimeError::from)?
+        {
             None => found.push(format!("container {} is missing", container.name)),
             Some(state) if !state.running => {
                 found.push(format!("container {} is {}", container.name, state.status))

@@ -10,6 +10,7 @@ use super::Systemd;
 use crate::cli::short;
 use crate::journal::Journal;
 use crate::manifest::Scope;
+use crate::runtime::{Owner, RuntimeError};
 
 /// Install the scope's unit files and drop-ins for `release`, reload, and
 /// restart every unit. Each side effect is journaled first.
@@ -19,9 +20,12 @@ pub async fn switch(
     release_dir: &Path,
     release: &str,
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     let Some(native) = &scope.native else {
-        return Err(format!("scope \"{}\" has no native section", scope.name));
+        return Err(RuntimeError::NoForm {
+            scope: scope.name.clone(),
+            owner: Owner::Native,
+        });
     };
     let sd = &sd.with_job_timeout(scope.job_timeout);
     let short = short(release);
@@ -37,7 +41,7 @@ pub async fn switch(
                 sd.install_unit_file(&src, &unit),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
     }
     for unit in &native.units {
         journal
@@ -46,12 +50,12 @@ pub async fn switch(
                 sd.write_dropin(unit, release_dir, release),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
     }
     journal
         .step("reload the user manager".to_string(), sd.daemon_reload())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(RuntimeError::from)?;
     // Unit files and drop-ins now name the new release; nothing restarted yet.
     crate::fault::point("after-stop");
     // systemd's own start timeout may be infinite; the rollout's is the
@@ -60,7 +64,7 @@ pub async fn switch(
         journal
             .step(format!("restart {unit} on {short}"), sd.restart(unit))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
@@ -73,7 +77,7 @@ pub async fn verify(
     scope: &Scope,
     release_dir: &Path,
     http: &reqwest::Client,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     let units: &[String] = scope
         .native
         .as_ref()
@@ -83,20 +87,28 @@ pub async fn verify(
         try_join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)))
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(RuntimeError::from)
     };
-    let health = crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http);
+    let health = async {
+        crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
+            .await
+            .map_err(RuntimeError::from)
+    };
     tokio::try_join!(settle, health).map(|_| ())
 }
 
 /// Stop every unit of the scope (first deploys that fail, removed scopes,
 /// cutovers away from native).
-pub async fn stop(sd: &Systemd, units: &[String], journal: &mut Journal<'_>) -> Result<(), String> {
+pub async fn stop(
+    sd: &Systemd,
+    units: &[String],
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
     for unit in units {
         journal
             .step(format!("stop {unit}"), sd.stop(unit))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
@@ -106,12 +118,12 @@ pub async fn start(
     sd: &Systemd,
     units: &[String],
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     for unit in units {
         journal
             .step(format!("start {unit}"), sd.start(unit))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
     }
     Ok(())
 }
@@ -123,7 +135,7 @@ pub async fn retire(
     installed_by: Option<&Scope>,
     units: &[String],
     journal: &mut Journal<'_>,
-) -> Result<(), String> {
+) -> Result<(), RuntimeError> {
     let installed: Vec<String> = installed_by
         .and_then(|s| s.native.as_ref())
         .map(|n| {
@@ -142,7 +154,7 @@ pub async fn retire(
                 sd.remove_dropin(unit),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(RuntimeError::from)?;
         if installed.contains(unit) {
             journal
                 .step(
@@ -150,13 +162,13 @@ pub async fn retire(
                     sd.remove_unit_file(unit),
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(RuntimeError::from)?;
         }
     }
     journal
         .step("reload the user manager".to_string(), sd.daemon_reload())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(RuntimeError::from)
 }
 
 fn is_up(active_state: &str) -> bool {
@@ -168,13 +180,13 @@ fn is_up(active_state: &str) -> bool {
 
 /// The scope's units that are up (the audit's foreign members when docker
 /// owns the scope).
-pub async fn running(sd: &Systemd, scope: &Scope) -> Result<Vec<String>, String> {
+pub async fn running(sd: &Systemd, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
     let Some(native) = &scope.native else {
         return Ok(vec![]);
     };
     let mut found = Vec::new();
     for unit in &native.units {
-        let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
+        let state = sd.unit_state(unit).await.map_err(RuntimeError::from)?;
         if is_up(&state.active_state) {
             found.push(unit.clone());
         }
@@ -183,13 +195,17 @@ pub async fn running(sd: &Systemd, scope: &Scope) -> Result<Vec<String>, String>
 }
 
 /// Units that are down, or whose drop-in names another release than `release`.
-pub async fn drift(sd: &Systemd, scope: &Scope, release: &str) -> Result<Vec<String>, String> {
+pub async fn drift(
+    sd: &Systemd,
+    scope: &Scope,
+    release: &str,
+) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
     let Some(native) = &scope.native else {
         return Ok(found);
     };
     for unit in &native.units {
-        let state = sd.unit_state(unit).await.map_err(|e| e.to_string())?;
+        let state = sd.unit_state(unit).await.map_err(RuntimeError::from)?;
         if !is_up(&state.active_state) {
             found.push(format!(
                 "{unit} is {} ({})",
