@@ -358,3 +358,27 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
         });
     }
 }
+
+/// The plan for `rev` (default: the branch's commit after a fetch).
+pub fn plan_view(engine: &crate::rollout::Engine, rev: Option<&str>) -> Result<PlanView, String> {
+    let commit = match rev {
+        Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
+        None => engine.source.fetch().map_err(|e| e.to_string())?,
+    };
+    let (_, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
+    Ok(PlanView {
+        commit: plan.commit.clone(),
+        scopes: plan
+            .scopes
+            .iter()
+            .map(|s| PlannedScopeView {
+                scope: s.scope.clone(),
+                owner: s.owner.to_string(),
+                action: s.action.as_str().to_string(),
+                reason: s.reason.clone(),
+                release: s.release.clone(),
+                build: s.build,
+            })
+            .collect(),
+    })
+}

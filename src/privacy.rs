@@ -6,6 +6,33 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+/// The state directory could not be made or kept owner-only.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    #[error("cannot create state directory \"{}\": {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot restrict state directory \"{}\" to its owner: {source}", path.display())]
+    Restrict {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Create the state directory owner-only (and tighten an existing one).
+pub fn prepare_state_dir(dir: &Path) -> Result<(), StateDirError> {
+    std::fs::create_dir_all(dir).map_err(|source| StateDirError::Create {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    set_mode(dir, 0o700).map_err(|source| StateDirError::Restrict {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Restrict `dir` (the state directory) and what the agent writes in it:
 /// directories 0700, files 0600. The contents of `releases/` are left as
 /// checked out; the socket keeps its own 0600.

@@ -44,9 +44,7 @@ pub fn print_json<T: serde::Serialize>(value: &T) {
     out(&text);
 }
 
-pub fn short(commit: &str) -> &str {
-    commit.get(..7).unwrap_or(commit)
-}
+pub use crate::source::short;
 
 pub fn short_opt(commit: &Option<String>) -> String {
     commit.as_deref().map(short).unwrap_or("-").to_string()

@@ -1,34 +1,10 @@
 //! `moorline plan [REV]`: what the agent would do for a commit, without
 //! doing it.
 
-use crate::api::{self, PlanView, PlannedScopeView, Request, Response};
+use crate::api::{self, PlanView, Request, Response};
 use crate::config::Config;
 use crate::rollout::Engine;
 use crate::store::Store;
-
-/// The plan for `rev` (default: the branch's commit after a fetch).
-pub fn compute(engine: &Engine, rev: Option<&str>) -> Result<PlanView, String> {
-    let commit = match rev {
-        Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
-        None => engine.source.fetch().map_err(|e| e.to_string())?,
-    };
-    let (_, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
-    Ok(PlanView {
-        commit: plan.commit.clone(),
-        scopes: plan
-            .scopes
-            .iter()
-            .map(|s| PlannedScopeView {
-                scope: s.scope.clone(),
-                owner: s.owner.to_string(),
-                action: s.action.as_str().to_string(),
-                reason: s.reason.clone(),
-                release: s.release.clone(),
-                build: s.build,
-            })
-            .collect(),
-    })
-}
 
 pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
     let answer = match api::request(&config.state.dir, &Request::Plan { rev: rev.clone() }).await {
@@ -55,10 +31,10 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
 }
 
 fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
-    crate::agent::prepare_state_dir(&config.state.dir).map_err(|e| e.to_string())?;
+    crate::privacy::prepare_state_dir(&config.state.dir).map_err(|e| e.to_string())?;
     let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
     let engine = Engine::new(config.clone(), store);
-    compute(&engine, rev)
+    api::plan_view(&engine, rev)
 }
 
 pub fn render(view: &PlanView) -> String {

@@ -13,7 +13,7 @@ pub async fn run(config: &Config, json: bool) -> u8 {
             return super::ERROR;
         }
         Err(api::ApiError::Unreachable { .. }) => {
-            match crate::agent::read_snapshot(&config.state.dir) {
+            match crate::agent::snapshot::read(&config.state.dir) {
                 Some(report) => report,
                 None => {
                     eprintln!(

@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use self::core::{Core, Decision, Next, Target};
-use crate::cli::short;
 use crate::config::Config;
 pub use crate::journal::{Journal, Stop};
 use crate::manifest::{self, Manifest, Owner, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
 use crate::runtime::{Keep, Runtime, RuntimeError, Runtimes};
 use crate::source::git::{GitError, Source};
+use crate::source::short;
 use crate::store::{
     DeployedScope, HostState, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
     ScopeState, Store, StoreError, now_ms,

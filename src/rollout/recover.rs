@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::{Engine, Error};
 use super::releases;
+use super::{Engine, Error};
 use crate::store::{HostState, JournalEntry, Store};
 
 /// Why an unfinished rollout stopped, from the last journal entry.
@@ -61,12 +61,7 @@ pub fn clean_releases(store: &Store, releases_dir: &Path) -> Result<Vec<PathBuf>
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    let registered: Vec<String> = store
-        .releases()
-        ?
-        .into_iter()
-        .map(|r| r.commit)
-        .collect();
+    let registered: Vec<String> = store.releases()?.into_iter().map(|r| r.commit).collect();
     let host = store.host()?;
     let mut removed = Vec::new();
     for name in stale_releases(&names, &registered, &host) {

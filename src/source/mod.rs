@@ -9,6 +9,37 @@ pub mod watch;
 /// The webhook listener for forge push notifications.
 pub mod webhook;
 
+use std::time::Duration;
+
+/// A trigger: a task that wakes the agent (sends a `Wake`) and says how it
+/// is doing. A new trigger is one module with a type implementing this,
+/// started by the agent beside the others; the poll timer and `moorline
+/// sync` are the agent's own.
+pub trait Trigger: Send {
+    /// Its name in `status` (`watch`, `webhook`).
+    fn name(&self) -> &'static str;
+    /// What `status` shows: `active`, `listening on ...`, or why it is not
+    /// working and that the agent polls meanwhile.
+    fn state(&self) -> String;
+    /// Called before every fetch: a trigger that failed may set itself up
+    /// again here.
+    fn before_fetch(&mut self) {}
+}
+
+/// A poll interval as a user wrote it: "60s", "1s", "250ms".
+pub fn duration_text(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// The first seven characters of a commit id, as people read them.
+pub fn short(commit: &str) -> &str {
+    commit.get(..7).unwrap_or(commit)
+}
+
 /// Why the agent was woken to fetch. A trigger only wakes the agent: what gets
 /// deployed is always what the following fetch finds, so a forged wake cannot
 /// choose what runs.
@@ -27,4 +58,16 @@ pub enum Wake {
     Sync,
     /// The polling interval elapsed.
     Poll,
+}
+
+impl Wake {
+    /// How history and `status` name it: the rollout's trigger.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Wake::Watch => "watch",
+            Wake::Webhook { .. } => "webhook",
+            Wake::Sync => "sync",
+            Wake::Poll => "poll",
+        }
+    }
 }

@@ -448,9 +448,129 @@ fn read_git_file(path: &Path) -> Result<String, WatchError> {
     })
 }
 
+/// The watch as the agent runs it: `watch = false` or a remote source
+/// leave it off; a watch that could not be set up or was lost is tried
+/// again before every fetch, so a repository that comes back is watched.
+pub struct WatchTrigger {
+    /// The local repository, when watching is wanted.
+    repo: Option<PathBuf>,
+    branch: String,
+    poll: Duration,
+    wake: mpsc::Sender<Wake>,
+    state: WatchState,
+}
+
+/// The filesystem watch, as far as the agent knows it.
+#[derive(Debug, Default)]
+enum WatchState {
+    /// `watch = false`, or the source is not a local repository.
+    #[default]
+    Off,
+    Running(RefWatcher),
+    /// `watch_ref` refused; retried before every fetch.
+    SetupFailed(String),
+}
+
+impl WatchTrigger {
+    pub fn new(
+        repo: Option<&Path>,
+        wanted: bool,
+        branch: &str,
+        poll: Duration,
+        wake: mpsc::Sender<Wake>,
+    ) -> WatchTrigger {
+        WatchTrigger {
+            repo: repo.filter(|_| wanted).map(Path::to_path_buf),
+            branch: branch.to_string(),
+            poll,
+            wake,
+            state: WatchState::Off,
+        }
+    }
+}
+
+impl super::Trigger for WatchTrigger {
+    fn name(&self) -> &'static str {
+        "watch"
+    }
+
+    /// "off", "active", or "failed: <reason>; polling every <poll>".
+    fn state(&self) -> String {
+        watch_text(&self.state, self.poll)
+    }
+
+    /// Start the watch when it is wanted and not working: before the first
+    /// fetch (updates are compared with the ref's value at this point), and
+    /// again before every fetch after it failed or was lost.
+    fn before_fetch(&mut self) {
+        let Some(repo) = self.repo.clone() else {
+            return;
+        };
+        if let WatchState::Running(watcher) = &self.state
+            && watcher.health() == WatchHealth::Active
+        {
+            return;
+        }
+        // Stop a lost watch before starting its replacement.
+        let was = std::mem::take(&mut self.state);
+        let previous = match &was {
+            WatchState::SetupFailed(reason) => Some(reason.clone()),
+            WatchState::Running(w) => match w.health() {
+                WatchHealth::Failed(reason) => Some(reason),
+                WatchHealth::Active => None,
+            },
+            WatchState::Off => None,
+        };
+        drop(was);
+        self.state = match watch_ref(&repo, &self.branch, self.wake.clone()) {
+            Ok(watcher) => {
+                tracing::info!(repo = %repo.display(), branch = %self.branch, "watching the branch for pushes");
+                WatchState::Running(watcher)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if previous.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(repo = %repo.display(), error = %reason, "cannot watch the repository; polling only");
+                }
+                WatchState::SetupFailed(reason)
+            }
+        };
+    }
+}
+
+fn watch_text(state: &WatchState, poll: Duration) -> String {
+    let failed = |reason: &str| {
+        format!(
+            "failed: {reason}; polling every {}",
+            super::duration_text(poll)
+        )
+    };
+    match state {
+        WatchState::Off => "off".into(),
+        WatchState::Running(watcher) => match watcher.health() {
+            WatchHealth::Active => "active".into(),
+            WatchHealth::Failed(reason) => failed(&reason),
+        },
+        WatchState::SetupFailed(reason) => failed(reason),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_state_reads_as_status_shows_it() {
+        let poll = Duration::from_secs(60);
+        assert_eq!(watch_text(&WatchState::Off, poll), "off");
+        assert_eq!(
+            watch_text(
+                &WatchState::SetupFailed("\"/srv/app.git\" was removed or moved".into()),
+                poll
+            ),
+            "failed: \"/srv/app.git\" was removed or moved; polling every 60s"
+        );
+    }
     use std::process::Command;
     use tokio::sync::mpsc::error::TryRecvError;
 

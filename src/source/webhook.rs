@@ -490,6 +490,68 @@ fn delivery_id(headers: &HeaderMap) -> Option<String> {
     .map(str::to_owned)
 }
 
+/// The webhook as the agent runs it: bound when configured and served
+/// until the trigger is dropped; a secret or bind error is logged and shown
+/// in `status`, and the agent goes on polling.
+pub struct WebhookTrigger {
+    text: String,
+    /// Dropping it stops the listener.
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl WebhookTrigger {
+    pub async fn start(
+        config: Option<&WebhookConfig>,
+        branch: &str,
+        poll: std::time::Duration,
+        wake: mpsc::Sender<Wake>,
+    ) -> WebhookTrigger {
+        let Some(cfg) = config else {
+            return WebhookTrigger {
+                text: "off".into(),
+                _stop: None,
+            };
+        };
+        match WebhookServer::bind(cfg).await {
+            Ok(server) => {
+                let text = format!("listening on {}", server.local_addr());
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let branch = branch.to_string();
+                let shutdown = async move {
+                    // Sent or dropped: either way the agent is stopping.
+                    let _ = stop_rx.await;
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = server.run(&branch, wake, shutdown).await {
+                        warn!(error = %e, "the webhook listener failed");
+                    }
+                });
+                WebhookTrigger {
+                    text,
+                    _stop: Some(stop_tx),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot start the webhook listener; polling only");
+                WebhookTrigger {
+                    text: format!("failed: {e}; polling every {}", super::duration_text(poll)),
+                    _stop: None,
+                }
+            }
+        }
+    }
+}
+
+impl super::Trigger for WebhookTrigger {
+    fn name(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn state(&self) -> String {
+        self.text.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

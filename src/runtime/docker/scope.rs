@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures_util::future::try_join_all;
 
 use super::{Docker, LABEL_COMMIT, Labels};
-use crate::cli::short;
 use crate::journal::Journal;
 use crate::manifest::{ContainerSpec, Scope};
 use crate::runtime::RuntimeError;
+use crate::source::short;
 
 /// Suffix of a replaced container kept for rollback.
 pub const PREV_SUFFIX: &str = ".moorline-prev";

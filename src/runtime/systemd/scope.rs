@@ -7,10 +7,10 @@ use std::path::Path;
 use futures_util::future::try_join_all;
 
 use super::Systemd;
-use crate::cli::short;
 use crate::journal::Journal;
 use crate::manifest::Scope;
 use crate::runtime::{Owner, RuntimeError};
+use crate::source::short;
 
 /// Install the scope's unit files and drop-ins for `release`, reload, and
 /// restart every unit. Each side effect is journaled first.

@@ -1,9 +1,14 @@
 //! The daemon: one loop that takes a closed set of events (poll tick, wake
 //! from a trigger or `moorline sync`, shutdown), fetches and converges; the
-//! control channel answering beside it; the status snapshot kept on disk.
+//! control channel answering beside it. The live status and the snapshot
+//! on disk are the submodules.
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+/// The status snapshot on disk.
+pub mod snapshot;
+/// `Live` and the status report.
+mod status;
+
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,86 +16,20 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{
-    self, AgentView, MemberView, Request, Response, RolloutSummary, ScopeView, SourceView,
-    StatusReport,
-};
-use crate::cli::short;
+use self::status::{Live, queued_text, source_text};
+use crate::api::{self, Request, Response};
 use crate::config::Config;
 use crate::rollout::{Converged, Engine, Idle};
-use crate::runtime::{MemberState, Runtimes};
-use crate::source::Wake;
-use crate::source::watch::{RefWatcher, WatchHealth, watch_ref};
-use crate::source::webhook::WebhookServer;
+use crate::runtime::Runtimes;
+use crate::source::watch::WatchTrigger;
+use crate::source::webhook::WebhookTrigger;
+use crate::source::{Trigger, Wake, short};
 use crate::store::{Store, now_ms};
-
-pub const SNAPSHOT_NAME: &str = "status.json";
 
 /// How long a rollout asked to stop may take to reach its next step
 /// boundary before it is dropped where it is (well inside systemd's
 /// default `TimeoutStopSec` of 90 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
-
-/// What the loop knows that the store does not.
-#[derive(Debug, Clone, Default)]
-pub struct Live {
-    pub since: u64,
-    pub activity: String,
-    pub desired: Option<String>,
-    pub last_fetch: Option<u64>,
-    pub last_fetch_error: Option<String>,
-    pub next_fetch: Option<u64>,
-    /// "off", "listening on <addr>", or why the listener is not running.
-    pub webhook: String,
-    /// A wake-up that arrived during the running rollout.
-    pub queued: Option<String>,
-    /// Why the last turn could not converge (e.g. the store refuses writes).
-    pub last_error: Option<String>,
-}
-
-/// The filesystem watch of a local source, as far as the agent knows it.
-#[derive(Debug, Default)]
-enum WatchState {
-    /// `watch = false`, or the source is not a local repository.
-    #[default]
-    Off,
-    Running(RefWatcher),
-    /// `watch_ref` refused; retried before every fetch.
-    SetupFailed(String),
-}
-
-/// What `status` shows for the watch: "off", "active", or
-/// "failed: <reason>; polling every <poll>".
-fn watch_text(state: &WatchState, poll: Duration) -> String {
-    let failed = |reason: &str| format!("failed: {reason}; polling every {}", duration_text(poll));
-    match state {
-        WatchState::Off => "off".into(),
-        WatchState::Running(watcher) => match watcher.health() {
-            WatchHealth::Active => "active".into(),
-            WatchHealth::Failed(reason) => failed(&reason),
-        },
-        WatchState::SetupFailed(reason) => failed(reason),
-    }
-}
-
-/// A poll interval as a user wrote it: "60s", "1s", "250ms".
-fn duration_text(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-/// What `status` shows for the wake-ups that arrived during a rollout: the
-/// first, and how many more were folded into it.
-fn queued_text(wake: &Wake, at_ms: u64, more: u32) -> String {
-    let first = format!("{} wake-up at {}", wake_name(wake), api::time_text(at_ms));
-    match more {
-        0 => first,
-        n => format!("{first} (and {n} more, coalesced)"),
-    }
-}
 
 /// The closed set of things the loop reacts to.
 #[derive(Debug)]
@@ -98,28 +37,6 @@ enum Event {
     Tick,
     Wake(Wake),
     Shutdown,
-}
-
-fn wake_name(wake: &Wake) -> &'static str {
-    match wake {
-        Wake::Watch => "watch",
-        Wake::Webhook { .. } => "webhook",
-        Wake::Sync => "sync",
-        Wake::Poll => "poll",
-    }
-}
-
-/// Create the state directory owner-only (and tighten an existing one).
-pub fn prepare_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create state directory \"{}\"", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
-        format!(
-            "cannot restrict state directory \"{}\" to its owner",
-            dir.display()
-        )
-    })?;
-    Ok(())
 }
 
 /// The delay before the next poll: `poll` with up to ±10% jitter, doubled
@@ -160,153 +77,23 @@ struct Agent {
     /// The status path's own runtime connections: made when first needed,
     /// dropped when they break, so a manager that comes back is seen.
     runtimes: tokio::sync::Mutex<Runtimes>,
-    watch: Mutex<WatchState>,
+    /// The triggers besides the poll timer and `moorline sync`.
+    triggers: Mutex<Vec<Box<dyn Trigger>>>,
     snapshot_turn: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
-    fn watch_text(&self) -> String {
-        self.watch
+    /// What `status` shows for the trigger called `name` ("off" if none).
+    fn trigger_state(&self, name: &str) -> String {
+        self.triggers
             .lock()
-            .map(|w| watch_text(&w, self.config.source.poll))
-            .unwrap_or_else(|_| "unknown".into())
-    }
-
-    /// Start the ref watch when it is wanted and not working: before the
-    /// first fetch (updates are compared with the ref's value at this point),
-    /// and again before every fetch after it failed or was lost, so a
-    /// repository that comes back is watched again.
-    fn ensure_watch(&self, repo: Option<&Path>) {
-        let Some(repo) = repo.filter(|_| self.config.trigger.watch) else {
-            return;
-        };
-        let Ok(mut state) = self.watch.lock() else {
-            return;
-        };
-        if let WatchState::Running(watcher) = &*state
-            && watcher.health() == WatchHealth::Active
-        {
-            return;
-        }
-        // Stop a lost watch before starting its replacement.
-        let was = std::mem::take(&mut *state);
-        let previous = match &was {
-            WatchState::SetupFailed(reason) => Some(reason.clone()),
-            WatchState::Running(w) => match w.health() {
-                WatchHealth::Failed(reason) => Some(reason),
-                WatchHealth::Active => None,
-            },
-            WatchState::Off => None,
-        };
-        drop(was);
-        *state = match watch_ref(repo, &self.config.source.branch, self.wake.clone()) {
-            Ok(watcher) => {
-                info!(repo = %repo.display(), branch = %self.config.source.branch, "watching the branch for pushes");
-                WatchState::Running(watcher)
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                if previous.as_deref() != Some(reason.as_str()) {
-                    warn!(repo = %repo.display(), error = %reason, "cannot watch the repository; polling only");
-                }
-                WatchState::SetupFailed(reason)
-            }
-        };
+            .ok()
+            .and_then(|t| t.iter().find(|t| t.name() == name).map(|t| t.state()))
+            .unwrap_or_else(|| "off".into())
     }
 
     fn live(&self) -> Live {
         self.live.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The status as the agent sees it now, with live member states.
-    async fn status(&self) -> StatusReport {
-        let live = self.live();
-        let host = self.store.host().unwrap_or_default();
-        let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
-        let mut runtimes = self.runtimes.lock().await;
-        let mut scopes = Vec::new();
-        for (name, state) in &host.scopes {
-            let mut members = Vec::new();
-            let mut problems = Vec::new();
-            // Members whose runtime could not be asked: neither up nor down.
-            let mut unknown = Vec::new();
-            let owner = state.current.owner;
-            let runtime = runtimes.get(owner).await;
-            for member in &state.current.members {
-                let member_state = match &runtime {
-                    Ok(runtime) => runtime.member_state(member).await,
-                    Err(e) => MemberState::Unknown(format!("unknown: {e}")),
-                };
-                match &member_state {
-                    MemberState::Up(_) => {}
-                    MemberState::Down(text) => problems.push(format!("{member} is {text}")),
-                    MemberState::Unknown(_) => unknown.push(member.clone()),
-                }
-                members.push(MemberView {
-                    name: member.clone(),
-                    state: member_state.text().to_string(),
-                });
-            }
-            if !unknown.is_empty() {
-                // A broken connection is made again at the next status.
-                runtimes.forget(owner);
-            }
-            let (health, detail) = if !state.healthy {
-                (
-                    "unhealthy",
-                    Some("the last rollout of this scope did not pass verification".to_string()),
-                )
-            } else if !problems.is_empty() {
-                ("unhealthy", Some(problems.join("; ")))
-            } else if !unknown.is_empty() {
-                (
-                    "unknown",
-                    Some(format!(
-                        "cannot ask the runtime about {}",
-                        unknown.join(", ")
-                    )),
-                )
-            } else {
-                ("healthy", None)
-            };
-            scopes.push(ScopeView {
-                name: name.clone(),
-                owner: state.current.owner.to_string(),
-                release: state.current.release.clone(),
-                commit: state.current.commit.clone(),
-                health: health.to_string(),
-                detail,
-                members,
-                rollout: state.current.rollout,
-                problem: state.problem.clone(),
-            });
-        }
-        StatusReport {
-            agent: AgentView {
-                running: true,
-                pid: Some(std::process::id()),
-                since: Some(api::time_text(live.since)),
-                activity: live.activity.clone(),
-                reported_at: api::time_text(now_ms()),
-                error: live.last_error.clone(),
-            },
-            source: SourceView {
-                url: source_text(&self.config),
-                branch: self.config.source.branch.clone(),
-                manifest: self.config.source.manifest.clone(),
-                desired_commit: live.desired.clone(),
-                deployed_commit: host.deployed_commit.clone(),
-                failed_commit: host.failed_commit.clone(),
-                last_fetch: live.last_fetch.map(api::time_text),
-                last_fetch_error: live.last_fetch_error.clone(),
-                next_fetch: live.next_fetch.map(api::time_text),
-                watch: self.watch_text(),
-                webhook: live.webhook.clone(),
-                queued: live.queued.clone(),
-            },
-            scopes,
-            last_rollout: last.as_ref().map(RolloutSummary::from),
-        }
     }
 
     /// Write the status snapshot atomically, readable by the owner only.
@@ -316,7 +103,7 @@ impl Agent {
         let _turn = self.snapshot_turn.lock().await;
         let report = self.status().await;
         let dir = self.config.state.dir.clone();
-        match tokio::task::spawn_blocking(move || write_snapshot(&dir, &report)).await {
+        match tokio::task::spawn_blocking(move || snapshot::write(&dir, &report)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "cannot write the status snapshot"),
             Err(e) => warn!(error = %e, "the status snapshot task failed"),
@@ -330,32 +117,6 @@ impl Agent {
         let agent = Arc::clone(self);
         tokio::spawn(async move { agent.snapshot().await });
     }
-}
-
-fn source_text(config: &Config) -> String {
-    match &config.source.url {
-        crate::config::SourceUrl::Local(p) => p.display().to_string(),
-        crate::config::SourceUrl::Remote(u) => u.clone(),
-    }
-}
-
-pub fn snapshot_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(SNAPSHOT_NAME)
-}
-
-fn write_snapshot(state_dir: &Path, report: &StatusReport) -> std::io::Result<()> {
-    use std::io::Write;
-    let path = snapshot_path(state_dir);
-    let tmp = state_dir.join(format!(".{SNAPSHOT_NAME}.tmp"));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(report).expect("status reports always serialize"))?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)
 }
 
 impl api::Handler for Agent {
@@ -381,10 +142,8 @@ impl api::Handler for Agent {
             }
             Request::Plan { rev } => {
                 let engine = Engine::new(self.config.clone(), self.store.clone());
-                match tokio::task::spawn_blocking(move || {
-                    crate::cli::plan::compute(&engine, rev.as_deref())
-                })
-                .await
+                match tokio::task::spawn_blocking(move || api::plan_view(&engine, rev.as_deref()))
+                    .await
                 {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),
@@ -403,7 +162,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // outputs can go into images run as another uid.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let dir = config.state.dir.clone();
-    prepare_state_dir(&dir)?;
+    crate::privacy::prepare_state_dir(&dir)?;
     let store = Store::open(&dir)?;
     crate::privacy::restrict_state_dir(&dir).with_context(|| {
         format!(
@@ -424,7 +183,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let live = Arc::new(Mutex::new(Live {
         since: now_ms(),
         activity: "starting".into(),
-        webhook: "off".into(),
         ..Live::default()
     }));
     let agent = Arc::new(Agent {
@@ -436,7 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &config.docker.host,
             &engine.source.url_text(),
         )),
-        watch: Mutex::new(WatchState::Off),
+        triggers: Mutex::new(Vec::new()),
         snapshot_turn: tokio::sync::Mutex::new(()),
     });
     let listener = api::bind(&dir)?;
@@ -447,16 +205,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             f(&mut l);
         }
     };
-    let (stop_webhook, webhook) = start_webhook(&config, wake_tx.clone(), &live).await;
+    let local = engine.source.local_path().map(Path::to_path_buf);
+    let watch = WatchTrigger::new(
+        local.as_deref(),
+        config.trigger.watch,
+        &config.source.branch,
+        config.source.poll,
+        wake_tx.clone(),
+    );
+    let webhook = WebhookTrigger::start(
+        config.trigger.webhook.as_ref(),
+        &config.source.branch,
+        config.source.poll,
+        wake_tx.clone(),
+    )
+    .await;
+    if let Ok(mut triggers) = agent.triggers.lock() {
+        *triggers = vec![Box::new(watch), Box::new(webhook)];
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(source = %source_text(&config), branch = %config.source.branch, "agent started");
-    let local = engine.source.local_path().map(Path::to_path_buf);
     let mut trigger = "startup".to_string();
     let mut failures: u32 = 0;
     loop {
-        agent.ensure_watch(local.as_deref());
+        if let Ok(mut triggers) = agent.triggers.lock() {
+            for trigger in triggers.iter_mut() {
+                trigger.before_fetch();
+            }
+        }
         set_live(&|l| {
             l.activity = "fetching".into();
             l.queued = None;
@@ -578,7 +356,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         if let Some((wake, _, _)) = queued {
             // Straight to the newest commit: the next fetch reads the branch as it is now.
-            trigger = wake_name(&wake).to_string();
+            trigger = wake.name().to_string();
             continue;
         }
         let delay = next_delay(config.source.poll, failures, seed());
@@ -595,8 +373,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = terminate.recv() => Event::Shutdown,
         };
         trigger = match event {
-            Event::Tick => wake_name(&Wake::Poll).to_string(),
-            Event::Wake(wake) => wake_name(&wake).to_string(),
+            Event::Tick => Wake::Poll.name().to_string(),
+            Event::Wake(wake) => wake.name().to_string(),
             Event::Shutdown => break,
         };
     }
@@ -604,16 +382,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!("agent stopping");
     set_live(&|l| l.activity = "stopping".into());
     agent.snapshot().await;
-    drop(stop_webhook);
-    if let Some(task) = webhook {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "the webhook listener failed"),
-            Err(e) => warn!(error = %e, "the webhook listener task failed"),
-        }
-    }
-    if let Ok(mut watch) = agent.watch.lock() {
-        *watch = WatchState::Off;
+    if let Ok(mut triggers) = agent.triggers.lock() {
+        // Dropped: the watch stops, the webhook listener shuts down.
+        triggers.clear();
     }
     server.abort();
     let _ = std::fs::remove_file(dir.join(api::SOCKET_NAME));
@@ -632,73 +403,13 @@ async fn audit(engine: &mut Engine, drift: bool) {
     }
 }
 
-type WebhookTask = tokio::task::JoinHandle<Result<(), crate::source::webhook::WebhookError>>;
-
-/// Bind the webhook listener when one is configured and serve it until the
-/// returned sender is dropped. A secret or bind error is logged and shown in
-/// `status`; the agent goes on polling.
-async fn start_webhook(
-    config: &Config,
-    wake: mpsc::Sender<Wake>,
-    live: &Mutex<Live>,
-) -> (tokio::sync::oneshot::Sender<()>, Option<WebhookTask>) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let Some(cfg) = &config.trigger.webhook else {
-        return (stop_tx, None);
-    };
-    match WebhookServer::bind(cfg).await {
-        Ok(server) => {
-            let text = format!("listening on {}", server.local_addr());
-            if let Ok(mut l) = live.lock() {
-                l.webhook = text;
-            }
-            let branch = config.source.branch.clone();
-            let shutdown = async move {
-                // Sent or dropped: either way the agent is stopping.
-                let _ = stop_rx.await;
-            };
-            let task = tokio::spawn(async move { server.run(&branch, wake, shutdown).await });
-            (stop_tx, Some(task))
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot start the webhook listener; polling only");
-            let text = format!(
-                "failed: {e}; polling every {}",
-                duration_text(config.source.poll)
-            );
-            if let Ok(mut l) = live.lock() {
-                l.webhook = text;
-            }
-            (stop_tx, None)
-        }
-    }
-}
-
-/// Read the snapshot a (stopped) agent left, marked as not running.
-pub fn read_snapshot(state_dir: &Path) -> Option<StatusReport> {
-    let bytes = std::fs::read(snapshot_path(state_dir)).ok()?;
-    let mut report: StatusReport = serde_json::from_slice(&bytes).ok()?;
-    report.agent.running = false;
-    report.agent.pid = None;
-    report.agent.activity = "not running".into();
-    Some(report)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn trigger_states_read_as_status_shows_them() {
-        let poll = Duration::from_secs(60);
-        assert_eq!(watch_text(&WatchState::Off, poll), "off");
-        assert_eq!(
-            watch_text(
-                &WatchState::SetupFailed("\"/srv/app.git\" was removed or moved".into()),
-                poll
-            ),
-            "failed: \"/srv/app.git\" was removed or moved; polling every 60s"
-        );
+        use crate::source::duration_text;
         assert_eq!(duration_text(Duration::from_secs(1)), "1s");
         assert_eq!(duration_text(Duration::from_millis(250)), "250ms");
         assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
