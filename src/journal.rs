@@ -110,6 +110,24 @@ impl<'a> Journal<'a> {
         result
     }
 
+    /// `step` for each of `items` in order, named by `name`, stopping at
+    /// the first failure.
+    pub async fn each<'i, T, E, Fut>(
+        &mut self,
+        items: &'i [String],
+        name: impl Fn(&str) -> String,
+        action: impl Fn(&'i str) -> Fut,
+    ) -> Result<(), E>
+    where
+        E: std::fmt::Display,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        for item in items {
+            self.step(name(item), action(item)).await?;
+        }
+        Ok(())
+    }
+
     pub fn phase(&mut self, phase: &str, started: Instant) {
         self.record.phases.push(PhaseRecord {
             phase: phase.to_string(),

@@ -370,6 +370,17 @@ units = ["web.service"]
         out
     }
 
+    /// The plan of the fixture's first deploy, at commit "A".
+    fn first_deploy(m: &Manifest) -> Plan {
+        plan(
+            "A",
+            m,
+            &inputs(m, "a1", "p1", "w1", "r1"),
+            &HostState::default(),
+            &[],
+        )
+    }
+
     /// The members a fixture scope runs: its unit, named after it.
     fn m_members(s: &ScopePlan) -> Vec<String> {
         vec![format!("{}.service", s.scope)]
@@ -438,13 +449,7 @@ units = ["web.service"]
     #[test]
     fn planning_follows_paths_sections_owners_and_reuses_identical_releases() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = first_deploy(&m);
         assert_eq!(
             summary(&first),
             [
@@ -507,13 +512,7 @@ units = ["web.service"]
     #[test]
     fn owner_and_section_changes_and_removed_scopes_are_named() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = first_deploy(&m);
         let host = deployed(&first, &[("api", "docker")]);
         let next = plan(
             "B",
@@ -598,13 +597,7 @@ unit_files = ["deploy/units/all.service"]
     #[test]
     fn members_dropped_from_a_scope_are_named_in_the_plan() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = first_deploy(&m);
         let mut host = deployed(&first, &[]);
         host.scopes
             .get_mut("api")
@@ -658,13 +651,7 @@ units = ["api.service"]
     #[test]
     fn an_unhealthy_scope_is_retried_on_the_next_commit() {
         let m = manifest(MANIFEST);
-        let first = plan(
-            "A",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &HostState::default(),
-            &[],
-        );
+        let first = first_deploy(&m);
         let mut host = deployed(&first, &[]);
         host.scopes.get_mut("web").expect("web deployed").healthy = false;
         let next = plan(

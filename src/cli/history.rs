@@ -52,14 +52,8 @@ pub async fn history(config: &Config, scope: Option<String>, limit: usize, json:
             }
             super::OK
         }
-        Ok(other) => {
-            eprintln!("error: unexpected answer from the agent: {other:?}");
-            super::ERROR
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            super::ERROR
-        }
+        Ok(other) => super::unexpected(&other),
+        Err(e) => super::fail(e),
     }
 }
 
@@ -73,18 +67,9 @@ pub async fn show(config: &Config, id: u64, json: bool) -> u8 {
             }
             super::OK
         }
-        Ok(Response::Show(None)) => {
-            eprintln!("error: no rollout {id}");
-            super::ERROR
-        }
-        Ok(other) => {
-            eprintln!("error: unexpected answer from the agent: {other:?}");
-            super::ERROR
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            super::ERROR
-        }
+        Ok(Response::Show(None)) => super::fail(format!("no rollout {id}")),
+        Ok(other) => super::unexpected(&other),
+        Err(e) => super::fail(e),
     }
 }
 

@@ -19,6 +19,17 @@ pub fn exit(code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Say what went wrong on stderr; the error exit code.
+pub fn fail(message: impl std::fmt::Display) -> u8 {
+    eprintln!("error: {message}");
+    ERROR
+}
+
+/// The agent answered with something this command did not ask for.
+pub fn unexpected(answer: &crate::api::Response) -> u8 {
+    fail(format!("unexpected answer from the agent: {answer:?}"))
+}
+
 /// Write `text` to stdout. A closed pipe (`moorline status --json | grep
 /// -q ...`) ends the command quietly with exit 0, as ripgrep does: the
 /// reader has what it wanted. Any other write error is exit 2.

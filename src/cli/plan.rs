@@ -23,10 +23,7 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
             }
             super::OK
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            super::ERROR
-        }
+        Err(e) => super::fail(e),
     }
 }
 

@@ -8,26 +8,19 @@ use crate::config::Config;
 pub async fn run(config: &Config, json: bool) -> u8 {
     let report = match api::request(&config.state.dir, &Request::Status).await {
         Ok(Response::Status(report)) => *report,
-        Ok(other) => {
-            eprintln!("error: unexpected answer from the agent: {other:?}");
-            return super::ERROR;
-        }
+        Ok(other) => return super::unexpected(&other),
         Err(api::ApiError::Unreachable { .. }) => {
             match crate::agent::snapshot::read(&config.state.dir) {
                 Some(report) => report,
                 None => {
-                    eprintln!(
-                        "error: the agent is not running and has left no status snapshot in \"{}\"",
+                    return super::fail(format!(
+                        "the agent is not running and has left no status snapshot in \"{}\"",
                         config.state.dir.display()
-                    );
-                    return super::ERROR;
+                    ));
                 }
             }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return super::ERROR;
-        }
+        Err(e) => return super::fail(e),
     };
     if json {
         super::print_json(&report);

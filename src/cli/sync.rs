@@ -12,13 +12,7 @@ pub async fn run(config: &Config) -> u8 {
             ));
             super::OK
         }
-        Ok(other) => {
-            eprintln!("error: unexpected answer from the agent: {other:?}");
-            super::ERROR
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            super::ERROR
-        }
+        Ok(other) => super::unexpected(&other),
+        Err(e) => super::fail(e),
     }
 }

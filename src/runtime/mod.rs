@@ -52,6 +52,8 @@ impl std::fmt::Display for Owner {
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::future::try_join_all;
+
 use crate::journal::Journal;
 use crate::manifest::Scope;
 
@@ -206,20 +208,42 @@ impl Runtime {
         }
     }
 
-    /// Every member stays up through the settle window and every health
-    /// check passes; the first definite failure ends the wait.
+    /// Every member stays up through the settle window (a container's
+    /// image HEALTHCHECK passes too) and every health check passes, watched
+    /// at once: the first definite failure (a member that went down) ends
+    /// the wait.
     pub async fn verify(
         &self,
         scope: &Scope,
         release_dir: &Path,
         http: &reqwest::Client,
     ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(sd) => systemd::scope::verify(sd, scope, release_dir, http).await,
-            Runtime::Docker { docker, .. } => {
-                docker::scope::verify(docker, scope, release_dir, http).await
+        let members = scope.members_on(scope.owner);
+        let settle = async {
+            match self {
+                Runtime::Native(sd) => {
+                    try_join_all(members.iter().map(|unit| sd.settle(unit, scope.settle)))
+                        .await
+                        .map(drop)?;
+                }
+                Runtime::Docker { docker, .. } => {
+                    try_join_all(
+                        members
+                            .iter()
+                            .map(|c| docker.settle(c, scope.settle, scope.health_timeout)),
+                    )
+                    .await
+                    .map(drop)?;
+                }
             }
-        }
+            Ok::<(), RuntimeError>(())
+        };
+        let health = async {
+            crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
+                .await
+                .map_err(RuntimeError::from)
+        };
+        tokio::try_join!(settle, health).map(drop)
     }
 
     /// Stop members. `Keep::WayBack` keeps them for a way back;

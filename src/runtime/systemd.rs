@@ -165,6 +165,24 @@ pub struct UnitState {
     pub result: String,
 }
 
+/// The jobs the agent asks the manager for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Restart,
+    Start,
+    Stop,
+}
+
+impl Job {
+    fn action(self) -> &'static str {
+        match self {
+            Job::Restart => "restart",
+            Job::Start => "start",
+            Job::Stop => "stop",
+        }
+    }
+}
+
 /// A connection to one systemd user manager and the directory its user units live in.
 #[derive(Clone)]
 pub struct Systemd {
@@ -303,29 +321,31 @@ impl Systemd {
     /// Restarts `unit` and waits for its job. The unit's failed state and start rate limit
     /// are reset first, so quick successive deploys are not refused.
     pub async fn restart(&self, unit: &str) -> Result<(), SystemdError> {
-        check_unit_name(unit)?;
-        self.reset_failed(unit).await?;
-        self.run_job("restart", unit, |manager, unit| async move {
-            manager.restart_unit(unit, "replace".to_owned()).await
-        })
-        .await
+        self.job(Job::Restart, unit).await
     }
 
     /// Starts `unit` (resetting its failed state first) and waits for its job.
     pub async fn start(&self, unit: &str) -> Result<(), SystemdError> {
-        check_unit_name(unit)?;
-        self.reset_failed(unit).await?;
-        self.run_job("start", unit, |manager, unit| async move {
-            manager.start_unit(unit, "replace".to_owned()).await
-        })
-        .await
+        self.job(Job::Start, unit).await
     }
 
     /// Stops `unit` and waits for its job.
     pub async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
+        self.job(Job::Stop, unit).await
+    }
+
+    async fn job(&self, job: Job, unit: &str) -> Result<(), SystemdError> {
         check_unit_name(unit)?;
-        self.run_job("stop", unit, |manager, unit| async move {
-            manager.stop_unit(unit, "replace".to_owned()).await
+        if job != Job::Stop {
+            self.reset_failed(unit).await?;
+        }
+        self.run_job(job.action(), unit, move |manager, unit| async move {
+            let mode = "replace".to_owned();
+            match job {
+                Job::Restart => manager.restart_unit(unit, mode).await,
+                Job::Start => manager.start_unit(unit, mode).await,
+                Job::Stop => manager.stop_unit(unit, mode).await,
+            }
         })
         .await
     }

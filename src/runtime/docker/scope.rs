@@ -6,8 +6,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::future::try_join_all;
-
 use super::{Docker, LABEL_COMMIT, Labels};
 use crate::journal::Journal;
 use crate::manifest::{ContainerSpec, Scope};
@@ -189,33 +187,6 @@ pub async fn start_new(
     Ok(())
 }
 
-/// Every container stays up through the settle window (and its image's own
-/// HEALTHCHECK passes), and every health check passes, watched at once; the
-/// first definite failure ends the wait.
-pub async fn verify(
-    docker: &Docker,
-    scope: &Scope,
-    release_dir: &Path,
-    http: &reqwest::Client,
-) -> Result<(), RuntimeError> {
-    let settle = async {
-        try_join_all(
-            containers(scope)
-                .iter()
-                .map(|c| docker.settle(&c.name, scope.settle, scope.health_timeout)),
-        )
-        .await
-        .map(|_| ())
-        .map_err(RuntimeError::from)
-    };
-    let health = async {
-        crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
-            .await
-            .map_err(RuntimeError::from)
-    };
-    tokio::try_join!(settle, health).map(|_| ())
-}
-
 /// Remove the container `name` if it exists, journaled; absent is fine.
 async fn remove_if_present(
     docker: &Docker,
@@ -354,13 +325,14 @@ pub async fn start(
     names: &[String],
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    for name in names {
-        journal
-            .step(format!("start container {name}"), docker.start(name))
-            .await
-            .map_err(RuntimeError::from)?;
-    }
-    Ok(())
+    journal
+        .each(
+            names,
+            |n| format!("start container {n}"),
+            |n| docker.start(n),
+        )
+        .await
+        .map_err(RuntimeError::from)
 }
 
 /// The scope's containers (and kept `.moorline-prev` ones) that run (the

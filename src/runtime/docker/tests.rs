@@ -57,6 +57,16 @@ impl Fixture {
         }
     }
 
+    /// Create a container from `spec` on image `tag`, labelled for
+    /// `scope`, and start it.
+    async fn run(&self, spec: &ContainerSpec, tag: &str, scope: &str) {
+        self.docker
+            .create(spec, tag, &self.labels(scope), &[], Path::new("/r"))
+            .await
+            .expect("create");
+        self.docker.start(&spec.name).await.expect("start");
+    }
+
     /// A build context under the fixture's directory holding busybox and `files`.
     fn context(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
         let root = self.dir.path().join(name);
@@ -423,17 +433,7 @@ async fn settle_fails_when_the_container_exits() {
     let crash: &[&str] = &["/bin/busybox", "sh", "-c", "/bin/busybox sleep 1; exit 3"];
 
     let once = unique("once");
-    fx.docker
-        .create(
-            &fx.spec(&once, Some(crash)),
-            &tag,
-            &fx.labels("worker"),
-            &[],
-            Path::new("/r"),
-        )
-        .await
-        .expect("create");
-    fx.docker.start(&once).await.expect("start");
+    fx.run(&fx.spec(&once, Some(crash)), &tag, "worker").await;
     let err = fx
         .docker
         .settle(&once, Duration::from_secs(3), Duration::from_secs(10))
@@ -448,17 +448,7 @@ async fn settle_fails_when_the_container_exits() {
     let mut restarting = fx.spec(&unique("again"), Some(crash));
     restarting.restart = "on-failure".to_string();
     let again = restarting.name.clone();
-    fx.docker
-        .create(
-            &restarting,
-            &tag,
-            &fx.labels("worker"),
-            &[],
-            Path::new("/r"),
-        )
-        .await
-        .expect("create");
-    fx.docker.start(&again).await.expect("start");
+    fx.run(&restarting, &tag, "worker").await;
     let err = fx
         .docker
         .settle(&again, Duration::from_secs(3), Duration::from_secs(10))
@@ -508,17 +498,7 @@ CMD [\"/bin/busybox\", \"sleep\", \"600\"]
         "-c",
         "/bin/busybox mkdir -p /tmp && /bin/busybox touch /tmp/ok && exec /bin/busybox sleep 600",
     ];
-    fx.docker
-        .create(
-            &fx.spec(&healthy, Some(ok)),
-            &tag,
-            &fx.labels("api"),
-            &[],
-            Path::new("/r"),
-        )
-        .await
-        .expect("create");
-    fx.docker.start(&healthy).await.expect("start");
+    fx.run(&fx.spec(&healthy, Some(ok)), &tag, "api").await;
     fx.docker
         .settle(
             &healthy,
@@ -536,17 +516,7 @@ CMD [\"/bin/busybox\", \"sleep\", \"600\"]
     assert_eq!(state.health.as_deref(), Some("healthy"));
 
     let sick = unique("sick");
-    fx.docker
-        .create(
-            &fx.spec(&sick, None),
-            &tag,
-            &fx.labels("api"),
-            &[],
-            Path::new("/r"),
-        )
-        .await
-        .expect("create");
-    fx.docker.start(&sick).await.expect("start");
+    fx.run(&fx.spec(&sick, None), &tag, "api").await;
     let err = fx
         .docker
         .settle(

@@ -4,8 +4,6 @@
 
 use std::path::Path;
 
-use futures_util::future::try_join_all;
-
 use super::Systemd;
 use crate::journal::Journal;
 use crate::manifest::Scope;
@@ -69,34 +67,6 @@ pub async fn switch(
     Ok(())
 }
 
-/// Every unit stays up through the settle window and every health check
-/// passes within the scope's timeout; both are watched at once, and the
-/// first definite failure (a unit that went down) ends the wait.
-pub async fn verify(
-    sd: &Systemd,
-    scope: &Scope,
-    release_dir: &Path,
-    http: &reqwest::Client,
-) -> Result<(), RuntimeError> {
-    let units: &[String] = scope
-        .native
-        .as_ref()
-        .map(|n| n.units.as_slice())
-        .unwrap_or_default();
-    let settle = async {
-        try_join_all(units.iter().map(|unit| sd.settle(unit, scope.settle)))
-            .await
-            .map(|_| ())
-            .map_err(RuntimeError::from)
-    };
-    let health = async {
-        crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
-            .await
-            .map_err(RuntimeError::from)
-    };
-    tokio::try_join!(settle, health).map(|_| ())
-}
-
 /// Stop every unit of the scope (first deploys that fail, removed scopes,
 /// cutovers away from native).
 pub async fn stop(
@@ -104,13 +74,10 @@ pub async fn stop(
     units: &[String],
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    for unit in units {
-        journal
-            .step(format!("stop {unit}"), sd.stop(unit))
-            .await
-            .map_err(RuntimeError::from)?;
-    }
-    Ok(())
+    journal
+        .each(units, |u| format!("stop {u}"), |u| sd.stop(u))
+        .await
+        .map_err(RuntimeError::from)
 }
 
 /// Start units again (undoing a cutover away from native).
@@ -119,13 +86,10 @@ pub async fn start(
     units: &[String],
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    for unit in units {
-        journal
-            .step(format!("start {unit}"), sd.start(unit))
-            .await
-            .map_err(RuntimeError::from)?;
-    }
-    Ok(())
+    journal
+        .each(units, |u| format!("start {u}"), |u| sd.start(u))
+        .await
+        .map_err(RuntimeError::from)
 }
 
 /// Take units out of service for good: stopped, their drop-ins and the unit
