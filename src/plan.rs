@@ -381,6 +381,17 @@ units = ["web.service"]
         )
     }
 
+    /// The plan of commit "B" with the first deploy's files, over `host`.
+    fn replan(m: &Manifest, host: &HostState, first: &Plan) -> Plan {
+        plan(
+            "B",
+            m,
+            &inputs(m, "a1", "p1", "w1", "r1"),
+            host,
+            &[built("A", first)],
+        )
+    }
+
     /// The members a fixture scope runs: its unit, named after it.
     fn m_members(s: &ScopePlan) -> Vec<String> {
         vec![format!("{}.service", s.scope)]
@@ -514,13 +525,7 @@ units = ["web.service"]
         let m = manifest(MANIFEST);
         let first = first_deploy(&m);
         let host = deployed(&first, &[("api", "docker")]);
-        let next = plan(
-            "B",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
+        let next = replan(&m, &host, &first);
         assert_eq!(
             next.scopes[1].action,
             Action::Cutover {
@@ -532,13 +537,7 @@ units = ["web.service"]
         let edited =
             manifest(&MANIFEST.replace("units = [\"web.service\"]", "units = [\"web2.service\"]"));
         let host = deployed(&first, &[]);
-        let next = plan(
-            "B",
-            &edited,
-            &inputs(&edited, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
+        let next = replan(&edited, &host, &first);
         assert_eq!(
             summary(&next)[2],
             "web deploy release=B build=true (manifest section changed; stops web.service (no longer in the scope))"
@@ -608,13 +607,7 @@ unit_files = ["deploy/units/all.service"]
         // The manifest lists only api.service now.
         let mut m2 = manifest(MANIFEST);
         m2.scopes.get_mut("api").expect("api").section_text += "\n# edited";
-        let next = plan(
-            "B",
-            &m2,
-            &inputs(&m2, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
+        let next = replan(&m2, &host, &first);
         let api = &next.scopes[1];
         assert_eq!(api.retired, ["api-extra.service"]);
         assert_eq!(
@@ -654,13 +647,7 @@ units = ["api.service"]
         let first = first_deploy(&m);
         let mut host = deployed(&first, &[]);
         host.scopes.get_mut("web").expect("web deployed").healthy = false;
-        let next = plan(
-            "B",
-            &m,
-            &inputs(&m, "a1", "p1", "w1", "r1"),
-            &host,
-            &[built("A", &first)],
-        );
+        let next = replan(&m, &host, &first);
         assert_eq!(
             next.scopes[2].reason,
             "last deploy was not healthy; trying again"

@@ -658,6 +658,22 @@ fn check_unique(
     }
 }
 
+/// The scopes of `remaining` that wait on none of `remaining`.
+fn ready<'a>(
+    remaining: &BTreeSet<&'a str>,
+    deps: &BTreeMap<&str, &Vec<At<String>>>,
+) -> Vec<&'a str> {
+    remaining
+        .iter()
+        .copied()
+        .filter(|n| {
+            deps[n]
+                .iter()
+                .all(|d| !remaining.contains(d.value.as_str()))
+        })
+        .collect()
+}
+
 /// Layers scopes into waves by `after`; reports each cycle once, at the
 /// `after` entry of its alphabetically first scope.
 fn order(r: &mut Reader<'_>, parts: &[Part]) -> Vec<Vec<String>> {
@@ -666,15 +682,7 @@ fn order(r: &mut Reader<'_>, parts: &[Part]) -> Vec<Vec<String>> {
     let mut remaining: BTreeSet<&str> = deps.keys().copied().collect();
     let mut waves = Vec::new();
     loop {
-        let wave: Vec<&str> = remaining
-            .iter()
-            .copied()
-            .filter(|n| {
-                deps[n]
-                    .iter()
-                    .all(|d| !remaining.contains(d.value.as_str()))
-            })
-            .collect();
+        let wave = ready(&remaining, &deps);
         if wave.is_empty() {
             break;
         }
@@ -724,15 +732,7 @@ fn order(r: &mut Reader<'_>, parts: &[Part]) -> Vec<Vec<String>> {
         }
         // Drop scopes that only waited on the cycle.
         loop {
-            let free: Vec<&str> = remaining
-                .iter()
-                .copied()
-                .filter(|n| {
-                    deps[n]
-                        .iter()
-                        .all(|d| !remaining.contains(d.value.as_str()))
-                })
-                .collect();
+            let free = ready(&remaining, &deps);
             if free.is_empty() {
                 break;
             }

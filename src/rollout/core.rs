@@ -417,24 +417,32 @@ mod tests {
         }
     }
 
-    /// Run `core` to the end, answering each step from `answer` (Ok unless
-    /// it says otherwise); the steps taken, as text.
+    /// How the table names a step.
+    fn describe(next: &Next) -> String {
+        match next {
+            Next::Prepare => "prepare".to_string(),
+            Next::Retire { scope } => format!("retire {scope}"),
+            Next::Switch { scope } => format!("switch {scope}"),
+            Next::Verify { scope } => format!("verify {scope}"),
+            Next::Finish => "finish".to_string(),
+            Next::RollBack { scope, to: Some(t) } => {
+                format!("roll back {scope} to {} on {}", t.release, t.owner)
+            }
+            Next::RollBack { scope, to: None } => format!("stop {scope}"),
+            Next::Done => "done".to_string(),
+        }
+    }
+
+    /// Run `core` to the end, answering each step from `answer`; the steps
+    /// taken, as the table names them.
     fn drive(core: &mut Core, answer: impl Fn(&Next) -> Result<(), String>) -> Vec<String> {
         let mut taken = Vec::new();
         for _ in 0..100 {
             let next = core.next();
-            taken.push(match &next {
-                Next::Prepare => "prepare".to_string(),
-                Next::Retire { scope } => format!("retire {scope}"),
-                Next::Switch { scope } => format!("switch {scope}"),
-                Next::Verify { scope } => format!("verify {scope}"),
-                Next::Finish => "finish".to_string(),
-                Next::RollBack { scope, to: Some(t) } => {
-                    format!("roll back {scope} to {} on {}", t.release, t.owner)
-                }
-                Next::RollBack { scope, to: None } => format!("stop {scope}"),
-                Next::Done => break,
-            });
+            if next == Next::Done {
+                break;
+            }
+            taken.push(describe(&next));
             core.report(answer(&next), 7);
         }
         taken
@@ -586,274 +594,241 @@ mod tests {
         }
     }
 
-    /// One rollout, table-driven: the situation, the host before, the plan,
-    /// which step fails, and what must follow.
-    struct Case {
-        situation: &'static str,
-        host: HostState,
-        plan: Plan,
-        fails: &'static [&'static str],
-        steps: &'static [&'static str],
-        outcome: Outcome,
-        error: Option<&'static str>,
-        after: &'static [&'static str],
+    /// One rollout per block: the situation it covers, the host before
+    /// (`scope=release@owner`, `unhealthy` after one that is), the plan
+    /// (`scope owner action release`; actions `deploy`, `unchanged`,
+    /// `remove`, `cutover-from-OWNER`), the steps that fail, and what must
+    /// follow: the steps taken, the outcome and error, the host after.
+    const ROLLOUTS: &str = r#"
+first deploy: every scope switched and verified in order
+    host:    -
+    plan A:  api native deploy A, web native deploy A
+    fails:   -
+    steps:   prepare, switch api, verify api, switch web, verify web, finish
+    outcome: succeeded
+    error:   -
+    after:   api=A@native, web=A@native
+
+partial deploy: an unchanged scope is not touched
+    host:    api=A@native, web=A@native
+    plan B:  api native unchanged A, web native deploy B
+    fails:   -
+    steps:   prepare, switch web, verify web, finish
+    outcome: succeeded
+    error:   -
+    after:   api=A@native, web=B@native
+
+nothing changed: no step at all
+    host:    api=A@native, web=A@native
+    plan B:  api native unchanged A, web native unchanged A
+    fails:   -
+    steps:   -
+    outcome: succeeded
+    error:   -
+    after:   api=A@native, web=A@native
+
+build failure: nothing running is touched
+    host:    api=A@native, web=A@native
+    plan B:  web native deploy B
+    fails:   prepare
+    steps:   prepare
+    outcome: failed
+    error:   prepare failed
+    after:   api=A@native, web=A@native
+
+verification fails on the first scope of a wave
+    host:    api=A@native, web=A@native
+    plan B:  api native deploy B, web native deploy B
+    fails:   verify api
+    steps:   prepare, switch api, verify api, roll back api to A on native
+    outcome: rolled-back
+    error:   scope "api" failed verification: verify api failed
+    after:   api=A@native, web=A@native
+
+verification fails on a later scope: every switched scope goes back, newest first
+    host:    api=A@native, web=A@native
+    plan B:  api native deploy B, web native deploy B
+    fails:   verify web
+    steps:   prepare, switch api, verify api, switch web, verify web, roll back web to A on native, roll back api to A on native
+    outcome: rolled-back
+    error:   scope "web" failed verification: verify web failed
+    after:   api=A@native, web=A@native
+
+a switch that fails half-way is undone too
+    host:    api=A@native, web=A@native
+    plan B:  web native deploy B
+    fails:   switch web
+    steps:   prepare, switch web, roll back web to A on native
+    outcome: rolled-back
+    error:   switching scope "web" failed: switch web failed
+    after:   api=A@native, web=A@native
+
+a failed first deploy stops what it started
+    host:    -
+    plan A:  api native deploy A
+    fails:   verify api
+    steps:   prepare, switch api, verify api, stop api
+    outcome: failed
+    error:   scope "api" failed verification: verify api failed; scope "api" has no earlier healthy release and was stopped
+    after:   -
+
+cutover native to docker
+    host:    api=A@native, web=A@native
+    plan B:  api docker cutover-from-native B
+    fails:   -
+    steps:   prepare, switch api, verify api, finish
+    outcome: succeeded
+    error:   -
+    after:   api=B@docker, web=A@native
+
+cutover docker to native
+    host:    api=A@docker
+    plan B:  api native cutover-from-docker A
+    fails:   -
+    steps:   prepare, switch api, verify api, finish
+    outcome: succeeded
+    error:   -
+    after:   api=A@native
+
+a failed cutover goes back to the old owner
+    host:    api=A@native, web=A@native
+    plan B:  api docker cutover-from-native B
+    fails:   verify api
+    steps:   prepare, switch api, verify api, roll back api to A on native
+    outcome: rolled-back
+    error:   scope "api" failed verification: verify api failed
+    after:   api=A@native, web=A@native
+
+a rollback that fails leaves the scope unhealthy and the rollout failed
+    host:    api=A@native, web=A@native
+    plan B:  web native deploy B
+    fails:   verify web, roll back web to A on native
+    steps:   prepare, switch web, verify web, roll back web to A on native
+    outcome: failed
+    error:   scope "web" failed verification: verify web failed; rolling back scope "web" failed: roll back web to A on native failed
+    after:   api=A@native, web=A@native unhealthy
+
+drift repair: the unhealthy scope is deployed again on its release
+    host:    api=A@native, web=A@native unhealthy
+    plan A:  api native unchanged A, web native deploy A
+    fails:   -
+    steps:   prepare, switch web, verify web, finish
+    outcome: succeeded
+    error:   -
+    after:   api=A@native, web=A@native
+
+a removed scope is retired; a failed removal switches nothing back
+    host:    api=A@native, web=A@native
+    plan B:  web native remove A
+    fails:   retire web
+    steps:   prepare, retire web
+    outcome: failed
+    error:   removing scope "web" failed: retire web failed
+    after:   api=A@native, web=A@native
+
+a removed scope leaves the host state
+    host:    api=A@native, web=A@native
+    plan B:  web native remove A
+    fails:   -
+    steps:   prepare, retire web, finish
+    outcome: succeeded
+    error:   -
+    after:   api=A@native
+"#;
+
+    /// The items of a table line; `-` is none.
+    fn items(text: &str) -> Vec<&str> {
+        match text.trim() {
+            "-" => vec![],
+            text => text.split(", ").collect(),
+        }
+    }
+
+    fn owner(text: &str) -> Owner {
+        Owner::parse(text).unwrap_or_else(|| panic!("owner {text:?}"))
+    }
+
+    /// A host from `scope=release@owner[ unhealthy]` items.
+    fn host_of(text: &str) -> HostState {
+        let mut host = HostState::default();
+        for item in items(text) {
+            let (scope, rest) = item.split_once('=').expect("scope=release@owner");
+            let (rest, unhealthy) = match rest.strip_suffix(" unhealthy") {
+                Some(rest) => (rest, true),
+                None => (rest, false),
+            };
+            let (release, on) = rest.split_once('@').expect("release@owner");
+            let mut state = deployed(scope, owner(on), release);
+            state.healthy = !unhealthy;
+            host.scopes.insert(scope.to_string(), state);
+        }
+        host
+    }
+
+    /// A plan from `scope owner action release` items.
+    fn plan_of(commit: &str, text: &str) -> Plan {
+        let steps = items(text)
+            .into_iter()
+            .map(|item| {
+                let [scope, on, action, release] = item.split(' ').collect::<Vec<_>>()[..] else {
+                    panic!("plan item {item:?}");
+                };
+                let action = match action {
+                    "deploy" => Action::Deploy,
+                    "unchanged" => Action::Unchanged,
+                    "remove" => Action::Remove,
+                    other => Action::Cutover {
+                        from: owner(other.strip_prefix("cutover-from-").expect("an action")),
+                    },
+                };
+                step(scope, owner(on), action, release)
+            })
+            .collect();
+        plan(commit, steps)
     }
 
     #[test]
     fn rollouts_step_by_step() {
-        let two = || host(&[("api", N, "A"), ("web", N, "A")], Some("A"));
-        let cases = [
-            Case {
-                situation: "first deploy: every scope switched and verified in order",
-                host: HostState::default(),
-                plan: plan(
-                    "A",
-                    vec![
-                        step("api", N, Action::Deploy, "A"),
-                        step("web", N, Action::Deploy, "A"),
-                    ],
-                ),
-                fails: &[],
-                steps: &[
-                    "prepare",
-                    "switch api",
-                    "verify api",
-                    "switch web",
-                    "verify web",
-                    "finish",
-                ],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "partial deploy: an unchanged scope is not touched",
-                host: two(),
-                plan: plan(
-                    "B",
-                    vec![
-                        step("api", N, Action::Unchanged, "A"),
-                        step("web", N, Action::Deploy, "B"),
-                    ],
-                ),
-                fails: &[],
-                steps: &["prepare", "switch web", "verify web", "finish"],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native", "web=B@native"],
-            },
-            Case {
-                situation: "nothing changed: no step at all",
-                host: two(),
-                plan: plan(
-                    "B",
-                    vec![
-                        step("api", N, Action::Unchanged, "A"),
-                        step("web", N, Action::Unchanged, "A"),
-                    ],
-                ),
-                fails: &[],
-                steps: &[],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "build failure: nothing running is touched",
-                host: two(),
-                plan: plan("B", vec![step("web", N, Action::Deploy, "B")]),
-                fails: &["prepare"],
-                steps: &["prepare"],
-                outcome: Outcome::Failed,
-                error: Some("prepare failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "verification fails on the first scope of a wave",
-                host: two(),
-                plan: plan(
-                    "B",
-                    vec![
-                        step("api", N, Action::Deploy, "B"),
-                        step("web", N, Action::Deploy, "B"),
-                    ],
-                ),
-                fails: &["verify api"],
-                steps: &[
-                    "prepare",
-                    "switch api",
-                    "verify api",
-                    "roll back api to A on native",
-                ],
-                outcome: Outcome::RolledBack,
-                error: Some("scope \"api\" failed verification: verify api failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "verification fails on a later scope: every switched scope goes back, newest first",
-                host: two(),
-                plan: plan(
-                    "B",
-                    vec![
-                        step("api", N, Action::Deploy, "B"),
-                        step("web", N, Action::Deploy, "B"),
-                    ],
-                ),
-                fails: &["verify web"],
-                steps: &[
-                    "prepare",
-                    "switch api",
-                    "verify api",
-                    "switch web",
-                    "verify web",
-                    "roll back web to A on native",
-                    "roll back api to A on native",
-                ],
-                outcome: Outcome::RolledBack,
-                error: Some("scope \"web\" failed verification: verify web failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "a switch that fails half-way is undone too",
-                host: two(),
-                plan: plan("B", vec![step("web", N, Action::Deploy, "B")]),
-                fails: &["switch web"],
-                steps: &["prepare", "switch web", "roll back web to A on native"],
-                outcome: Outcome::RolledBack,
-                error: Some("switching scope \"web\" failed: switch web failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "a failed first deploy stops what it started",
-                host: HostState::default(),
-                plan: plan("A", vec![step("api", N, Action::Deploy, "A")]),
-                fails: &["verify api"],
-                steps: &["prepare", "switch api", "verify api", "stop api"],
-                outcome: Outcome::Failed,
-                error: Some(
-                    "scope \"api\" failed verification: verify api failed; scope \"api\" has no earlier healthy release and was stopped",
-                ),
-                after: &[],
-            },
-            Case {
-                situation: "cutover native to docker",
-                host: two(),
-                plan: plan("B", vec![step("api", D, Action::Cutover { from: N }, "B")]),
-                fails: &[],
-                steps: &["prepare", "switch api", "verify api", "finish"],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=B@docker", "web=A@native"],
-            },
-            Case {
-                situation: "cutover docker to native",
-                host: host(&[("api", D, "A")], Some("A")),
-                plan: plan("B", vec![step("api", N, Action::Cutover { from: D }, "A")]),
-                fails: &[],
-                steps: &["prepare", "switch api", "verify api", "finish"],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native"],
-            },
-            Case {
-                situation: "a failed cutover goes back to the old owner",
-                host: two(),
-                plan: plan("B", vec![step("api", D, Action::Cutover { from: N }, "B")]),
-                fails: &["verify api"],
-                steps: &[
-                    "prepare",
-                    "switch api",
-                    "verify api",
-                    "roll back api to A on native",
-                ],
-                outcome: Outcome::RolledBack,
-                error: Some("scope \"api\" failed verification: verify api failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "a rollback that fails leaves the scope unhealthy and the rollout failed",
-                host: two(),
-                plan: plan("B", vec![step("web", N, Action::Deploy, "B")]),
-                fails: &["verify web", "roll back web to A on native"],
-                steps: &[
-                    "prepare",
-                    "switch web",
-                    "verify web",
-                    "roll back web to A on native",
-                ],
-                outcome: Outcome::Failed,
-                error: Some(
-                    "scope \"web\" failed verification: verify web failed; rolling back scope \"web\" failed: roll back web to A on native failed",
-                ),
-                after: &["api=A@native", "web=A@native unhealthy"],
-            },
-            Case {
-                situation: "drift repair: the unhealthy scope is deployed again on its release",
-                host: {
-                    let mut h = two();
-                    h.scopes.get_mut("web").expect("web").healthy = false;
-                    h
-                },
-                plan: plan(
-                    "A",
-                    vec![
-                        step("api", N, Action::Unchanged, "A"),
-                        step("web", N, Action::Deploy, "A"),
-                    ],
-                ),
-                fails: &[],
-                steps: &["prepare", "switch web", "verify web", "finish"],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "a removed scope is retired; a failed removal switches nothing back",
-                host: two(),
-                plan: plan("B", vec![step("web", N, Action::Remove, "A")]),
-                fails: &["retire web"],
-                steps: &["prepare", "retire web"],
-                outcome: Outcome::Failed,
-                error: Some("removing scope \"web\" failed: retire web failed"),
-                after: &["api=A@native", "web=A@native"],
-            },
-            Case {
-                situation: "a removed scope leaves the host state",
-                host: two(),
-                plan: plan("B", vec![step("web", N, Action::Remove, "A")]),
-                fails: &[],
-                steps: &["prepare", "retire web", "finish"],
-                outcome: Outcome::Succeeded,
-                error: None,
-                after: &["api=A@native"],
-            },
-        ];
-        for case in cases {
-            let mut core = Core::new(case.plan, case.host, 2);
-            let fails = case.fails;
+        let blocks: Vec<&str> = ROLLOUTS.trim().split("\n\n").collect();
+        assert_eq!(blocks.len(), 15, "every situation is read");
+        for block in blocks {
+            let mut lines = block.lines();
+            let situation = lines.next().expect("a situation");
+            let mut field = |name: &str| -> (String, String) {
+                let line = lines
+                    .next()
+                    .unwrap_or_else(|| panic!("{situation}: no {name}"));
+                let (key, value) = line.trim().split_once(':').expect("key: value");
+                assert!(
+                    key.starts_with(name),
+                    "{situation}: {key} where {name} belongs"
+                );
+                (key.to_string(), value.trim().to_string())
+            };
+            let host = host_of(&field("host").1);
+            let (plan_key, plan_text) = field("plan");
+            let commit = plan_key.trim_start_matches("plan").trim();
+            let fails = field("fails").1;
+            let steps = field("steps").1;
+            let outcome = field("outcome").1;
+            let error = field("error").1;
+            let after = field("after").1;
+
+            let mut core = Core::new(plan_of(commit, &plan_text), host, 2);
+            let fails = items(&fails);
             let taken = drive(&mut core, |next| {
-                let text = match next {
-                    Next::Prepare => "prepare".to_string(),
-                    Next::Retire { scope } => format!("retire {scope}"),
-                    Next::Switch { scope } => format!("switch {scope}"),
-                    Next::Verify { scope } => format!("verify {scope}"),
-                    Next::RollBack { scope, to: Some(t) } => {
-                        format!("roll back {scope} to {} on {}", t.release, t.owner)
-                    }
-                    _ => String::new(),
-                };
+                let text = describe(next);
                 if fails.contains(&text.as_str()) {
                     Err(format!("{text} failed"))
                 } else {
                     Ok(())
                 }
             });
-            let situation = case.situation;
-            assert_eq!(taken, case.steps, "{situation}");
-            let (outcome, error) = core.outcome();
-            assert_eq!(outcome, case.outcome, "{situation}");
-            assert_eq!(error.as_deref(), case.error, "{situation}");
-            assert_eq!(releases(core.host()), case.after, "{situation}");
+            assert_eq!(taken, items(&steps), "{situation}");
+            let (got, got_error) = core.outcome();
+            assert_eq!(got.as_str(), outcome, "{situation}");
+            assert_eq!(got_error.as_deref().unwrap_or("-"), error, "{situation}");
+            assert_eq!(releases(core.host()), items(&after), "{situation}");
         }
     }
 

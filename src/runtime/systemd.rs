@@ -804,6 +804,15 @@ mod tests {
     use super::user_manager::UserManager;
     use super::*;
 
+    /// A connection to `manager` with `unit` installed: a service that sleeps forever.
+    async fn sleeper(manager: &UserManager, unit: &str) -> Systemd {
+        connect_with_units(
+            manager,
+            &[(unit, "[Service]\nExecStart=/bin/sleep infinity\n")],
+        )
+        .await
+    }
+
     /// A connection to `manager` with `units` (name, unit file text) installed and loaded.
     async fn connect_with_units(manager: &UserManager, units: &[(&str, &str)]) -> Systemd {
         let systemd = Systemd::connect_to(&manager.bus_address(), manager.unit_dir())
@@ -945,11 +954,7 @@ mod tests {
     async fn removing_a_dropin_and_unit_file_leaves_nothing_of_moorline() {
         let manager = UserManager::start();
         let unit = "moorline-test-retired.service";
-        let systemd = connect_with_units(
-            &manager,
-            &[(unit, "[Service]\nExecStart=/bin/sleep infinity\n")],
-        )
-        .await;
+        let systemd = sleeper(&manager, unit).await;
         systemd
             .write_dropin(unit, Path::new("/srv/release"), &"a".repeat(40))
             .await
@@ -983,11 +988,7 @@ mod tests {
     async fn restart_makes_a_new_invocation_and_stop_deactivates() {
         let manager = UserManager::start();
         let unit = "moorline-test-sleeper.service";
-        let systemd = connect_with_units(
-            &manager,
-            &[(unit, "[Service]\nExecStart=/bin/sleep infinity\n")],
-        )
-        .await;
+        let systemd = sleeper(&manager, unit).await;
 
         systemd.restart(unit).await.expect("restarts");
         let first = systemd.unit_state(unit).await.expect("queries");
@@ -1176,11 +1177,7 @@ mod tests {
     async fn restarting_ten_times_in_a_row_is_not_rate_limited() {
         let manager = UserManager::start();
         let unit = "moorline-test-busy.service";
-        let systemd = connect_with_units(
-            &manager,
-            &[(unit, "[Service]\nExecStart=/bin/sleep infinity\n")],
-        )
-        .await;
+        let systemd = sleeper(&manager, unit).await;
         let mut invocations = Vec::new();
         for attempt in 0..10 {
             systemd

@@ -3,6 +3,10 @@
 
 /// The followed repository through gix.
 pub mod git;
+/// The git CLI for test fixtures (shared with the integration tests).
+#[cfg(test)]
+#[path = "../../tests/support/git.rs"]
+mod git_cli;
 
 /// Filesystem watch of a local repository's branch ref.
 pub mod watch;

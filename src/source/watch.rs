@@ -571,7 +571,6 @@ mod tests {
             "failed: \"/srv/app.git\" was removed or moved; polling every 60s"
         );
     }
-    use std::process::Command;
     use tokio::sync::mpsc::error::TryRecvError;
 
     /// Long enough for any wake that is coming to arrive, however loaded the
@@ -612,26 +611,7 @@ mod tests {
 
         fn git(&self, rel: &str, args: &[&str]) -> String {
             let date = format!("2026-01-01T00:{:02}:00Z", self.commits % 60);
-            let out = Command::new("git")
-                .args(args)
-                .current_dir(self.path(rel))
-                .env("HOME", self.dir.path())
-                .env("GIT_CONFIG_NOSYSTEM", "1")
-                .env("GIT_CONFIG_GLOBAL", "/dev/null")
-                .env("GIT_AUTHOR_NAME", "Moor Line")
-                .env("GIT_AUTHOR_EMAIL", "moorline@example.invalid")
-                .env("GIT_COMMITTER_NAME", "Moor Line")
-                .env("GIT_COMMITTER_EMAIL", "moorline@example.invalid")
-                .env("GIT_AUTHOR_DATE", &date)
-                .env("GIT_COMMITTER_DATE", &date)
-                .output()
-                .expect("git runs");
-            assert!(
-                out.status.success(),
-                "git {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            crate::source::git_cli::git_at(&self.path(rel), self.dir.path(), &date, args)
         }
 
         /// A new commit in `work` on whatever is checked out; returns its id.

@@ -74,6 +74,31 @@ pub(crate) fn rollouts_of(host: &Host, commit: &str) -> Vec<Value> {
     found
 }
 
+/// The first two rollouts of `commit` once the second has finished.
+pub(crate) fn interrupted_and_retry(host: &Host, commit: &str) -> [Value; 2] {
+    wait_for(
+        "the interrupted rollout and its retry",
+        Duration::from_secs(120),
+        || {
+            let found = rollouts_of(host, commit);
+            (found.len() == 2 && found[1]["outcome"] != "in-progress")
+                .then(|| [found[0].clone(), found[1].clone()])
+        },
+    )
+}
+
+/// The one rollout of `commit`, once start-up has closed it as interrupted.
+pub(crate) fn closed_as_interrupted(host: &Host, commit: &str) -> Value {
+    wait_for(
+        "the interrupted rollout to be closed",
+        Duration::from_secs(30),
+        || {
+            let found = rollouts_of(host, commit);
+            (found.len() == 1 && found[0]["outcome"] == "interrupted").then(|| found[0].clone())
+        },
+    )
+}
+
 /// Every rollout is readable with `show`, none is left open, no half
 /// release is on disk, and every scope is healthy at `deployed`.
 pub(crate) fn assert_consistent(host: &Host, deployed: &str) {
@@ -144,15 +169,7 @@ fn killed_then_converges(
     let (mut host, _first) = deployed_host();
     let commit = kill_at(&mut host, point, point, edit);
     host.start_agent();
-    let [interrupted, retried] = wait_for(
-        "the interrupted rollout and its retry",
-        Duration::from_secs(90),
-        || {
-            let found = rollouts_of(&host, &commit);
-            (found.len() == 2 && found[1]["outcome"] != "in-progress")
-                .then(|| [found[0].clone(), found[1].clone()])
-        },
-    );
+    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
     assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
     assert_eq!(
         interrupted["error"],
@@ -209,15 +226,7 @@ fn killed_during_a_rollback_the_failing_commit_is_rolled_back_again() {
     let (mut host, first) = deployed_host();
     let crash = kill_at(&mut host, "during-rollback", "api that dies", crashing_api);
     host.start_agent();
-    let [interrupted, retried] = wait_for(
-        "the interrupted rollout and its retry",
-        Duration::from_secs(120),
-        || {
-            let found = rollouts_of(&host, &crash);
-            (found.len() == 2 && found[1]["outcome"] != "in-progress")
-                .then(|| [found[0].clone(), found[1].clone()])
-        },
-    );
+    let [interrupted, retried] = interrupted_and_retry(&host, &crash);
     assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
     assert_eq!(
         interrupted["error"],
@@ -245,14 +254,7 @@ fn killed_while_recording_the_deployed_commit_is_kept_and_not_redeployed() {
     let (mut host, _) = deployed_host();
     let commit = kill_at(&mut host, "while-recording", "web v2", web_v2);
     host.start_agent();
-    let closed = wait_for(
-        "the interrupted rollout to be closed",
-        Duration::from_secs(30),
-        || {
-            let found = rollouts_of(&host, &commit);
-            (found.len() == 1 && found[0]["outcome"] == "interrupted").then(|| found[0].clone())
-        },
-    );
+    let closed = closed_as_interrupted(&host, &commit);
     let error = closed["error"].as_str().expect("error");
     assert!(
         error.starts_with("the agent stopped after \"restart app-web.service on "),
@@ -332,15 +334,7 @@ fn killed_during_checkout_the_partial_release_is_removed_and_written_again() {
     );
     assert!(!releases.join(&commit).exists(), "no release is half there");
     host.start_agent();
-    let [interrupted, retried] = wait_for(
-        "the interrupted rollout and its retry",
-        Duration::from_secs(90),
-        || {
-            let found = rollouts_of(&host, &commit);
-            (found.len() == 2 && found[1]["outcome"] != "in-progress")
-                .then(|| [found[0].clone(), found[1].clone()])
-        },
-    );
+    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
     assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
     assert_eq!(
         interrupted["error"],
@@ -365,15 +359,7 @@ fn killed_during_checkout_the_partial_release_is_removed_and_written_again() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn killed_while_pruning_the_forgotten_release_is_removed_at_start_up() {
-    let mut host = Host::with(|work| {
-        let path = work.join("deploy/moorline.toml");
-        let text = std::fs::read_to_string(&path).expect("read manifest");
-        std::fs::write(
-            &path,
-            text.replace("keep_releases = 5", "keep_releases = 1"),
-        )
-        .expect("write manifest");
-    });
+    let mut host = Host::with(harness::keep_one_release);
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
     assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");

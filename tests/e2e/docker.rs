@@ -129,13 +129,18 @@ async fn sample(
 /// Web on docker, and only the newest release kept beyond those in use.
 pub(crate) fn web_docker(work: &std::path::Path) {
     set_owner(work, "web", "docker");
-    let path = work.join("deploy/moorline.toml");
-    let text = std::fs::read_to_string(&path).expect("read manifest");
-    std::fs::write(
-        &path,
-        text.replace("keep_releases = 5", "keep_releases = 1"),
-    )
-    .expect("write manifest");
+    harness::keep_one_release(work);
+}
+
+/// Web's image exits a second after it starts.
+pub(crate) fn exiting_web(work: &std::path::Path) {
+    let path = work.join("deploy/docker/web.Dockerfile");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let text = text.replace(
+        "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
+        "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"sleep 1; exit 3\"]",
+    );
+    std::fs::write(&path, text).expect("write");
 }
 
 #[test]
@@ -194,15 +199,7 @@ fn a_docker_scope_deploys_updates_and_rolls_back_a_failing_image() {
         "v1 image kept"
     );
 
-    let broken = host.commit_and_push("web: an image that exits", |work| {
-        let path = work.join("deploy/docker/web.Dockerfile");
-        let text = std::fs::read_to_string(&path).expect("read");
-        let text = text.replace(
-            "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
-            "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"sleep 1; exit 3\"]",
-        );
-        std::fs::write(&path, text).expect("write");
-    });
+    let broken = host.commit_and_push("web: an image that exits", exiting_web);
     host.sync();
     let rollout = host.wait_rollout(&broken);
     assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
@@ -395,8 +392,10 @@ fn host_port(manifest: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it() {
+/// Workers cut over to docker, the agent stopped, and the native worker
+/// started by hand beside its container: both would consume the same
+/// queues. (A worker listens on no port, so the unit really runs.)
+pub(crate) fn worker_started_beside_its_container() -> Host {
     let mut host = Host::new();
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
@@ -407,12 +406,14 @@ fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it
     host.sync();
     assert_eq!(host.wait_rollout(&to_docker)["outcome"], "succeeded");
     host.stop_agent();
-
-    // Someone starts the native worker by hand while docker owns the scope:
-    // both would consume the same queues. (A worker listens on no port, so
-    // the unit really runs beside the container.)
     let started = host.um.systemctl(&["start", "app-worker.service"]);
     assert!(started.status.success());
+    host
+}
+
+#[test]
+fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it() {
+    let mut host = worker_started_beside_its_container();
     wait_for(
         "app-worker.service to be active",
         Duration::from_secs(10),

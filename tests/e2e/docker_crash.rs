@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::crash::{assert_consistent, kill_at, rollouts_of};
-use crate::docker::{Exclusivity, web_docker};
+use crate::crash::{
+    assert_consistent, closed_as_interrupted, interrupted_and_retry, kill_at, rollouts_of,
+};
+use crate::docker::{Exclusivity, exiting_web, web_docker, worker_started_beside_its_container};
 use crate::harness::{self, Host, docker, set_owner, wait_for};
 
 /// Name, state and release label of every container of this host.
@@ -47,29 +49,6 @@ fn docker_host() -> (Host, String) {
 
 fn web_v2(work: &Path) {
     std::fs::write(work.join("services/web/www/index.html"), "<p>web v2</p>\n").expect("write");
-}
-
-fn exiting_web(work: &Path) {
-    let path = work.join("deploy/docker/web.Dockerfile");
-    let text = std::fs::read_to_string(&path).expect("read");
-    let text = text.replace(
-        "CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]",
-        "CMD [\"/bin/busybox\", \"sh\", \"-c\", \"sleep 1; exit 3\"]",
-    );
-    std::fs::write(&path, text).expect("write");
-}
-
-/// The first two rollouts of `commit` once the second has finished.
-fn interrupted_and_retry(host: &Host, commit: &str) -> [Value; 2] {
-    wait_for(
-        "the interrupted rollout and its retry",
-        Duration::from_secs(120),
-        || {
-            let found = rollouts_of(host, commit);
-            (found.len() == 2 && found[1]["outcome"] != "in-progress")
-                .then(|| [found[0].clone(), found[1].clone()])
-        },
-    )
 }
 
 /// Kill a rollout of web v2 at `point`, restart, and expect the interrupted
@@ -158,14 +137,7 @@ fn docker_killed_while_recording_the_new_container_is_kept() {
     let web = host.container("app-web");
     let commit = kill_at(&mut host, "while-recording", "web v2", web_v2);
     host.start_agent();
-    let closed = wait_for(
-        "the interrupted rollout to be closed",
-        Duration::from_secs(30),
-        || {
-            let found = rollouts_of(&host, &commit);
-            (found.len() == 1 && found[0]["outcome"] == "interrupted").then(|| found[0].clone())
-        },
-    );
+    let closed = closed_as_interrupted(&host, &commit);
     assert_eq!(
         closed["error"],
         format!("the agent stopped after \"remove container {web}.moorline-prev\" (done)").as_str(),
@@ -402,19 +374,7 @@ fn docker_killed_after_stop_then_cut_over_to_native_leaves_no_kept_container() {
 #[cfg(feature = "fault-injection")]
 #[test]
 fn killed_during_the_audit_the_foreign_member_is_stopped_on_restart() {
-    let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    let to_docker = host.commit_and_push("workers: cut over to docker", |work| {
-        set_owner(work, "workers", "docker")
-    });
-    host.sync();
-    assert_eq!(host.wait_rollout(&to_docker)["outcome"], "succeeded");
-    host.stop_agent();
-    let started = host.um.systemctl(&["start", "app-worker.service"]);
-    assert!(started.status.success());
-
+    let mut host = worker_started_beside_its_container();
     host.launch_agent_with(&[("MOORLINE_FAULT", "during-audit")]);
     let status = host.wait_agent_exit(Duration::from_secs(60));
     assert_eq!(

@@ -47,6 +47,11 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    read_response(stream)
+}
+
+/// The status and body of the answer on `stream`, read to its end.
+fn read_response(mut stream: TcpStream) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
@@ -77,37 +82,10 @@ pub fn http_post(
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).ok()?;
     stream.write_all(body).ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    read_response(stream)
 }
 
-pub fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.invalid")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.invalid")
-        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        output.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
+pub use crate::git_cli::git;
 
 fn copy_tree(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("read example dir") {
@@ -286,19 +264,7 @@ impl Host {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = match self.um.user() {
-            Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={gid}"),
-                    "--clear-groups",
-                    BIN,
-                ]);
-                c
-            }
-            None => Command::new(BIN),
-        };
+        let mut cmd = self.um.command_as_user(BIN);
         cmd.args(["--config", self.config_path().to_str().expect("utf-8 path")])
             .args(args)
             .env_clear()
@@ -476,6 +442,17 @@ impl Host {
     pub fn web(&self) -> Option<(u16, String)> {
         http_get(self.web_port, "/")
     }
+}
+
+/// Keep only the newest release beyond those in use (`keep_releases = 1`).
+pub fn keep_one_release(work: &Path) {
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    std::fs::write(
+        &path,
+        text.replace("keep_releases = 5", "keep_releases = 1"),
+    )
+    .expect("write manifest");
 }
 
 /// Set `owner` of `scope` in the manifest of the work tree at `work`.

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real `moorline` binary against real git
 //! repositories and a real systemd user manager (see MACHINE-NOTES.md).
 
+#[path = "../support/git.rs"]
+mod git_cli;
 #[path = "../support/user_manager.rs"]
 mod user_manager;
 

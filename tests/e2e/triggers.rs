@@ -36,6 +36,14 @@ fn github_signature(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The `[trigger]` body of a host with a webhook on `port` using `secret`.
+fn webhook_trigger(watch: bool, port: u16, secret: &std::path::Path) -> String {
+    format!(
+        "watch = {watch}\nwebhook = {{ listen = \"127.0.0.1:{port}\", secret_file = \"{}\" }}\n",
+        secret.display()
+    )
+}
+
 #[test]
 fn a_push_deploys_through_the_watch_and_pushes_during_a_rollout_are_coalesced() {
     let mut host = Host::new();
@@ -132,13 +140,7 @@ fn a_signed_webhook_deploys_and_a_badly_signed_one_wakes_nothing() {
     let port = harness::free_port();
     let secret_file = host.root.path().join("webhook.secret");
     std::fs::write(&secret_file, "s3cret\n").expect("write secret");
-    host.configure(
-        "60s",
-        &format!(
-            "watch = false\nwebhook = {{ listen = \"127.0.0.1:{port}\", secret_file = \"{}\" }}\n",
-            secret_file.display()
-        ),
-    );
+    host.configure("60s", &webhook_trigger(false, port, &secret_file));
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
     assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
@@ -209,13 +211,7 @@ fn a_vanished_repository_backs_polling_off_and_the_agent_recovers_when_it_return
     let mut host = Host::new();
     let missing_secret = host.root.path().join("absent.secret");
     let port = harness::free_port();
-    host.configure(
-        "1s",
-        &format!(
-            "watch = true\nwebhook = {{ listen = \"127.0.0.1:{port}\", secret_file = \"{}\" }}\n",
-            missing_secret.display()
-        ),
-    );
+    host.configure("1s", &webhook_trigger(true, port, &missing_secret));
     let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
     host.start_agent();
     assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");

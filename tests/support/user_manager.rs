@@ -203,6 +203,23 @@ impl UserManager {
         self.user
     }
 
+    /// A command for `program` that runs as the manager's user.
+    pub fn command_as_user(&self, program: &str) -> Command {
+        match self.user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    program,
+                ]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// The user bus of this manager.
     pub fn bus_address(&self) -> String {
         format!("unix:path={}/bus", self.runtime_dir.path().display())
@@ -231,20 +248,7 @@ impl UserManager {
     /// Runs `systemctl --user ARGS` against this manager, for tests to observe with
     /// (as the manager's user: systemd refuses a client of another uid).
     pub fn systemctl(&self, args: &[&str]) -> Output {
-        let mut command = match self.user {
-            Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={gid}"),
-                    "--clear-groups",
-                    "systemctl",
-                ]);
-                c
-            }
-            None => Command::new("systemctl"),
-        };
-        command
+        self.command_as_user("systemctl")
             .arg("--user")
             .args(args)
             .envs(self.env())

@@ -122,22 +122,10 @@ pub async fn replace(
                 && kept.as_deref() == way_back
                 && state.labels.get(LABEL_COMMIT).map(String::as_str) != way_back
             {
-                journal
-                    .step(format!("remove container {name}"), async {
-                        docker.stop(name, STOP_TIMEOUT).await?;
-                        docker.remove(name).await
-                    })
-                    .await
-                    .map_err(RuntimeError::from)?;
+                stop_and_remove(docker, name, journal).await?;
                 continue;
             }
-            journal
-                .step(
-                    format!("stop container {name}"),
-                    docker.stop(name, STOP_TIMEOUT),
-                )
-                .await
-                .map_err(RuntimeError::from)?;
+            stop_one(docker, name, journal).await?;
             remove_if_present(docker, &prev, journal).await?;
             journal
                 .step(
@@ -185,6 +173,36 @@ pub async fn start_new(
             .map_err(RuntimeError::from)?;
     }
     Ok(())
+}
+
+/// Stop the container `name`, kept, as one journaled step.
+async fn stop_one(
+    docker: &Docker,
+    name: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    journal
+        .step(
+            format!("stop container {name}"),
+            docker.stop(name, STOP_TIMEOUT),
+        )
+        .await
+        .map_err(RuntimeError::from)
+}
+
+/// Stop the container `name` and remove it, as one journaled step.
+async fn stop_and_remove(
+    docker: &Docker,
+    name: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    journal
+        .step(format!("remove container {name}"), async {
+            docker.stop(name, STOP_TIMEOUT).await?;
+            docker.remove(name).await
+        })
+        .await
+        .map_err(RuntimeError::from)
 }
 
 /// Remove the container `name` if it exists, journaled; absent is fine.
@@ -298,22 +316,10 @@ pub async fn stop(
 ) -> Result<(), RuntimeError> {
     for name in names {
         if remove {
-            journal
-                .step(format!("remove container {name}"), async {
-                    docker.stop(name, STOP_TIMEOUT).await?;
-                    docker.remove(name).await
-                })
-                .await
-                .map_err(RuntimeError::from)?;
+            stop_and_remove(docker, name, journal).await?;
             remove_if_present(docker, &prev_name(name), journal).await?;
         } else {
-            journal
-                .step(
-                    format!("stop container {name}"),
-                    docker.stop(name, STOP_TIMEOUT),
-                )
-                .await
-                .map_err(RuntimeError::from)?;
+            stop_one(docker, name, journal).await?;
         }
     }
     Ok(())
