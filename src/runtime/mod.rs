@@ -313,9 +313,8 @@ impl Runtime {
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
         match self {
-            Runtime::Native(sd) => {
-                systemd::scope::switch(sd, old, release_dir, target, journal).await
-            }
+            // The units point at the old release again and restart.
+            Runtime::Native(_) => self.switch(old, release_dir, target, None, journal).await,
             Runtime::Docker { docker, source } => {
                 let restored =
                     docker::scope::restore(docker, new_members, Some(target), true, journal)

@@ -505,8 +505,8 @@ fn resolve(
 
 #[cfg(test)]
 mod tests {
-    use crate::source::git_cli::git;
     use super::*;
+    use crate::source::git_cli::git;
     use std::time::Duration;
 
     fn source(url: SourceUrl, state: &Path) -> Source {

@@ -122,10 +122,10 @@ pub async fn replace(
                 && kept.as_deref() == way_back
                 && state.labels.get(LABEL_COMMIT).map(String::as_str) != way_back
             {
-                stop_and_remove(docker, name, journal).await?;
+                stop_container(docker, name, true, journal).await?;
                 continue;
             }
-            stop_one(docker, name, journal).await?;
+            stop_container(docker, name, false, journal).await?;
             remove_if_present(docker, &prev, journal).await?;
             journal
                 .step(
@@ -175,31 +175,25 @@ pub async fn start_new(
     Ok(())
 }
 
-/// Stop the container `name`, kept, as one journaled step.
-async fn stop_one(
+/// Stop the container `name` as one journaled step, and remove it when
+/// `remove` (else it is kept, stopped).
+async fn stop_container(
     docker: &Docker,
     name: &str,
+    remove: bool,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
+    let step = match remove {
+        true => format!("remove container {name}"),
+        false => format!("stop container {name}"),
+    };
     journal
-        .step(
-            format!("stop container {name}"),
-            docker.stop(name, STOP_TIMEOUT),
-        )
-        .await
-        .map_err(RuntimeError::from)
-}
-
-/// Stop the container `name` and remove it, as one journaled step.
-async fn stop_and_remove(
-    docker: &Docker,
-    name: &str,
-    journal: &mut Journal<'_>,
-) -> Result<(), RuntimeError> {
-    journal
-        .step(format!("remove container {name}"), async {
+        .step(step, async {
             docker.stop(name, STOP_TIMEOUT).await?;
-            docker.remove(name).await
+            match remove {
+                true => docker.remove(name).await,
+                false => Ok(()),
+            }
         })
         .await
         .map_err(RuntimeError::from)
@@ -316,10 +310,10 @@ pub async fn stop(
 ) -> Result<(), RuntimeError> {
     for name in names {
         if remove {
-            stop_and_remove(docker, name, journal).await?;
+            stop_container(docker, name, true, journal).await?;
             remove_if_present(docker, &prev_name(name), journal).await?;
         } else {
-            stop_one(docker, name, journal).await?;
+            stop_container(docker, name, false, journal).await?;
         }
     }
     Ok(())
