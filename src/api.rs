@@ -43,8 +43,14 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
     pub agent: AgentView,
+    /// This host's `[host] name`.
+    #[serde(default)]
+    pub host: String,
     pub source: SourceView,
     pub scopes: Vec<ScopeView>,
+    /// Scopes of the deployed manifest that run on other hosts.
+    #[serde(default)]
+    pub not_on_this_host: Vec<String>,
     pub last_rollout: Option<RolloutSummary>,
 }
 

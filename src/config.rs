@@ -17,6 +17,14 @@ pub struct Config {
     pub trigger: TriggerConfig,
     pub state: StateConfig,
     pub docker: DockerConfig,
+    pub host: HostConfig,
+}
+
+/// `[host]`: who this machine is among the hosts one manifest describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Matched against a scope's `hosts`. Default: the machine's hostname.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +72,8 @@ pub struct DockerConfig {
     pub host: String,
 }
 
-const TOP_KEYS: &[&str] = &["source", "trigger", "state", "docker"];
+const TOP_KEYS: &[&str] = &["source", "trigger", "state", "docker", "host"];
+const HOST_KEYS: &[&str] = &["name"];
 const SOURCE_KEYS: &[&str] = &["url", "branch", "manifest", "poll", "allow_force_push"];
 const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
 const WEBHOOK_KEYS: &[&str] = &["listen", "secret_file"];
@@ -139,12 +148,14 @@ fn parse_in(
         let trigger = read_trigger(r, &root, &paths);
         let state = read_state(r, &root, &paths);
         let docker = read_docker(r, &root);
+        let host = read_host(r, &root);
         Some(Config {
             path,
             source: source?,
             trigger: trigger?,
             state: state?,
             docker: docker?,
+            host: host?,
         })
     })
 }
@@ -368,6 +379,46 @@ fn read_state(r: &mut Reader<'_>, root: &Table<'_, '_>, paths: &Paths<'_>) -> Op
             paths.resolve(r, &dir).map(|dir| StateConfig { dir })
         }
     }
+}
+
+fn read_host(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<HostConfig> {
+    let default = || HostConfig {
+        name: machine_hostname(),
+    };
+    let Some(t) = root.table(r, "host", "[host]".to_owned()) else {
+        return root.value("host").is_none().then(default);
+    };
+    t.check_keys(r, HOST_KEYS);
+    if t.value("name").is_none() {
+        return Some(default());
+    }
+    let name = t.string(r, "name")?;
+    if name.value.is_empty()
+        || name
+            .value
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        r.error(
+            name.span.start,
+            format!(
+                "host name {:?} must be a non-empty name without spaces",
+                name.value
+            ),
+        );
+        return None;
+    }
+    Some(HostConfig {
+        name: name.value.to_owned(),
+    })
+}
+
+/// This machine's hostname (`uname -n`).
+pub fn machine_hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn read_docker(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<DockerConfig> {
@@ -624,7 +675,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("state = \"/x\"\n{s}[agent]\nx = 1\n"),
                 "/etc/moorline/config.toml:1:9: \"state\" must be a table, found a string\n\
-                 /etc/moorline/config.toml:4:2: unknown key \"agent\" at the top level; expected one of: source, trigger, state, docker",
+                 /etc/moorline/config.toml:4:2: unknown key \"agent\" at the top level; expected one of: source, trigger, state, docker, host",
             ),
             (
                 format!("{s}[source]\n"),

@@ -80,6 +80,9 @@ enum Command {
     Check {
         #[arg(value_name = "MANIFEST", default_value = "deploy/moorline.toml")]
         manifest: PathBuf,
+        /// A host the manifest is for; warns about scopes that list none of these
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
     },
     /// What the agent would do for a commit, without doing it
     Plan {
@@ -91,12 +94,29 @@ enum Command {
     },
     /// Ask the running agent to fetch now
     Sync,
+    /// Print shell completions
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Check { manifest } = &cli.command {
-        return cli::check::run(manifest);
+    match &cli.command {
+        Command::Check { manifest, hosts } => return cli::check::run(manifest, hosts),
+        Command::Completions { shell } => {
+            let mut text = Vec::new();
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "moorline",
+                &mut text,
+            );
+            cli::out(&String::from_utf8_lossy(&text));
+            return cli::exit(cli::OK);
+        }
+        _ => {}
     }
     init_logging(matches!(cli.command, Command::Agent));
     let config = match load_config(cli.config.as_deref()) {
@@ -133,7 +153,9 @@ fn main() -> ExitCode {
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,
-            Command::Check { .. } => unreachable!("handled before the runtime starts"),
+            Command::Check { .. } | Command::Completions { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     cli::exit(code)

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, Owner, Scope};
-use crate::store::{HostState, ReleaseRecord};
+use crate::store::{HostState, ReleaseRecord, ScopeState};
 
 /// What a scope's deployment depends on at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +41,10 @@ pub enum Action {
         from: Owner,
     },
     Unchanged,
-    /// The scope left the manifest: stop its members.
+    /// The scope left the manifest (or this host): stop its members.
     Remove,
+    /// The scope runs on other hosts (`hosts`), never here.
+    Skip,
 }
 
 impl Action {
@@ -52,7 +54,13 @@ impl Action {
             Action::Cutover { .. } => "cutover",
             Action::Unchanged => "unchanged",
             Action::Remove => "remove",
+            Action::Skip => "skip",
         }
+    }
+
+    /// Whether carrying out the step touches anything on this host.
+    pub fn touches(self) -> bool {
+        !matches!(self, Action::Unchanged | Action::Skip)
     }
 }
 
@@ -88,14 +96,14 @@ pub struct Plan {
 impl Plan {
     /// Whether running this plan touches anything.
     pub fn changes_anything(&self) -> bool {
-        self.scopes.iter().any(|s| s.action != Action::Unchanged)
+        self.scopes.iter().any(|s| s.action.touches())
     }
 
     /// Whether the planned commit's release directory is needed.
     pub fn needs_checkout(&self) -> bool {
-        self.scopes.iter().any(|s| {
-            s.action != Action::Unchanged && s.action != Action::Remove && s.release == self.commit
-        })
+        self.scopes
+            .iter()
+            .any(|s| s.action.touches() && s.action != Action::Remove && s.release == self.commit)
     }
 }
 
@@ -162,12 +170,17 @@ pub fn plan(
     inputs: &BTreeMap<String, ScopeInputs>,
     host: &HostState,
     releases: &[ReleaseRecord],
+    here: &str,
 ) -> Plan {
     let mut scopes = Vec::new();
     for name in manifest.waves.iter().flatten() {
         let Some(scope) = manifest.scopes.get(name) else {
             continue;
         };
+        if !scope.runs_on(here) {
+            scopes.push(elsewhere(commit, scope, host.scopes.get(name)));
+            continue;
+        }
         let input = inputs.get(name).cloned().unwrap_or(ScopeInputs {
             section_text: scope.section_text.clone(),
             path_ids: BTreeMap::new(),
@@ -275,6 +288,40 @@ pub fn plan(
     }
 }
 
+/// The step of a scope that `hosts` keeps off this host: nothing, or, when
+/// it ran here before, its removal.
+fn elsewhere(commit: &str, scope: &Scope, state: Option<&ScopeState>) -> ScopePlan {
+    let reason = format!("not on this host (hosts: {})", scope.hosts.join(", "));
+    match state {
+        Some(state) => ScopePlan {
+            scope: scope.name.clone(),
+            owner: state.current.owner,
+            action: Action::Remove,
+            reason,
+            release: state.current.release.clone(),
+            build: false,
+            fingerprint: state.current.fingerprint.clone(),
+            path_ids: state.current.path_ids.clone(),
+            section_text: state.current.section_text.clone(),
+            retired: vec![],
+            members: state.current.members.clone(),
+        },
+        None => ScopePlan {
+            scope: scope.name.clone(),
+            owner: scope.owner,
+            action: Action::Skip,
+            reason,
+            release: commit.to_string(),
+            build: false,
+            fingerprint: String::new(),
+            path_ids: BTreeMap::new(),
+            section_text: scope.section_text.clone(),
+            retired: vec![],
+            members: vec![],
+        },
+    }
+}
+
 /// The newest release in which this scope was built from identical inputs.
 fn reusable_release(releases: &[ReleaseRecord], scope: &str, fingerprint: &str) -> Option<String> {
     releases
@@ -304,6 +351,17 @@ fn changed_paths(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>)
 mod tests {
     use super::*;
     use crate::store::{DeployedScope, SCHEMA_VERSION, ScopeState};
+
+    /// The plan as a host named "test-host" makes it.
+    fn plan(
+        commit: &str,
+        manifest: &Manifest,
+        inputs: &BTreeMap<String, ScopeInputs>,
+        host: &HostState,
+        releases: &[ReleaseRecord],
+    ) -> Plan {
+        super::plan(commit, manifest, inputs, host, releases, "test-host")
+    }
 
     const MANIFEST: &str = r#"
 version = 1
@@ -615,6 +673,42 @@ unit_files = ["deploy/units/all.service"]
             "manifest section changed; stops api-extra.service (no longer in the scope)"
         );
         assert!(next.scopes[2].retired.is_empty());
+    }
+
+    #[test]
+    fn scopes_for_other_hosts_are_skipped_or_removed_from_this_one() {
+        let text = MANIFEST.replace(
+            "[scopes.web]\nowner = \"native\"",
+            "[scopes.web]\nowner = \"native\"\nhosts = [\"vps-2\", \"vps-3\"]",
+        );
+        let m = manifest(&text);
+        let first = first_deploy(&m);
+        assert_eq!(
+            summary(&first)[2],
+            "web skip release=A build=false (not on this host (hosts: vps-2, vps-3))"
+        );
+        assert!(!first.scopes[2].action.touches());
+        // Web ran here before its hosts moved it away: it is removed.
+        let everywhere = manifest(MANIFEST);
+        let host = deployed(&first_deploy(&everywhere), &[]);
+        let moved = plan("B", &m, &inputs(&m, "a1", "p1", "w1", "r1"), &host, &[]);
+        assert_eq!(moved.scopes[2].action, Action::Remove);
+        assert_eq!(moved.scopes[2].members, ["web.service"]);
+        assert_eq!(
+            moved.scopes[2].reason,
+            "not on this host (hosts: vps-2, vps-3)"
+        );
+        let here = super::plan(
+            "B",
+            &m,
+            &inputs(&m, "a1", "p1", "w1", "r1"),
+            &host,
+            &[],
+            "vps-2",
+        );
+        // On a host it lists, web is an ordinary scope (its section changed).
+        assert_eq!(here.scopes[2].action, Action::Deploy);
+        assert_eq!(here.scopes[2].reason, "manifest section changed");
     }
 
     #[test]

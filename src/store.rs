@@ -202,6 +202,9 @@ pub struct HostState {
     /// A commit that failed and is not retried until the branch moves on.
     pub failed_commit: Option<String>,
     pub scopes: BTreeMap<String, ScopeState>,
+    /// Scopes of the deployed manifest that run on other hosts (`hosts`).
+    #[serde(default)]
+    pub elsewhere: Vec<String>,
 }
 
 /// A checked-out release directory and what was built in it.
@@ -346,7 +349,7 @@ impl Store {
             record
                 .scopes
                 .iter()
-                .any(|r| r.scope == s && r.action != "unchanged")
+                .any(|r| r.scope == s && r.action != "unchanged" && r.action != "skip")
         };
         let (records, skipped) =
             self.scan(limit, |record| scope.is_none_or(|s| touches(record, s)))?;

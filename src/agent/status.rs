@@ -110,6 +110,7 @@ impl Agent {
                 reported_at: api::time_text(now_ms()),
                 error: live.last_error.clone(),
             },
+            host: self.config.host.name.clone(),
             source: SourceView {
                 url: source_text(&self.config),
                 branch: self.config.source.branch.clone(),
@@ -125,6 +126,7 @@ impl Agent {
                 queued: live.queued.clone(),
             },
             scopes,
+            not_on_this_host: host.elsewhere.clone(),
             last_rollout: last.as_ref().map(RolloutSummary::from),
         }
     }

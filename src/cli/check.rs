@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use crate::manifest::{self, Diagnostics, Manifest};
 
 /// Checks the manifest at `path`: 0 when valid, 1 when invalid, 2 when the
-/// file cannot be read.
-pub fn run(path: &Path) -> ExitCode {
-    let (code, out, err) = check(path);
+/// file cannot be read. With `hosts`, a scope that lists `hosts` but none of
+/// these is warned about (a typo would keep it off every host checked).
+pub fn run(path: &Path, hosts: &[String]) -> ExitCode {
+    let (code, out, err) = check(path, hosts);
     super::out(&out);
     // Nothing useful can be done when stderr is closed.
     let _ = std::io::stderr().write_all(err.as_bytes());
@@ -18,7 +19,7 @@ pub fn run(path: &Path) -> ExitCode {
 }
 
 /// The exit code, stdout and stderr of a check, without printing them.
-fn check(path: &Path) -> (u8, String, String) {
+fn check(path: &Path, hosts: &[String]) -> (u8, String, String) {
     let label = path.display().to_string();
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -34,10 +35,30 @@ fn check(path: &Path) -> (u8, String, String) {
         Ok(manifest) => (
             0,
             format!("{label}: ok ({})\n", summary(&manifest)),
-            String::new(),
+            host_warnings(&label, &manifest, hosts),
         ),
         Err(diagnostics) => (1, String::new(), render(&diagnostics)),
     }
+}
+
+/// A warning for each scope whose `hosts` names none of `hosts`.
+fn host_warnings(label: &str, manifest: &Manifest, hosts: &[String]) -> String {
+    if hosts.is_empty() {
+        return String::new();
+    }
+    manifest
+        .scopes
+        .values()
+        .filter(|s| !s.hosts.is_empty() && !hosts.iter().any(|h| s.runs_on(h)))
+        .map(|s| {
+            format!(
+                "warning: {label}: scope \"{}\" lists no host known to this check (hosts: {}; checked for: {})\n",
+                s.name,
+                s.hosts.join(", "),
+                hosts.join(", ")
+            )
+        })
+        .collect()
 }
 
 fn summary(manifest: &Manifest) -> String {
@@ -65,7 +86,7 @@ mod tests {
         )
         .expect("write good manifest");
         assert_eq!(
-            check(&good),
+            check(&good, &[]),
             (
                 0,
                 format!("{}: ok (2 scopes: api, web)\n", good.display()),
@@ -77,21 +98,42 @@ mod tests {
         std::fs::write(&bad, "version = 2\n[scopes.api]\nownr = 1\n").expect("write bad manifest");
         let label = bad.display();
         assert_eq!(
-            check(&bad),
+            check(&bad, &[]),
             (
                 1,
                 String::new(),
                 format!(
                     "{label}:1:11: unsupported manifest version 2; this moorline reads version 1\n\
                      {label}:2:1: missing key \"owner\" in [scopes.api]\n\
-                     {label}:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout\n"
+                     {label}:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts\n"
                 )
             )
         );
 
+        let fleet = dir.path().join("fleet.toml");
+        std::fs::write(
+            &fleet,
+            "version = 1\n[scopes.web]\nowner = \"native\"\nhosts = [\"vps-1\"]\n[scopes.web.native]\nunits = [\"web.service\"]\n\
+             [scopes.db]\nowner = \"native\"\nhosts = [\"vps-9\"]\n[scopes.db.native]\nunits = [\"db.service\"]\n",
+        )
+        .expect("write fleet manifest");
+        let hosts = ["vps-1".to_string(), "vps-2".to_string()];
+        assert_eq!(
+            check(&fleet, &hosts),
+            (
+                0,
+                format!("{}: ok (2 scopes: db, web)\n", fleet.display()),
+                format!(
+                    "warning: {}: scope \"db\" lists no host known to this check (hosts: vps-9; checked for: vps-1, vps-2)\n",
+                    fleet.display()
+                )
+            )
+        );
+        assert_eq!(check(&fleet, &[]).2, "", "no warning without --host");
+
         let missing = dir.path().join("missing.toml");
         assert_eq!(
-            check(&missing),
+            check(&missing, &[]),
             (
                 2,
                 String::new(),

@@ -85,7 +85,7 @@ pub fn render_list(views: &[RolloutView]) -> String {
         let scopes: Vec<String> = v
             .scopes
             .iter()
-            .filter(|s| s.action != "unchanged")
+            .filter(|s| s.action != "unchanged" && s.action != "skip")
             .map(|s| format!("{} {}", s.scope, s.action))
             .collect();
         let scopes = if scopes.is_empty() {

@@ -54,6 +54,9 @@ pub fn render(r: &StatusReport) -> String {
         format!("not running (last snapshot {})", r.agent.reported_at)
     };
     out.push_str(&format!("agent:     {agent}\n"));
+    if !r.host.is_empty() {
+        out.push_str(&format!("host:      {}\n", r.host));
+    }
     if let Some(error) = &r.agent.error {
         out.push_str(&format!("error:     {error}\n"));
     }
@@ -87,6 +90,12 @@ pub fn render(r: &StatusReport) -> String {
     }
     if let Some(queued) = &r.source.queued {
         out.push_str(&format!("queued:    {queued}\n"));
+    }
+    if !r.not_on_this_host.is_empty() {
+        out.push_str(&format!(
+            "elsewhere: {} (not on this host)\n",
+            r.not_on_this_host.join(", ")
+        ));
     }
     if let Some(last) = &r.last_rollout {
         out.push_str(&format!(

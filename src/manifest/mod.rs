@@ -101,6 +101,8 @@ pub struct Scope {
     pub paths: Vec<String>,
     /// Shell command lines run with `sh -c` in the release directory.
     pub build: Vec<String>,
+    /// The hosts (`[host] name`) that run this scope; empty: every host.
+    pub hosts: Vec<String>,
     pub native: Option<NativeSpec>,
     pub docker: Option<DockerSpec>,
     pub health: Vec<HealthCheck>,
@@ -115,6 +117,11 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// Whether the host called `host` runs this scope.
+    pub fn runs_on(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
+    }
+
     /// The unit or container names of the owning runtime's form.
     pub fn members(&self) -> Vec<String> {
         self.members_on(self.owner)

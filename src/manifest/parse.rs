@@ -30,6 +30,7 @@ const SCOPE_KEYS: &[&str] = &[
     "settle",
     "build_timeout",
     "job_timeout",
+    "hosts",
 ];
 const NATIVE_KEYS: &[&str] = &["units", "unit_files"];
 const DOCKER_KEYS: &[&str] = &["containers"];
@@ -271,6 +272,34 @@ fn read_scope(
     for path in &paths {
         ok &= check_repo_path(r, path);
     }
+    let hosts_at = table.strings(r, "hosts");
+    if let Some(list) = hosts_at.as_ref().filter(|l| l.value.is_empty()) {
+        r.error(
+            list.span.start,
+            format!(
+                "\"hosts\" of scope {name:?} is empty; leave it out to run the scope on every host"
+            ),
+        );
+        ok = false;
+    }
+    let hosts = hosts_at.map(|a| a.value).unwrap_or_default();
+    for host in &hosts {
+        if host.value.is_empty()
+            || host
+                .value
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            r.error(
+                host.span.start,
+                format!(
+                    "host name {:?} in scope {name:?} must be a non-empty name without spaces",
+                    host.value
+                ),
+            );
+            ok = false;
+        }
+    }
     let build = table
         .strings(r, "build")
         .map(|a| a.value)
@@ -352,6 +381,7 @@ fn read_scope(
                 owner: owner.value,
                 after: Vec::new(), // filled once every scope is known
                 paths: paths.iter().map(|p| p.value.to_owned()).collect(),
+                hosts: hosts.iter().map(|h| h.value.to_owned()).collect(),
                 build: build.iter().map(|b| b.value.to_owned()).collect(),
                 native,
                 docker,
@@ -1045,7 +1075,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             (
                 format!("{v}[scopes.api]\nownr = \"native\"\n"),
                 "deploy/moorline.toml:2:1: missing key \"owner\" in [scopes.api]\n\
-                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout",
+                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts",
             ),
             (
                 format!("{v}[defaults]\nkeep_releases = \"5\"\n{OK_SCOPE}"),

@@ -150,7 +150,7 @@ impl Core {
 
     /// Move `cursor` to the next step that does something (or past the end).
     fn skip_unchanged(&mut self) {
-        while self.step().is_some_and(|s| s.action == Action::Unchanged) {
+        while self.step().is_some_and(|s| !s.action.touches()) {
             self.cursor += 1;
         }
         if self.cursor >= self.plan.scopes.len() {
@@ -414,6 +414,7 @@ mod tests {
                 .iter()
                 .map(|(s, o, r)| (s.to_string(), deployed(s, *o, r)))
                 .collect(),
+            elsewhere: vec![],
         }
     }
 
@@ -734,6 +735,15 @@ a removed scope leaves the host state
     outcome: succeeded
     error:   -
     after:   api=A@native
+
+a scope that runs on other hosts is never touched
+    host:    api=A@native
+    plan B:  api native deploy B, web native skip B
+    fails:   -
+    steps:   prepare, switch api, verify api, finish
+    outcome: succeeded
+    error:   -
+    after:   api=B@native
 "#;
 
     /// The items of a table line; `-` is none.
@@ -777,6 +787,7 @@ a removed scope leaves the host state
                     "deploy" => Action::Deploy,
                     "unchanged" => Action::Unchanged,
                     "remove" => Action::Remove,
+                    "skip" => Action::Skip,
                     other => Action::Cutover {
                         from: owner(other.strip_prefix("cutover-from-").expect("an action")),
                     },
@@ -790,7 +801,7 @@ a removed scope leaves the host state
     #[test]
     fn rollouts_step_by_step() {
         let blocks: Vec<&str> = ROLLOUTS.trim().split("\n\n").collect();
-        assert_eq!(blocks.len(), 15, "every situation is read");
+        assert_eq!(blocks.len(), 16, "every situation is read");
         for block in blocks {
             let mut lines = block.lines();
             let situation = lines.next().expect("a situation");

@@ -219,7 +219,8 @@ impl Engine {
                 },
             );
         }
-        let plan = plan::plan(commit, &manifest, &inputs, &host, &releases);
+        let here = &self.config.host.name;
+        let plan = plan::plan(commit, &manifest, &inputs, &host, &releases, here);
         Ok((manifest, plan))
     }
 
@@ -273,6 +274,15 @@ impl Engine {
         };
         let mut host = self.store.host()?;
         core::record_outcome(&mut host, head, target, outcome);
+        if outcome == Outcome::Succeeded && target == Target::Head {
+            host.elsewhere = journal
+                .record
+                .scopes
+                .iter()
+                .filter(|s| s.action == Action::Skip.as_str())
+                .map(|s| s.scope.clone())
+                .collect();
+        }
         self.store.put_host(&host)?;
         crate::fault::point("while-recording");
         journal.record.outcome = outcome;
@@ -628,7 +638,7 @@ impl Engine {
             let Some(scope) = manifest.scopes.get(&step.scope) else {
                 continue;
             };
-            if matches!(step.action, Action::Unchanged | Action::Remove) {
+            if !step.action.touches() || step.action == Action::Remove {
                 continue;
             }
             if step.build && !scope.build.is_empty() {
