@@ -317,13 +317,31 @@ impl Store {
         }
     }
 
-    /// The id the next rollout gets: one more than the newest stored.
-    pub fn next_rollout_id(&self) -> Result<u64, StoreError> {
-        let last = self.rollouts.last().map_err(|e| self.read_err(e))?;
-        Ok(match last {
-            Some((key, _)) => id_from_key(&key) + 1,
-            None => 1,
-        })
+    /// Store `record` as a new rollout with the next free id (one more than
+    /// the newest stored), set in `record.id`. Two writers at once (the loop
+    /// and a command on the control channel) never get the same id: the
+    /// insert only succeeds where no record is, and the loser takes the next.
+    /// A write that fails takes no id, so ids have no gaps.
+    pub fn create_rollout(&self, record: &mut RolloutRecord) -> Result<u64, StoreError> {
+        loop {
+            let last = self.rollouts.last().map_err(|e| self.read_err(e))?;
+            record.id = match last {
+                Some((key, _)) => id_from_key(&key) + 1,
+                None => 1,
+            };
+            let bytes = serde_json::to_vec(&*record).expect("records always serialize");
+            let swapped = self
+                .rollouts
+                .compare_and_swap(record.id.to_be_bytes(), None as Option<&[u8]>, Some(bytes))
+                .map_err(|source| StoreError::Write {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            if swapped.is_ok() {
+                self.flush()?;
+                return Ok(record.id);
+            }
+        }
     }
 
     pub fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
@@ -524,16 +542,47 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_never_share_a_rollout_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..25)
+                        .map(|_| {
+                            let mut r = record(0, &format!("w{w}"), Outcome::Succeeded);
+                            store.create_rollout(&mut r).expect("create")
+                        })
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut ids: Vec<u64> = writers
+            .into_iter()
+            .flat_map(|w| w.join().expect("writer"))
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=100).collect::<Vec<u64>>(), "distinct, no gaps");
+        // Each key holds a record that carries that id, 25 from each writer.
+        let stored = store.rollouts(None, 1000).expect("list");
+        let stored_ids: Vec<u64> = stored.iter().map(|r| r.id).collect();
+        assert_eq!(stored_ids, (1..=100).rev().collect::<Vec<u64>>());
+        for w in 0..4 {
+            let scope = format!("w{w}");
+            let mine = stored.iter().filter(|r| r.scopes[0].scope == scope).count();
+            assert_eq!(mine, 25, "{scope}");
+        }
+    }
+
+    #[test]
     fn rollouts_are_listed_newest_first_and_filtered_by_scope() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        assert_eq!(store.next_rollout_id().expect("id"), 1);
         for (id, scope) in [(1, "web"), (2, "api"), (3, "web")] {
-            store
-                .put_rollout(&record(id, scope, Outcome::Succeeded))
-                .expect("put");
+            let mut r = record(0, scope, Outcome::Succeeded);
+            assert_eq!(store.create_rollout(&mut r).expect("create"), id);
         }
-        assert_eq!(store.next_rollout_id().expect("id"), 4);
         let all: Vec<u64> = store
             .rollouts(None, 10)
             .expect("list")

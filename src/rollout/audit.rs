@@ -147,9 +147,9 @@ impl Engine {
         }
         let commit = commit.unwrap_or_default();
         let now = now_ms();
-        let record = RolloutRecord {
+        let mut record = RolloutRecord {
             schema: SCHEMA_VERSION,
-            id: self.store.next_rollout_id()?,
+            id: 0,
             previous_commit: Some(commit.clone()),
             commit,
             trigger: "audit".into(),
@@ -177,7 +177,7 @@ impl Engine {
             journal: vec![],
         };
         // On file before the first stop: a kill leaves it to be closed as interrupted.
-        self.store.put_rollout(&record)?;
+        self.store.create_rollout(&mut record)?;
         let store = self.store.clone();
         let mut journal = Journal::new(&store, self.stop.clone(), record);
         let mut findings = Vec::new();

@@ -233,7 +233,6 @@ impl Engine {
         target: Target,
     ) -> Result<RolloutRecord, Error> {
         self.runtimes.check().await;
-        let id = self.store.next_rollout_id()?;
         let (subject, author) = match self.source.commit_info(head) {
             Ok((subject, author)) => (Some(subject), Some(author)),
             Err(e) => {
@@ -241,9 +240,9 @@ impl Engine {
                 (None, None)
             }
         };
-        let record = RolloutRecord {
+        let mut record = RolloutRecord {
             schema: SCHEMA_VERSION,
-            id,
+            id: 0,
             commit: head.to_string(),
             previous_commit: host.deployed_commit.clone(),
             trigger: trigger.to_string(),
@@ -264,7 +263,7 @@ impl Engine {
         let store = self.store.clone();
         // No side effect before the rollout is on record: a store that
         // refuses this write (disk full) fails the turn with nothing touched.
-        store.put_rollout(&record)?;
+        let id = store.create_rollout(&mut record)?;
         let mut journal = Journal::new(&store, self.stop.clone(), record);
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %short(head), trigger, "rollout started");
