@@ -1,7 +1,8 @@
 #!/bin/sh
-# Install moorline for the current user: the binary in ~/.local/bin, the
-# user unit in ~/.config/systemd/user, an example host config (never
-# overwriting an existing one). Run from a checkout after `cargo build --release`,
+# Install moorline for the current user: the binary in ~/.local/bin and the
+# user unit in ~/.config/systemd/user. The host config is written by
+# `moorline init` (config/config.toml is an annotated example). Run from a
+# checkout after `cargo build --release`,
 # or pass the binary: packaging/install.sh path/to/moorline
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,18 +14,19 @@ install -d -m 0755 "$HOME/.local/bin" "$config_home/systemd/user"
 install -d -m 0700 "$config_home/moorline" "${XDG_DATA_HOME:-$HOME/.local/share}/moorline"
 install -m 0755 "$bin" "$HOME/.local/bin/moorline"
 install -m 0644 "$here/units/moorline.service" "$config_home/systemd/user/moorline.service"
-if [ ! -e "$config_home/moorline/config.toml" ]; then
-  install -m 0600 "$here/config/config.toml" "$config_home/moorline/config.toml"
-  echo "wrote an example config: edit $config_home/moorline/config.toml (source.url, branch)"
-else
+if [ -e "$config_home/moorline/config.toml" ]; then
   echo "kept the existing $config_home/moorline/config.toml"
+  first=""
+else
+  first="  moorline init --url URL --branch main   # checks the source, writes the config
+"
 fi
 
 cat <<MSG
 installed moorline to $HOME/.local/bin/moorline and its user unit.
 
 Next:
-  systemctl --user daemon-reload
+${first}  systemctl --user daemon-reload
   systemctl --user enable --now moorline
   moorline status
 

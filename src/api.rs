@@ -372,19 +372,25 @@ pub fn plan_view(engine: &crate::rollout::Engine, rev: Option<&str>) -> Result<P
         None => engine.source.fetch().map_err(|e| e.to_string())?,
     };
     let (_, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
-    Ok(PlanView {
-        commit: plan.commit.clone(),
-        scopes: plan
-            .scopes
-            .iter()
-            .map(|s| PlannedScopeView {
-                scope: s.scope.clone(),
-                owner: s.owner.to_string(),
-                action: s.action.as_str().to_string(),
-                reason: s.reason.clone(),
-                release: s.release.clone(),
-                build: s.build,
-            })
-            .collect(),
-    })
+    Ok(PlanView::from(&plan))
+}
+
+impl From<&crate::plan::Plan> for PlanView {
+    fn from(plan: &crate::plan::Plan) -> PlanView {
+        PlanView {
+            commit: plan.commit.clone(),
+            scopes: plan
+                .scopes
+                .iter()
+                .map(|s| PlannedScopeView {
+                    scope: s.scope.clone(),
+                    owner: s.owner.to_string(),
+                    action: s.action.as_str().to_string(),
+                    reason: s.reason.clone(),
+                    release: s.release.clone(),
+                    build: s.build,
+                })
+                .collect(),
+        }
+    }
 }

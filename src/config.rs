@@ -114,9 +114,8 @@ pub fn load(path: &Path) -> Result<Config, Diagnostics> {
 }
 
 /// Validates config text. `~` expands against `home`; relative paths resolve
-/// against the directory of `file_label`. (The product reads files with
-/// `load`; tests and the fuzzers feed text.)
-#[cfg_attr(not(test), allow(dead_code))]
+/// against the directory of `file_label`. (`load` reads a file; `moorline
+/// init` checks the config it is about to write; tests feed text.)
 pub fn parse(file_label: &str, bytes: &[u8], home: &Path) -> Result<Config, Diagnostics> {
     let path = PathBuf::from(file_label);
     let base = path.parent().unwrap_or(Path::new("")).to_path_buf();

@@ -94,6 +94,17 @@ enum Command {
     },
     /// Ask the running agent to fetch now
     Sync,
+    /// Write a host config for a new host, after checking its source and manifest
+    Init {
+        /// The repository: a local path, file://, https:// or ssh://
+        #[arg(long, value_name = "URL")]
+        url: String,
+        #[arg(long, value_name = "BRANCH", default_value = "main")]
+        branch: String,
+        /// The manifest's path in the repository
+        #[arg(long, value_name = "PATH", default_value = "deploy/moorline.toml")]
+        manifest: String,
+    },
     /// Print shell completions
     Completions {
         #[arg(value_name = "SHELL")]
@@ -115,6 +126,31 @@ fn main() -> ExitCode {
             );
             cli::out(&String::from_utf8_lossy(&text));
             return cli::exit(cli::OK);
+        }
+        Command::Init {
+            url,
+            branch,
+            manifest,
+        } => {
+            let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
+                eprintln!("error: HOME is not set");
+                return cli::exit(cli::ERROR);
+            };
+            let xdg = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from);
+            let path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| config::default_path(&home, xdg.as_deref()));
+            let (code, out, err) = cli::init::run(&cli::init::Init {
+                path: &path,
+                home: &home,
+                url,
+                branch,
+                manifest,
+            });
+            cli::out(&out);
+            eprint!("{err}");
+            return cli::exit(code);
         }
         _ => {}
     }
@@ -153,7 +189,7 @@ fn main() -> ExitCode {
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,
-            Command::Check { .. } | Command::Completions { .. } => {
+            Command::Check { .. } | Command::Completions { .. } | Command::Init { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }

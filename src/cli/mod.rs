@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod history;
+pub mod init;
 pub mod plan;
 pub mod status;
 pub mod sync;

@@ -46,7 +46,7 @@ pub fn render(view: &PlanView) -> String {
     for s in &view.scopes {
         let build = if s.build {
             "build".to_string()
-        } else if s.action == "unchanged" || s.action == "remove" {
+        } else if matches!(s.action.as_str(), "unchanged" | "remove" | "skip") {
             String::new()
         } else {
             format!("reuse release {}", super::short(&s.release))

@@ -131,3 +131,86 @@ fn shell_completions_load_in_bash_and_name_every_command() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn init_writes_a_config_for_a_readable_source_and_nothing_for_a_missing_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = Host::new();
+    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    let config = host
+        .root
+        .path()
+        .join("new-home/.config/moorline/config.toml");
+    let url = format!("file://{}", host.bare().display());
+    // A new user's first command: no --config, so the default path.
+    let init = |args: &[&str]| {
+        Command::new(BIN)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", host.root.path().join("new-home"))
+            .arg("init")
+            .args(args)
+            .output()
+            .expect("moorline runs")
+    };
+    let output = init(&["--url", &url]);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(
+        stdout.starts_with(&format!("wrote {}\nplan for {first}\n", config.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  api      native  deploy     first deploy; build\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  systemctl --user enable --now moorline\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sudo loginctl enable-linger"), "{stdout}");
+    let mode = std::fs::metadata(&config)
+        .expect("written")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&config).expect("read");
+    assert!(
+        text.contains(&format!("url = \"{url}\"\nbranch = \"main\"\n")),
+        "{text}"
+    );
+    // The written config is one the agent reads.
+    let check = Command::new(BIN)
+        .args(["--config", config.to_str().expect("utf-8"), "status"])
+        .output()
+        .expect("moorline runs");
+    assert!(
+        !String::from_utf8_lossy(&check.stderr).contains(".toml:"),
+        "{check:?}"
+    );
+
+    let again = init(&["--url", &url]);
+    assert_eq!(again.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr),
+        format!(
+            "error: \"{}\" exists; moorline init does not overwrite a host config (edit it, or remove it first)\n",
+            config.display()
+        )
+    );
+
+    std::fs::remove_file(&config).expect("remove");
+    let missing = host.root.path().join("nowhere.git");
+    let output = init(&["--url", missing.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with(&format!(
+            "error: cannot read the source: cannot open repository \"{}\": ",
+            missing.display()
+        )) && stderr.ends_with("\nnothing was written\n"),
+        "{stderr}"
+    );
+    assert!(!config.exists(), "nothing was written");
+}
