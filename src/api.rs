@@ -22,10 +22,28 @@ pub const SOCKET_NAME: &str = "agent.sock";
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    History { scope: Option<String>, limit: usize },
-    Show { id: u64 },
+    History {
+        scope: Option<String>,
+        limit: usize,
+    },
+    Show {
+        id: u64,
+    },
     Sync,
-    Plan { rev: Option<String> },
+    Plan {
+        rev: Option<String>,
+    },
+    /// `moorline hold SCOPE --reason TEXT`, by `user`.
+    Hold {
+        scope: String,
+        reason: String,
+        user: String,
+    },
+    /// `moorline resume SCOPE`, by `user`.
+    Resume {
+        scope: String,
+        user: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +54,8 @@ pub enum Response {
     Show(Option<Box<RolloutView>>),
     Synced,
     Plan(PlanView),
+    /// A hand command was carried out: what it did.
+    Done(String),
     Error(String),
 }
 
@@ -93,6 +113,9 @@ pub struct SourceView {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ScopeView {
+    /// `held (REASON, by USER since T)` while a hold is on.
+    #[serde(default)]
+    pub held: Option<String>,
     pub name: String,
     pub owner: String,
     /// Commit of the release directory the scope runs.
@@ -139,6 +162,8 @@ pub struct RolloutView {
     pub finished: Option<String>,
     pub duration_ms: Option<u64>,
     pub outcome: String,
+    /// Who asked for it by hand (`hold`, `resume`).
+    pub user: Option<String>,
     /// The commit's subject line and author (`Name <email>`), when known.
     pub subject: Option<String>,
     pub author: Option<String>,
@@ -208,6 +233,7 @@ impl From<&RolloutRecord> for RolloutView {
             finished: r.finished_at.map(time_text),
             duration_ms: r.finished_at.map(|f| f.saturating_sub(r.started_at)),
             outcome: r.outcome.as_str().to_string(),
+            user: r.user.clone(),
             subject: r.subject.clone(),
             author: r.author.clone(),
             error: r.error.clone(),

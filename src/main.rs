@@ -94,6 +94,23 @@ enum Command {
     },
     /// Ask the running agent to fetch now
     Sync,
+    /// Leave a scope exactly as it runs, whatever the branch says, until `resume`
+    Hold {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        /// Why (recorded in history and shown by status and plan)
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held scope follow the branch again (it converges at once)
+    Resume {
+        #[arg(value_name = "SCOPE")]
+        scope: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a host config for a new host, after checking its source and manifest
     Init {
         /// The repository: a local path, file://, https:// or ssh://
@@ -189,6 +206,12 @@ fn main() -> ExitCode {
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,
+            Command::Hold {
+                scope,
+                reason,
+                json,
+            } => cli::hand::hold(&config, &scope, &reason, json).await,
+            Command::Resume { scope, json } => cli::hand::resume(&config, &scope, json).await,
             Command::Check { .. } | Command::Completions { .. } | Command::Init { .. } => {
                 unreachable!("handled before the runtime starts")
             }

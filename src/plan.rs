@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, Owner, Scope};
-use crate::store::{HostState, ReleaseRecord, ScopeState};
+use crate::store::{Hold, HostState, ReleaseRecord, ScopeState};
 
 /// What a scope's deployment depends on at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +45,8 @@ pub enum Action {
     Remove,
     /// The scope runs on other hosts (`hosts`), never here.
     Skip,
+    /// Held by hand (`moorline hold`): left exactly as it runs.
+    Held,
 }
 
 impl Action {
@@ -55,12 +57,13 @@ impl Action {
             Action::Unchanged => "unchanged",
             Action::Remove => "remove",
             Action::Skip => "skip",
+            Action::Held => "held",
         }
     }
 
     /// Whether carrying out the step touches anything on this host.
     pub fn touches(self) -> bool {
-        !matches!(self, Action::Unchanged | Action::Skip)
+        !matches!(self, Action::Unchanged | Action::Skip | Action::Held)
     }
 }
 
@@ -171,12 +174,17 @@ pub fn plan(
     host: &HostState,
     releases: &[ReleaseRecord],
     here: &str,
+    holds: &BTreeMap<String, Hold>,
 ) -> Plan {
     let mut scopes = Vec::new();
     for name in manifest.waves.iter().flatten() {
         let Some(scope) = manifest.scopes.get(name) else {
             continue;
         };
+        if let (Some(hold), Some(state)) = (holds.get(name), host.scopes.get(name)) {
+            scopes.push(held(name, hold, state));
+            continue;
+        }
         if !scope.runs_on(here) {
             scopes.push(elsewhere(commit, scope, host.scopes.get(name)));
             continue;
@@ -288,6 +296,23 @@ pub fn plan(
     }
 }
 
+/// The step of a held scope: nothing, whatever the commit says.
+fn held(name: &str, hold: &Hold, state: &ScopeState) -> ScopePlan {
+    ScopePlan {
+        scope: name.to_string(),
+        owner: state.current.owner,
+        action: Action::Held,
+        reason: hold.describe(),
+        release: state.current.release.clone(),
+        build: false,
+        fingerprint: state.current.fingerprint.clone(),
+        path_ids: state.current.path_ids.clone(),
+        section_text: state.current.section_text.clone(),
+        retired: vec![],
+        members: state.current.members.clone(),
+    }
+}
+
 /// The step of a scope that `hosts` keeps off this host: nothing, or, when
 /// it ran here before, its removal.
 fn elsewhere(commit: &str, scope: &Scope, state: Option<&ScopeState>) -> ScopePlan {
@@ -360,7 +385,15 @@ mod tests {
         host: &HostState,
         releases: &[ReleaseRecord],
     ) -> Plan {
-        super::plan(commit, manifest, inputs, host, releases, "test-host")
+        super::plan(
+            commit,
+            manifest,
+            inputs,
+            host,
+            releases,
+            "test-host",
+            &BTreeMap::new(),
+        )
     }
 
     const MANIFEST: &str = r#"
@@ -705,6 +738,7 @@ unit_files = ["deploy/units/all.service"]
             &host,
             &[],
             "vps-2",
+            &BTreeMap::new(),
         );
         // On a host it lists, web is an ordinary scope (its section changed).
         assert_eq!(here.scopes[2].action, Action::Deploy);

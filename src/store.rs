@@ -95,6 +95,9 @@ pub struct RolloutRecord {
     pub started_at: u64,
     pub finished_at: Option<u64>,
     pub outcome: Outcome,
+    /// Who asked for it by hand (`hold`, `resume`); `None` for the agent's own.
+    #[serde(default)]
+    pub user: Option<String>,
     /// The commit's subject line and author (`Name <email>`); absent in
     /// records of schema 1 and when the commit could not be read.
     #[serde(default)]
@@ -207,6 +210,41 @@ pub struct HostState {
     pub elsewhere: Vec<String>,
 }
 
+/// A scope held by hand: rollouts leave it as it runs until `resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hold {
+    pub reason: String,
+    /// Who held it (the control channel admits the agent's own uid only).
+    pub user: String,
+    pub uid: u32,
+    /// Unix milliseconds.
+    pub since: u64,
+}
+
+impl Hold {
+    /// As `plan` and `status` show it: `held (REASON, by USER since T)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "held ({}, by {} since {})",
+            self.reason,
+            self.user,
+            crate::api::time_text(self.since)
+        )
+    }
+}
+
+/// What operators decided by hand, kept apart from `HostState` (which a
+/// rollout reads at its start and writes at its end): held scopes, and
+/// scopes resumed since the last rollout, which must converge again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HandState {
+    pub schema: u32,
+    #[serde(default)]
+    pub holds: BTreeMap<String, Hold>,
+    #[serde(default)]
+    pub resumed: std::collections::BTreeSet<String>,
+}
+
 /// A checked-out release directory and what was built in it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseRecord {
@@ -227,6 +265,7 @@ pub struct Store {
 }
 
 const HOST_KEY: &[u8] = b"host";
+const HAND_KEY: &[u8] = b"hand";
 
 impl Store {
     /// Open (creating) the database at `dir/history`.
@@ -364,10 +403,9 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<RolloutRecord>, StoreError> {
         let touches = |record: &RolloutRecord, s: &str| {
-            record
-                .scopes
-                .iter()
-                .any(|r| r.scope == s && r.action != "unchanged" && r.action != "skip")
+            record.scopes.iter().any(|r| {
+                r.scope == s && !matches!(r.action.as_str(), "unchanged" | "skip" | "held")
+            })
         };
         let (records, skipped) =
             self.scan(limit, |record| scope.is_none_or(|s| touches(record, s)))?;
@@ -418,6 +456,44 @@ impl Store {
 
     pub fn put_host(&self, host: &HostState) -> Result<(), StoreError> {
         self.put(&self.state, HOST_KEY, host)
+    }
+
+    pub fn hand(&self) -> Result<HandState, StoreError> {
+        match self.state.get(HAND_KEY).map_err(|e| self.read_err(e))? {
+            Some(bytes) => self.decode(HAND_KEY, &bytes),
+            None => Ok(HandState {
+                schema: SCHEMA_VERSION,
+                ..HandState::default()
+            }),
+        }
+    }
+
+    /// Change the hand state with `edit`, read and written as one step
+    /// (retried if another writer came in between).
+    pub fn update_hand(&self, edit: impl Fn(&mut HandState)) -> Result<HandState, StoreError> {
+        loop {
+            let old = self.state.get(HAND_KEY).map_err(|e| self.read_err(e))?;
+            let mut hand: HandState = match &old {
+                Some(bytes) => self.decode(HAND_KEY, bytes)?,
+                None => HandState {
+                    schema: SCHEMA_VERSION,
+                    ..HandState::default()
+                },
+            };
+            edit(&mut hand);
+            let bytes = serde_json::to_vec(&hand).expect("records always serialize");
+            let swapped = self
+                .state
+                .compare_and_swap(HAND_KEY, old, Some(bytes))
+                .map_err(|source| StoreError::Write {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            if swapped.is_ok() {
+                self.flush()?;
+                return Ok(hand);
+            }
+        }
     }
 
     pub fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
@@ -522,6 +598,7 @@ mod tests {
             started_at: id,
             finished_at: None,
             outcome,
+            user: None,
             subject: Some("a change".into()),
             author: Some("Test <test@example.invalid>".into()),
             scopes: vec![ScopeRecord {

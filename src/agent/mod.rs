@@ -3,6 +3,8 @@
 //! control channel answering beside it. The live status and the snapshot
 //! on disk are the submodules.
 
+/// `hold` and `resume`, answered on the control channel.
+mod hand;
 /// The status snapshot on disk.
 pub mod snapshot;
 /// `Live` and the status report.
@@ -150,6 +152,12 @@ impl api::Handler for Agent {
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
+            Request::Hold {
+                scope,
+                reason,
+                user,
+            } => self.hold(&scope, &reason, &user),
+            Request::Resume { scope, user } => self.resume(&scope, &user),
         }
     }
 }

@@ -43,6 +43,7 @@ impl Agent {
         let live = self.live();
         let host = self.store.host().unwrap_or_default();
         let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
+        let hand = self.store.hand().unwrap_or_default();
         let mut runtimes = self.runtimes.lock().await;
         let mut scopes = Vec::new();
         for (name, state) in &host.scopes {
@@ -90,6 +91,7 @@ impl Agent {
                 ("healthy", None)
             };
             scopes.push(ScopeView {
+                held: hand.holds.get(name).map(|h| h.describe()),
                 name: name.clone(),
                 owner: state.current.owner.to_string(),
                 release: state.current.release.clone(),

@@ -122,6 +122,9 @@ pub fn render_one(v: &RolloutView) -> String {
         v.previous_commit.as_deref().unwrap_or("-")
     ));
     out.push_str(&format!("trigger:   {}\n", v.trigger));
+    if let Some(user) = &v.user {
+        out.push_str(&format!("by:        {user}\n"));
+    }
     out.push_str(&format!(
         "started:   {}{}\n",
         v.started,

@@ -3,6 +3,7 @@
 //! answer for people or as `--json`.
 
 pub mod check;
+pub mod hand;
 pub mod history;
 pub mod init;
 pub mod plan;

@@ -141,6 +141,9 @@ pub fn render(r: &StatusReport) -> String {
             s.health,
             members.join(", ")
         ));
+        if let Some(held) = &s.held {
+            out.push_str(&format!("{:<width$}  = {held}\n", ""));
+        }
         if let Some(detail) = &s.detail {
             out.push_str(&format!("{:<width$}  ! {detail}\n", ""));
         }

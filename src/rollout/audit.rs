@@ -156,6 +156,7 @@ impl Engine {
             started_at: now,
             finished_at: None,
             outcome: Outcome::InProgress,
+            user: None,
             subject: None,
             author: None,
             scopes: foreign

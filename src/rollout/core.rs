@@ -29,10 +29,12 @@ pub enum Target {
     Repair,
 }
 
-/// Whether `head` needs a rollout, given the host as recorded.
-pub fn decide(head: &str, host: &HostState) -> Decision {
+/// Whether `head` needs a rollout, given the host as recorded and whether
+/// a scope was resumed since the last rollout (it must follow the branch
+/// again even when the branch did not move).
+pub fn decide(head: &str, host: &HostState, resumed: bool) -> Decision {
     let all_healthy = host.scopes.values().all(|s| s.healthy);
-    if host.deployed_commit.as_deref() == Some(head) && all_healthy {
+    if host.deployed_commit.as_deref() == Some(head) && all_healthy && !resumed {
         return Decision::UpToDate;
     }
     if host.failed_commit.as_deref() == Some(head) {
@@ -529,7 +531,7 @@ mod tests {
         for (situation, head, tweak, want) in cases {
             let mut h2 = h.clone();
             tweak(&mut h2);
-            assert_eq!(decide(head, &h2), want, "{situation}");
+            assert_eq!(decide(head, &h2, false), want, "{situation}");
         }
         // A first deploy that failed leaves nothing to repair.
         h = HostState {
@@ -537,9 +539,19 @@ mod tests {
             ..HostState::default()
         };
         assert_eq!(
-            decide("A", &h),
+            decide("A", &h, false),
             Decision::FailedBefore,
             "failed first deploy"
+        );
+        // A scope resumed since the last rollout: the deployed head again.
+        let up = host(&[("api", N, "A")], Some("A"));
+        assert_eq!(
+            decide("A", &up, true),
+            Decision::Roll {
+                commit: "A".into(),
+                target: Target::Head,
+            },
+            "resumed"
         );
     }
 

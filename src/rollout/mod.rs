@@ -174,7 +174,8 @@ impl Engine {
         fetch_ms: u64,
     ) -> Result<Converged, Error> {
         let host = self.store.host()?;
-        let (commit, target) = match core::decide(&head, &host) {
+        let resumed = !self.store.hand()?.resumed.is_empty();
+        let (commit, target) = match core::decide(&head, &host, resumed) {
             Decision::UpToDate => return Ok(Converged::Idle(Idle::UpToDate)),
             Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
             Decision::Roll { commit, target } => (commit, target),
@@ -220,7 +221,16 @@ impl Engine {
             );
         }
         let here = &self.config.host.name;
-        let plan = plan::plan(commit, &manifest, &inputs, &host, &releases, here);
+        let hand = self.store.hand()?;
+        let plan = plan::plan(
+            commit,
+            &manifest,
+            &inputs,
+            &host,
+            &releases,
+            here,
+            &hand.holds,
+        );
         Ok((manifest, plan))
     }
 
@@ -249,6 +259,7 @@ impl Engine {
             started_at: now_ms(),
             finished_at: None,
             outcome: Outcome::InProgress,
+            user: None,
             subject,
             author,
             scopes: vec![],
@@ -274,6 +285,10 @@ impl Engine {
         let mut host = self.store.host()?;
         core::record_outcome(&mut host, head, target, outcome);
         if outcome == Outcome::Succeeded && target == Target::Head {
+            // Resumed scopes have followed the branch again.
+            if let Err(e) = self.store.update_hand(|hand| hand.resumed.clear()) {
+                warn!(error = %e, "cannot record that resumed scopes converged");
+            }
             host.elsewhere = journal
                 .record
                 .scopes

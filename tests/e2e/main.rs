@@ -13,6 +13,7 @@ mod docker;
 mod docker_crash;
 mod fleet;
 mod git_faults;
+mod hand;
 mod harness;
 mod history_disk;
 mod privilege;
