@@ -113,6 +113,37 @@ pub struct RolloutRecord {
     pub journal: Vec<JournalEntry>,
 }
 
+impl RolloutRecord {
+    /// A history entry that is not a rollout of a commit (the audit, a hand
+    /// command): at the deployed `commit`, started now, with no phases.
+    pub fn event(
+        trigger: &str,
+        commit: String,
+        outcome: Outcome,
+        scopes: Vec<ScopeRecord>,
+    ) -> Self {
+        let now = now_ms();
+        RolloutRecord {
+            schema: SCHEMA_VERSION,
+            id: 0,
+            previous_commit: Some(commit.clone()),
+            commit,
+            trigger: trigger.to_string(),
+            started_at: now,
+            finished_at: (outcome != Outcome::InProgress).then_some(now),
+            outcome,
+            user: None,
+            subject: None,
+            author: None,
+            scopes,
+            phases: vec![],
+            error: None,
+            build_tail: vec![],
+            journal: vec![],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScopeRecord {
     pub scope: String,
@@ -297,10 +328,7 @@ impl Store {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|source| StoreError::Write {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.db.flush().map_err(|e| self.write_err(e))?;
         Ok(())
     }
 
@@ -311,11 +339,7 @@ impl Store {
         value: &T,
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).expect("records always serialize");
-        tree.insert(key, bytes)
-            .map_err(|source| StoreError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+        tree.insert(key, bytes).map_err(|e| self.write_err(e))?;
         self.flush()
     }
 
@@ -349,6 +373,13 @@ impl Store {
         serde_json::from_value(value).map_err(decode_err)
     }
 
+    fn write_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
     fn read_err(&self, source: sled::Error) -> StoreError {
         StoreError::Read {
             path: self.path.clone(),
@@ -372,10 +403,7 @@ impl Store {
             let swapped = self
                 .rollouts
                 .compare_and_swap(record.id.to_be_bytes(), None as Option<&[u8]>, Some(bytes))
-                .map_err(|source| StoreError::Write {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|e| self.write_err(e))?;
             if swapped.is_ok() {
                 self.flush()?;
                 return Ok(record.id);
@@ -459,8 +487,14 @@ impl Store {
     }
 
     pub fn hand(&self) -> Result<HandState, StoreError> {
-        match self.state.get(HAND_KEY).map_err(|e| self.read_err(e))? {
-            Some(bytes) => self.decode(HAND_KEY, &bytes),
+        let bytes = self.state.get(HAND_KEY).map_err(|e| self.read_err(e))?;
+        self.hand_of(bytes.as_deref())
+    }
+
+    /// The hand state stored as `bytes`; none stored is none held.
+    fn hand_of(&self, bytes: Option<&[u8]>) -> Result<HandState, StoreError> {
+        match bytes {
+            Some(bytes) => self.decode(HAND_KEY, bytes),
             None => Ok(HandState {
                 schema: SCHEMA_VERSION,
                 ..HandState::default()
@@ -473,22 +507,13 @@ impl Store {
     pub fn update_hand(&self, edit: impl Fn(&mut HandState)) -> Result<HandState, StoreError> {
         loop {
             let old = self.state.get(HAND_KEY).map_err(|e| self.read_err(e))?;
-            let mut hand: HandState = match &old {
-                Some(bytes) => self.decode(HAND_KEY, bytes)?,
-                None => HandState {
-                    schema: SCHEMA_VERSION,
-                    ..HandState::default()
-                },
-            };
+            let mut hand = self.hand_of(old.as_deref())?;
             edit(&mut hand);
             let bytes = serde_json::to_vec(&hand).expect("records always serialize");
             let swapped = self
                 .state
                 .compare_and_swap(HAND_KEY, old, Some(bytes))
-                .map_err(|source| StoreError::Write {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|e| self.write_err(e))?;
             if swapped.is_ok() {
                 self.flush()?;
                 return Ok(hand);
@@ -513,10 +538,7 @@ impl Store {
     pub fn remove_release(&self, commit: &str) -> Result<(), StoreError> {
         self.releases
             .remove(commit.as_bytes())
-            .map_err(|source| StoreError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+            .map_err(|e| self.write_err(e))?;
         self.flush()
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::api::Response;
 use crate::source::Wake;
-use crate::store::{Hold, Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
+use crate::store::{Hold, Outcome, RolloutRecord, ScopeRecord, now_ms};
 
 use super::Agent;
 
@@ -96,34 +96,18 @@ impl Agent {
     ) {
         let host = self.store.host().unwrap_or_default();
         let commit = host.deployed_commit.clone().unwrap_or_default();
-        let now = now_ms();
-        let mut record = RolloutRecord {
-            schema: SCHEMA_VERSION,
-            id: 0,
-            commit: commit.clone(),
-            previous_commit: Some(commit),
-            trigger: action.to_string(),
-            started_at: now,
-            finished_at: Some(now),
-            outcome: Outcome::Succeeded,
-            user: Some(user.to_string()),
-            subject: None,
-            author: None,
-            scopes: vec![ScopeRecord {
-                scope: scope.to_string(),
-                owner,
-                action: action.to_string(),
-                reason: reason.to_string(),
-                release: host.scopes.get(scope).map(|s| s.current.release.clone()),
-                built: false,
-                members: vec![],
-                result: None,
-            }],
-            phases: vec![],
-            error: None,
-            build_tail: vec![],
-            journal: vec![],
-        };
+        let scopes = vec![ScopeRecord {
+            scope: scope.to_string(),
+            owner,
+            action: action.to_string(),
+            reason: reason.to_string(),
+            release: host.scopes.get(scope).map(|s| s.current.release.clone()),
+            built: false,
+            members: vec![],
+            result: None,
+        }];
+        let mut record = RolloutRecord::event(action, commit, Outcome::Succeeded, scopes);
+        record.user = Some(user.to_string());
         if let Err(e) = self.store.create_rollout(&mut record) {
             tracing::warn!(error = %e, scope, action, "cannot record a hand command");
         }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use super::{Engine, Error, Journal};
 use crate::manifest::Scope;
 use crate::runtime::{Keep, Owner};
-use crate::store::{Outcome, RolloutRecord, SCHEMA_VERSION, ScopeRecord, now_ms};
+use crate::store::{Outcome, RolloutRecord, ScopeRecord, now_ms};
 
 /// What the audit found for one scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,37 +146,20 @@ impl Engine {
             return Ok(vec![]);
         }
         let commit = commit.unwrap_or_default();
-        let now = now_ms();
-        let mut record = RolloutRecord {
-            schema: SCHEMA_VERSION,
-            id: 0,
-            previous_commit: Some(commit.clone()),
-            commit,
-            trigger: "audit".into(),
-            started_at: now,
-            finished_at: None,
-            outcome: Outcome::InProgress,
-            user: None,
-            subject: None,
-            author: None,
-            scopes: foreign
-                .iter()
-                .map(|f| ScopeRecord {
-                    scope: f.scope.clone(),
-                    owner: f.owner,
-                    action: "audit".into(),
-                    reason: f.text(),
-                    release: None,
-                    built: false,
-                    members: vec![f.member.clone()],
-                    result: None,
-                })
-                .collect(),
-            phases: vec![],
-            error: None,
-            build_tail: vec![],
-            journal: vec![],
-        };
+        let records = foreign
+            .iter()
+            .map(|f| ScopeRecord {
+                scope: f.scope.clone(),
+                owner: f.owner,
+                action: "audit".into(),
+                reason: f.text(),
+                release: None,
+                built: false,
+                members: vec![f.member.clone()],
+                result: None,
+            })
+            .collect();
+        let mut record = RolloutRecord::event("audit", commit, Outcome::InProgress, records);
         // On file before the first stop: a kill leaves it to be closed as interrupted.
         self.store.create_rollout(&mut record)?;
         let store = self.store.clone();
