@@ -2,7 +2,9 @@
 //! socket in the state directory (mode 0600, peer uid checked), one JSON
 //! request line and one JSON response line per connection. The types here
 //! are the wire format and the `--json` output; stored records are converted
-//! into them, never sent as they are.
+//! into them (times as text, outcomes as words), and sent as they are only
+//! where a record has nothing but what the wire shows (a scope's step, a
+//! phase).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -168,28 +170,12 @@ pub struct RolloutView {
     pub subject: Option<String>,
     pub author: Option<String>,
     pub error: Option<String>,
-    pub scopes: Vec<ScopeActionView>,
-    pub phases: Vec<PhaseView>,
+    /// Stored as they are shown: a record of one scope's step and of a
+    /// phase's duration have no field that is not for the wire.
+    pub scopes: Vec<ScopeRecord>,
+    pub phases: Vec<PhaseRecord>,
     pub build_tail: Vec<String>,
     pub journal: Vec<JournalView>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ScopeActionView {
-    pub scope: String,
-    pub owner: String,
-    pub action: String,
-    pub reason: String,
-    pub release: Option<String>,
-    pub built: bool,
-    pub members: Vec<String>,
-    pub result: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PhaseView {
-    pub phase: String,
-    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -237,34 +223,10 @@ impl From<&RolloutRecord> for RolloutView {
             subject: r.subject.clone(),
             author: r.author.clone(),
             error: r.error.clone(),
-            scopes: r.scopes.iter().map(ScopeActionView::from).collect(),
-            phases: r.phases.iter().map(PhaseView::from).collect(),
+            scopes: r.scopes.clone(),
+            phases: r.phases.clone(),
             build_tail: r.build_tail.clone(),
             journal: r.journal.iter().map(JournalView::from).collect(),
-        }
-    }
-}
-
-impl From<&ScopeRecord> for ScopeActionView {
-    fn from(s: &ScopeRecord) -> ScopeActionView {
-        ScopeActionView {
-            scope: s.scope.clone(),
-            owner: s.owner.to_string(),
-            action: s.action.clone(),
-            reason: s.reason.clone(),
-            release: s.release.clone(),
-            built: s.built,
-            members: s.members.clone(),
-            result: s.result.clone(),
-        }
-    }
-}
-
-impl From<&PhaseRecord> for PhaseView {
-    fn from(p: &PhaseRecord) -> PhaseView {
-        PhaseView {
-            phase: p.phase.clone(),
-            duration_ms: p.duration_ms,
         }
     }
 }

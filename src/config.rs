@@ -465,7 +465,7 @@ fn read_docker(r: &mut Reader<'_>, root: &Table<'_, '_>) -> Option<DockerConfig>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const FILE: &str = "/etc/moorline/config.toml";
@@ -496,10 +496,8 @@ mod tests {
         assert_eq!(c.docker.host, "unix:///var/run/docker.sock");
     }
 
-    #[test]
-    fn full_config() {
-        let c = config(
-            r#"[source]
+    /// A config that sets every key; also the base the property tests edit.
+    pub(crate) const FULL: &str = r#"[source]
 url = "https://git.example.com/app.git"
 branch = "release/v2"
 manifest = "ops/moorline.toml"
@@ -515,9 +513,11 @@ dir = "state"
 
 [docker]
 host = "tcp://127.0.0.1:2375"
-"#,
-        )
-        .expect("full config is valid");
+"#;
+
+    #[test]
+    fn full_config() {
+        let c = config(FULL).expect("full config is valid");
         assert_eq!(
             c.source.url,
             SourceUrl::Remote("https://git.example.com/app.git".to_owned())

@@ -182,7 +182,7 @@ pub fn plan(
             continue;
         };
         if let (Some(hold), Some(state)) = (holds.get(name), host.scopes.get(name)) {
-            scopes.push(held(name, hold, state));
+            scopes.push(as_deployed(name, state, Action::Held, hold.describe()));
             continue;
         }
         if !scope.runs_on(here) {
@@ -275,20 +275,8 @@ pub fn plan(
         if manifest.scopes.contains_key(name) {
             continue;
         }
-        let owner = state.current.owner;
-        scopes.push(ScopePlan {
-            scope: name.clone(),
-            owner,
-            action: Action::Remove,
-            reason: "scope removed from the manifest".to_string(),
-            release: state.current.release.clone(),
-            build: false,
-            fingerprint: state.current.fingerprint.clone(),
-            path_ids: state.current.path_ids.clone(),
-            section_text: state.current.section_text.clone(),
-            retired: vec![],
-            members: state.current.members.clone(),
-        });
+        let reason = "scope removed from the manifest".to_string();
+        scopes.push(as_deployed(name, state, Action::Remove, reason));
     }
     Plan {
         commit: commit.to_string(),
@@ -296,20 +284,22 @@ pub fn plan(
     }
 }
 
-/// The step of a held scope: nothing, whatever the commit says.
-fn held(name: &str, hold: &Hold, state: &ScopeState) -> ScopePlan {
+/// A step that leaves the scope's deployment as it is recorded (held), or
+/// takes all of it away (removed).
+fn as_deployed(name: &str, state: &ScopeState, action: Action, reason: String) -> ScopePlan {
+    let current = &state.current;
     ScopePlan {
         scope: name.to_string(),
-        owner: state.current.owner,
-        action: Action::Held,
-        reason: hold.describe(),
-        release: state.current.release.clone(),
+        owner: current.owner,
+        action,
+        reason,
+        release: current.release.clone(),
         build: false,
-        fingerprint: state.current.fingerprint.clone(),
-        path_ids: state.current.path_ids.clone(),
-        section_text: state.current.section_text.clone(),
+        fingerprint: current.fingerprint.clone(),
+        path_ids: current.path_ids.clone(),
+        section_text: current.section_text.clone(),
         retired: vec![],
-        members: state.current.members.clone(),
+        members: current.members.clone(),
     }
 }
 
@@ -318,19 +308,7 @@ fn held(name: &str, hold: &Hold, state: &ScopeState) -> ScopePlan {
 fn elsewhere(commit: &str, scope: &Scope, state: Option<&ScopeState>) -> ScopePlan {
     let reason = format!("not on this host (hosts: {})", scope.hosts.join(", "));
     match state {
-        Some(state) => ScopePlan {
-            scope: scope.name.clone(),
-            owner: state.current.owner,
-            action: Action::Remove,
-            reason,
-            release: state.current.release.clone(),
-            build: false,
-            fingerprint: state.current.fingerprint.clone(),
-            path_ids: state.current.path_ids.clone(),
-            section_text: state.current.section_text.clone(),
-            retired: vec![],
-            members: state.current.members.clone(),
-        },
+        Some(state) => as_deployed(&scope.name, state, Action::Remove, reason),
         None => ScopePlan {
             scope: scope.name.clone(),
             owner: scope.owner,
@@ -648,10 +626,8 @@ units = ["web.service"]
         assert_eq!(last.reason, "scope removed from the manifest");
     }
 
-    #[test]
-    fn unit_files_and_dockerfiles_are_inputs_whether_listed_or_not() {
-        let m = manifest(
-            r#"
+    /// Scopes whose inputs come from more than `paths`.
+    const INPUTS: &str = r#"
 version = 1
 [scopes.web]
 owner = "native"
@@ -668,8 +644,17 @@ owner = "native"
 [scopes.all.native]
 units = ["all.service"]
 unit_files = ["deploy/units/all.service"]
-"#,
-        );
+[scopes.api]
+owner = "native"
+paths = ["services/api/", "tools/"]
+build = ["./build-api.sh", "sh deploy/stage.sh && python3 tools/gen.py --out=x", "make -C /opt/x", "./../up.sh"]
+[scopes.api.native]
+units = ["api.service"]
+"#;
+
+    #[test]
+    fn unit_files_and_dockerfiles_are_inputs_whether_listed_or_not() {
+        let m = manifest(INPUTS);
         assert_eq!(
             input_paths(&m.scopes["web"]),
             [
@@ -747,17 +732,7 @@ unit_files = ["deploy/units/all.service"]
 
     #[test]
     fn scripts_a_build_runs_from_the_repository_are_inputs() {
-        let m = manifest(
-            r#"
-version = 1
-[scopes.api]
-owner = "native"
-paths = ["services/api/", "tools/"]
-build = ["./build-api.sh", "sh deploy/stage.sh && python3 tools/gen.py --out=x", "make -C /opt/x", "./../up.sh"]
-[scopes.api.native]
-units = ["api.service"]
-"#,
-        );
+        let m = manifest(INPUTS);
         assert_eq!(
             input_paths(&m.scopes["api"]),
             ["services/api/", "tools/", "build-api.sh", "deploy/stage.sh"]

@@ -674,6 +674,21 @@ mod tests {
         }
     }
 
+    /// A store in `dir` holding web's rollouts of these ids and outcomes.
+    fn store_with(dir: &Path, rollouts: &[(u64, Outcome)]) -> Store {
+        let store = Store::open(dir).expect("open");
+        for (id, outcome) in rollouts {
+            store
+                .put_rollout(&record(*id, "web", *outcome))
+                .expect("put");
+        }
+        store
+    }
+
+    fn ids(records: Result<Vec<RolloutRecord>, StoreError>) -> Vec<u64> {
+        records.expect("read").iter().map(|r| r.id).collect()
+    }
+
     #[test]
     fn rollouts_are_listed_newest_first_and_filtered_by_scope() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -682,48 +697,23 @@ mod tests {
             let mut r = record(0, scope, Outcome::Succeeded);
             assert_eq!(store.create_rollout(&mut r).expect("create"), id);
         }
-        let all: Vec<u64> = store
-            .rollouts(None, 10)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let all: Vec<u64> = ids(store.rollouts(None, 10));
         assert_eq!(all, vec![3, 2, 1]);
-        let web: Vec<u64> = store
-            .rollouts(Some("web"), 10)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let web: Vec<u64> = ids(store.rollouts(Some("web"), 10));
         assert_eq!(web, vec![3, 1]);
-        let limited: Vec<u64> = store
-            .rollouts(None, 1)
-            .expect("list")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let limited: Vec<u64> = ids(store.rollouts(None, 1));
         assert_eq!(limited, vec![3]);
     }
 
     #[test]
     fn records_survive_reopening_and_unfinished_ones_are_found() {
         let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path()).expect("open");
-            store
-                .put_rollout(&record(1, "web", Outcome::Succeeded))
-                .expect("put");
-            store
-                .put_rollout(&record(2, "web", Outcome::InProgress))
-                .expect("put");
-        }
+        drop(store_with(
+            dir.path(),
+            &[(1, Outcome::Succeeded), (2, Outcome::InProgress)],
+        ));
         let store = Store::open(dir.path()).expect("reopen");
-        let unfinished: Vec<u64> = store
-            .unfinished_rollouts()
-            .expect("scan")
-            .iter()
-            .map(|r| r.id)
-            .collect();
+        let unfinished: Vec<u64> = ids(store.unfinished_rollouts());
         assert_eq!(unfinished, vec![2]);
         assert_eq!(
             store.rollout(1).expect("get"),
@@ -782,10 +772,7 @@ mod tests {
     #[test]
     fn an_undecodable_record_is_skipped_and_the_rest_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        store
-            .put_rollout(&record(1, "web", Outcome::Succeeded))
-            .expect("put");
+        let store = store_with(dir.path(), &[(1, Outcome::Succeeded)]);
         // A write cut short, then a record of a newer moorline.
         store
             .rollouts
@@ -814,8 +801,7 @@ mod tests {
                 ),
             ]
         );
-        let ids = |v: Vec<RolloutRecord>| v.iter().map(|r| r.id).collect::<Vec<_>>();
-        assert_eq!(ids(store.rollouts(None, 10).expect("list")), [4, 1]);
-        assert_eq!(ids(store.unfinished_rollouts().expect("unfinished")), [4]);
+        assert_eq!(ids(store.rollouts(None, 10)), [4, 1]);
+        assert_eq!(ids(store.unfinished_rollouts()), [4]);
     }
 }

@@ -82,18 +82,6 @@ pub fn render_list(views: &[RolloutView]) -> String {
         "ID", "STARTED", "COMMIT", "TRIGGER", "OUTCOME", "SCOPES"
     );
     for v in views {
-        let scopes: Vec<String> = v
-            .scopes
-            .iter()
-            .filter(|s| s.action != "unchanged" && s.action != "skip")
-            .map(|s| format!("{} {}", s.scope, s.action))
-            .collect();
-        let scopes = if scopes.is_empty() {
-            "-".to_string()
-        } else {
-            scopes.join(", ")
-        };
-        let subject = v.subject.as_deref().unwrap_or("-");
         out.push_str(&format!(
             "{:>4}  {:<20}  {:<7}  {:<8}  {:<11}  {:<30}  {}\n",
             v.id,
@@ -101,11 +89,25 @@ pub fn render_list(views: &[RolloutView]) -> String {
             super::short(&v.commit),
             v.trigger,
             v.outcome,
-            scopes,
-            subject
+            changed_scopes(v),
+            v.subject.as_deref().unwrap_or("-")
         ));
     }
     out
+}
+
+/// The scopes a rollout did something to, with what: `web deploy, api cutover`.
+fn changed_scopes(v: &RolloutView) -> String {
+    let changed: Vec<String> = v
+        .scopes
+        .iter()
+        .filter(|s| s.action != "unchanged" && s.action != "skip")
+        .map(|s| format!("{} {}", s.scope, s.action))
+        .collect();
+    match changed.is_empty() {
+        true => "-".to_string(),
+        false => changed.join(", "),
+    }
 }
 
 pub fn render_one(v: &RolloutView) -> String {

@@ -133,11 +133,12 @@ pub fn render(r: &StatusReport) -> String {
             .iter()
             .map(|m| format!("{} {}", m.name, m.state))
             .collect();
+        let release = super::short(&s.release);
         out.push_str(&format!(
             "{:<width$}  {:<6}  {:<7}  {:<9}  {}\n",
             s.name,
             s.owner,
-            super::short(&s.release),
+            release,
             s.health,
             members.join(", ")
         ));

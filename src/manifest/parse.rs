@@ -826,15 +826,15 @@ fn canonical(value: &DeValue<'_>, out: &mut String) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::health::{HealthCheck, HealthKind};
 
     const FILE: &str = "deploy/moorline.toml";
 
     /// A manifest that exercises every section; used for the happy path and
-    /// as the base that error cases edit.
-    const EXAMPLE: &str = r#"version = 1
+    /// as the base that error cases and the property tests edit.
+    pub(crate) const EXAMPLE: &str = r#"version = 1
 
 [defaults]
 health_timeout = "90s"

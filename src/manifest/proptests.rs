@@ -7,53 +7,8 @@ use proptest::prelude::*;
 
 use super::Diagnostics;
 
-const MANIFEST: &str = r#"version = 1
-[defaults]
-health_timeout = "90s"
-keep_releases = 3
-[scopes.infra]
-owner = "docker"
-[[scopes.infra.docker.containers]]
-name = "nats"
-image = "nats:2.10"
-env = { A = "1" }
-[scopes.api]
-owner = "native"
-after = ["infra"]
-paths = ["services/api/"]
-build = ["make"]
-[scopes.api.native]
-units = ["api.service"]
-unit_files = ["deploy/api.service"]
-[[scopes.api.health]]
-http = "http://127.0.0.1:4000/health"
-expect_status = 204
-[[scopes.api.health]]
-tcp = "127.0.0.1:4000"
-[scopes.web]
-owner = "native"
-after = ["api", "infra"]
-settle = "1m30s"
-[scopes.web.native]
-units = ["web.service"]
-[[scopes.web.health]]
-exec = ["./check.sh"]
-"#;
-
-const CONFIG: &str = r#"[source]
-url = "/srv/git/app.git"
-branch = "main"
-manifest = "deploy/moorline.toml"
-poll = "60s"
-allow_force_push = false
-[trigger]
-watch = true
-webhook = { listen = "127.0.0.1:9821", secret_file = "~/webhook.secret" }
-[state]
-dir = "~/.local/share/moorline"
-[docker]
-host = "unix:///var/run/docker.sock"
-"#;
+use super::parse::tests::EXAMPLE as MANIFEST;
+use crate::config::tests::FULL as CONFIG;
 
 /// Every diagnostic has a position inside `bytes` (line 1.., col 1..).
 fn assert_positioned(bytes: &[u8], diagnostics: &Diagnostics) -> Result<(), TestCaseError> {

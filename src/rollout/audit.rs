@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use super::{Engine, Error, Journal};
 use crate::manifest::Scope;
-use crate::runtime::{Keep, Owner};
+use crate::runtime::{Act, Keep, Owner};
 use crate::store::{Outcome, RolloutRecord, ScopeRecord, now_ms};
 
 /// What the audit found for one scope.
@@ -174,9 +174,9 @@ impl Engine {
                 .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
             let stopped = match self.runtime(f.found_on).await {
                 Ok(runtime) => runtime
-                    .stop(
+                    .act(
+                        Act::Stop(Keep::WayBack),
                         std::slice::from_ref(&f.member),
-                        Keep::WayBack,
                         limit,
                         &mut journal,
                     )

@@ -557,51 +557,28 @@ mod tests {
 
     #[test]
     fn outcomes_move_the_host_commits() {
+        use Outcome::{Failed, RolledBack, Succeeded};
+        use Target::{Head, Repair};
+        // (situation, rollout of B, outcome, deployed and failed commits after;
+        // "-" for none). Before: A deployed, Q failed (none for a head rollout).
         let cases = [
-            (
-                "success",
-                Target::Head,
-                Outcome::Succeeded,
-                (Some("B"), None),
-            ),
-            (
-                "rolled back",
-                Target::Head,
-                Outcome::RolledBack,
-                (Some("A"), Some("B")),
-            ),
-            (
-                "failed",
-                Target::Head,
-                Outcome::Failed,
-                (Some("A"), Some("B")),
-            ),
-            (
-                "repair passed",
-                Target::Repair,
-                Outcome::Succeeded,
-                (Some("A"), Some("Q")),
-            ),
-            (
-                "repair failed",
-                Target::Repair,
-                Outcome::Failed,
-                (Some("A"), Some("Q")),
-            ),
+            ("success", Head, Succeeded, "B", "-"),
+            ("rolled back", Head, RolledBack, "A", "B"),
+            ("failed", Head, Failed, "A", "B"),
+            ("repair passed", Repair, Succeeded, "A", "Q"),
+            ("repair failed", Repair, Failed, "A", "Q"),
         ];
-        for (situation, target, outcome, (deployed, failed)) in cases {
+        let commit = |c: &'static str| (c != "-").then_some(c);
+        for (situation, target, outcome, deployed, failed) in cases {
             let mut h = HostState {
                 deployed_commit: Some("A".into()),
-                failed_commit: Some("Q".into()),
+                failed_commit: (target == Repair).then(|| "Q".into()),
                 ..HostState::default()
             };
-            if target == Target::Head {
-                h.failed_commit = None;
-            }
             record_outcome(&mut h, "B", target, outcome);
             assert_eq!(
                 (h.deployed_commit.as_deref(), h.failed_commit.as_deref()),
-                (deployed, failed),
+                (commit(deployed), commit(failed)),
                 "{situation}"
             );
         }
@@ -611,33 +588,28 @@ mod tests {
     /// (`scope=release@owner`, `unhealthy` after one that is), the plan
     /// (`scope owner action release`; actions `deploy`, `unchanged`,
     /// `remove`, `cutover-from-OWNER`), the steps that fail, and what must
-    /// follow: the steps taken, the outcome and error, the host after.
+    /// follow: the steps taken, the outcome and error, the host after. No
+    /// `fails` or `error` line: none.
     const ROLLOUTS: &str = r#"
 first deploy: every scope switched and verified in order
     host:    -
     plan A:  api native deploy A, web native deploy A
-    fails:   -
     steps:   prepare, switch api, verify api, switch web, verify web, finish
     outcome: succeeded
-    error:   -
     after:   api=A@native, web=A@native
 
 partial deploy: an unchanged scope is not touched
     host:    api=A@native, web=A@native
     plan B:  api native unchanged A, web native deploy B
-    fails:   -
     steps:   prepare, switch web, verify web, finish
     outcome: succeeded
-    error:   -
     after:   api=A@native, web=B@native
 
 nothing changed: no step at all
     host:    api=A@native, web=A@native
     plan B:  api native unchanged A, web native unchanged A
-    fails:   -
     steps:   -
     outcome: succeeded
-    error:   -
     after:   api=A@native, web=A@native
 
 build failure: nothing running is touched
@@ -688,19 +660,15 @@ a failed first deploy stops what it started
 cutover native to docker
     host:    api=A@native, web=A@native
     plan B:  api docker cutover-from-native B
-    fails:   -
     steps:   prepare, switch api, verify api, finish
     outcome: succeeded
-    error:   -
     after:   api=B@docker, web=A@native
 
 cutover docker to native
     host:    api=A@docker
     plan B:  api native cutover-from-docker A
-    fails:   -
     steps:   prepare, switch api, verify api, finish
     outcome: succeeded
-    error:   -
     after:   api=A@native
 
 a failed cutover goes back to the old owner
@@ -724,10 +692,8 @@ a rollback that fails leaves the scope unhealthy and the rollout failed
 drift repair: the unhealthy scope is deployed again on its release
     host:    api=A@native, web=A@native unhealthy
     plan A:  api native unchanged A, web native deploy A
-    fails:   -
     steps:   prepare, switch web, verify web, finish
     outcome: succeeded
-    error:   -
     after:   api=A@native, web=A@native
 
 a removed scope is retired; a failed removal switches nothing back
@@ -742,19 +708,15 @@ a removed scope is retired; a failed removal switches nothing back
 a removed scope leaves the host state
     host:    api=A@native, web=A@native
     plan B:  web native remove A
-    fails:   -
     steps:   prepare, retire web, finish
     outcome: succeeded
-    error:   -
     after:   api=A@native
 
 a scope that runs on other hosts is never touched
     host:    api=A@native
     plan B:  api native deploy B, web native skip B
-    fails:   -
     steps:   prepare, switch api, verify api, finish
     outcome: succeeded
-    error:   -
     after:   api=B@native
 "#;
 
@@ -817,16 +779,21 @@ a scope that runs on other hosts is never touched
         for block in blocks {
             let mut lines = block.lines();
             let situation = lines.next().expect("a situation");
-            let mut field = |name: &str| -> (String, String) {
-                let line = lines
-                    .next()
-                    .unwrap_or_else(|| panic!("{situation}: no {name}"));
-                let (key, value) = line.trim().split_once(':').expect("key: value");
-                assert!(
-                    key.starts_with(name),
-                    "{situation}: {key} where {name} belongs"
-                );
-                (key.to_string(), value.trim().to_string())
+            let fields: Vec<(&str, &str)> = lines
+                .map(|line| {
+                    let (key, value) = line.trim().split_once(':').expect("key: value");
+                    (key, value.trim())
+                })
+                .collect();
+            // A field's key and value; `fails` and `error` may be left out
+            // for none.
+            let field = |name: &str| -> (String, String) {
+                let found = fields.iter().find(|(key, _)| key.starts_with(name));
+                match (found, name) {
+                    (Some((key, value)), _) => (key.to_string(), value.to_string()),
+                    (None, "fails" | "error") => (name.to_string(), "-".to_string()),
+                    (None, _) => panic!("{situation}: no {name}"),
+                }
             };
             let host = host_of(&field("host").1);
             let (plan_key, plan_text) = field("plan");

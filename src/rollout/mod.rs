@@ -26,7 +26,7 @@ use crate::config::Config;
 pub use crate::journal::{Journal, Stop};
 use crate::manifest::{self, Manifest, Owner, Scope};
 use crate::plan::{self, Action, Plan, ScopeInputs, ScopePlan};
-use crate::runtime::{Keep, Runtime, RuntimeError, Runtimes};
+use crate::runtime::{Act, Keep, Runtime, RuntimeError, Runtimes};
 use crate::source::git::{GitError, Source};
 use crate::source::short;
 use crate::store::{
@@ -479,7 +479,12 @@ impl Engine {
                         Some(target) => self.restore(journal, &sw, target, &new_members).await,
                         None => match self.runtime(sw.scope.owner).await {
                             Ok(runtime) => runtime
-                                .stop(&new_members, Keep::Nothing, sw.scope.job_timeout, journal)
+                                .act(
+                                    Act::Stop(Keep::Nothing),
+                                    &new_members,
+                                    sw.scope.job_timeout,
+                                    journal,
+                                )
                                 .await
                                 .map_err(Error::from),
                             Err(e) => Err(e),
@@ -537,9 +542,9 @@ impl Engine {
     ) -> Result<(), Error> {
         if let (Action::Cutover { from }, Some(previous)) = (step.action, previous) {
             let old = self.runtime(from).await?;
-            old.stop(
+            old.act(
+                Act::Stop(Keep::WayBack),
                 &previous.current.members,
-                Keep::WayBack,
                 scope.job_timeout,
                 journal,
             )
@@ -577,7 +582,7 @@ impl Engine {
         let ran_as = self.scope_from_release(&deployed.release, scope).ok();
         let runtime = self.runtime(deployed.owner).await?;
         Ok(runtime
-            .retire(ran_as.as_ref(), members, limit, journal)
+            .act(Act::Retire(ran_as.as_ref()), members, limit, journal)
             .await?)
     }
 
@@ -613,8 +618,13 @@ impl Engine {
     async fn finish_one(&mut self, journal: &mut Journal<'_>, sw: &Switched) -> Result<(), Error> {
         if let (Action::Cutover { from }, Some(previous)) = (sw.step.action, &sw.previous) {
             let old = self.runtime(from).await?;
-            old.finish_leaving(&previous.current.members, sw.scope.job_timeout, journal)
-                .await?;
+            old.act(
+                Act::FinishLeaving,
+                &previous.current.members,
+                sw.scope.job_timeout,
+                journal,
+            )
+            .await?;
         }
         let runtime = self.runtime(sw.scope.owner).await?;
         Ok(runtime.finish(&sw.scope, journal).await?)
@@ -728,11 +738,11 @@ impl Engine {
             // (a kept container is left by an interrupted attempt), and the
             // old owner's members were stopped, not changed.
             runtime
-                .discard(new_members, old.job_timeout, journal)
+                .act(Act::Discard, new_members, old.job_timeout, journal)
                 .await?;
             let previous = self.runtime(target.owner).await?;
             previous
-                .resume(&target.members, old.job_timeout, journal)
+                .act(Act::Resume, &target.members, old.job_timeout, journal)
                 .await?;
         } else {
             runtime

@@ -102,6 +102,27 @@ pub enum Keep {
     Nothing,
 }
 
+/// What the engine does to members it names, rather than to a scope's
+/// release.
+#[derive(Debug, Clone, Copy)]
+pub enum Act<'a> {
+    /// Stop them. `Keep::WayBack` keeps them for a way back; `Keep::Nothing`
+    /// leaves nothing that could run again: no container (kept ones
+    /// included), units stopped (their files stay for a revert).
+    Stop(Keep),
+    /// Take them out of service for good (a removed scope, members a scope
+    /// no longer lists): stopped, and their drop-ins and the unit files the
+    /// scope as it ran (`ran_as`) installed, or their containers, removed.
+    Retire(Option<&'a Scope>),
+    /// Start members that were stopped and kept (undoing a cutover away).
+    Resume,
+    /// Undo a cutover *to* this runtime: nothing of the new form stays.
+    Discard,
+    /// A cutover away from this runtime passed: drop what it kept stopped
+    /// for the way back (containers; stopped units stay, files and all).
+    FinishLeaving,
+}
+
 /// What a runtime says of one member, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberState {
@@ -135,11 +156,24 @@ pub enum Runtime {
 }
 
 impl Runtime {
-    fn labels(source: &str, scope: &str, release: &str) -> docker::Labels {
-        docker::Labels {
+    fn target<'a>(
+        docker: &'a docker::Docker,
+        source: &str,
+        scope: &'a Scope,
+        release_dir: &'a Path,
+        release: &'a str,
+    ) -> docker::scope::Target<'a> {
+        let labels = docker::Labels {
             source: source.to_string(),
-            scope: scope.to_string(),
+            scope: scope.name.clone(),
             commit: release.to_string(),
+        };
+        docker::scope::Target {
+            docker,
+            labels,
+            scope,
+            release_dir,
+            release,
         }
     }
 
@@ -156,16 +190,8 @@ impl Runtime {
         match self {
             Runtime::Native(_) => Ok(()),
             Runtime::Docker { docker, source } => {
-                let labels = Self::labels(source, &scope.name, release);
-                let images = docker::scope::ensure_images(
-                    docker,
-                    &labels,
-                    scope,
-                    release_dir,
-                    release,
-                    journal,
-                    on_line,
-                );
+                let target = Self::target(docker, source, scope, release_dir, release);
+                let images = docker::scope::ensure_images(&target, journal, on_line);
                 tokio::time::timeout(scope.build_timeout, images)
                     .await
                     .unwrap_or_else(|_| {
@@ -193,17 +219,8 @@ impl Runtime {
                 systemd::scope::switch(sd, scope, release_dir, release, journal).await
             }
             Runtime::Docker { docker, source } => {
-                let labels = Self::labels(source, &scope.name, release);
-                docker::scope::replace(
-                    docker,
-                    &labels,
-                    scope,
-                    release_dir,
-                    release,
-                    way_back,
-                    journal,
-                )
-                .await
+                let target = Self::target(docker, source, scope, release_dir, release);
+                docker::scope::replace(&target, way_back, journal).await
             }
         }
     }
@@ -246,58 +263,37 @@ impl Runtime {
         tokio::try_join!(settle, health).map(drop)
     }
 
-    /// Stop members. `Keep::WayBack` keeps them for a way back;
-    /// `Keep::Nothing` leaves nothing that could run again: no container
-    /// (kept ones included), units stopped (their files stay for a revert).
-    pub async fn stop(
+    /// Do `act` to the named `members`, each job bounded by `limit`.
+    pub async fn act(
         &self,
+        act: Act<'_>,
         members: &[String],
-        keep: Keep,
         limit: Duration,
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(sd) => {
+        match (self, act) {
+            (Runtime::Native(sd), Act::Stop(_) | Act::Discard) => {
                 systemd::scope::stop(&sd.with_job_timeout(limit), members, journal).await
             }
-            Runtime::Docker { docker, .. } => {
-                docker::scope::stop(docker, members, keep == Keep::Nothing, journal).await
-            }
-        }
-    }
-
-    /// Take members out of service for good (a removed scope, members a
-    /// scope no longer lists): stopped, and their drop-ins and the unit files
-    /// `ran_as` (the scope as it ran) installed, or their containers, removed.
-    pub async fn retire(
-        &self,
-        ran_as: Option<&Scope>,
-        members: &[String],
-        limit: Duration,
-        journal: &mut Journal<'_>,
-    ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(sd) => {
+            (Runtime::Native(sd), Act::Retire(ran_as)) => {
                 systemd::scope::retire(&sd.with_job_timeout(limit), ran_as, members, journal).await
             }
-            Runtime::Docker { docker, .. } => {
-                docker::scope::stop(docker, members, true, journal).await
-            }
-        }
-    }
-
-    /// Start members that were stopped and kept (undoing a cutover away).
-    pub async fn resume(
-        &self,
-        members: &[String],
-        limit: Duration,
-        journal: &mut Journal<'_>,
-    ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(sd) => {
+            (Runtime::Native(sd), Act::Resume) => {
                 systemd::scope::start(&sd.with_job_timeout(limit), members, journal).await
             }
-            Runtime::Docker { docker, .. } => docker::scope::start(docker, members, journal).await,
+            (Runtime::Native(_), Act::FinishLeaving) => Ok(()),
+            (Runtime::Docker { docker, .. }, Act::Stop(keep)) => {
+                docker::scope::stop(docker, members, keep == Keep::Nothing, journal).await
+            }
+            (Runtime::Docker { docker, .. }, Act::Retire(_) | Act::FinishLeaving) => {
+                docker::scope::stop(docker, members, true, journal).await
+            }
+            (Runtime::Docker { docker, .. }, Act::Resume) => {
+                docker::scope::start(docker, members, journal).await
+            }
+            (Runtime::Docker { docker, .. }, Act::Discard) => {
+                docker::scope::remove_all(docker, members, journal).await
+            }
         }
     }
 
@@ -322,26 +318,10 @@ impl Runtime {
                 if !restored {
                     // Nothing kept (an interrupted earlier attempt): recreate.
                     docker::scope::stop(docker, new_members, true, journal).await?;
-                    let labels = Self::labels(source, &old.name, target);
-                    docker::scope::start_new(docker, &labels, old, release_dir, target, journal)
-                        .await?;
+                    let target = Self::target(docker, source, old, release_dir, target);
+                    docker::scope::start_new(&target, journal).await?;
                 }
                 Ok(())
-            }
-        }
-    }
-
-    /// Undo a cutover *to* this runtime: nothing of the new form stays.
-    pub async fn discard(
-        &self,
-        members: &[String],
-        limit: Duration,
-        journal: &mut Journal<'_>,
-    ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(_) => self.stop(members, Keep::Nothing, limit, journal).await,
-            Runtime::Docker { docker, .. } => {
-                docker::scope::remove_all(docker, members, journal).await
             }
         }
     }
@@ -358,20 +338,6 @@ impl Runtime {
             Runtime::Docker { docker, .. } => {
                 docker::scope::drop_previous(docker, scope, journal).await
             }
-        }
-    }
-
-    /// A cutover away from this runtime passed: drop what it kept stopped
-    /// for the way back (containers; stopped units stay, files and all).
-    pub async fn finish_leaving(
-        &self,
-        members: &[String],
-        limit: Duration,
-        journal: &mut Journal<'_>,
-    ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(_) => Ok(()),
-            Runtime::Docker { .. } => self.stop(members, Keep::Nothing, limit, journal).await,
         }
     }
 

@@ -488,29 +488,31 @@ impl Systemd {
             .map_err(call_error)
     }
 
+    /// The unit's proxy, and its service proxy when it is a service.
+    async fn proxies(
+        &self,
+        unit: &str,
+    ) -> Result<(UnitProxy<'static>, Option<ServiceProxy<'static>>), SystemdError> {
+        check_unit_name(unit)?;
+        let (proxy, path) = self.unit_proxy(unit).await?;
+        let service = match unit.ends_with(".service") {
+            true => Some(self.service_proxy(unit, path).await?),
+            false => None,
+        };
+        Ok((proxy, service))
+    }
+
     /// What systemd says about `unit` now. A unit that does not exist has load_state
     /// `not-found`; that is not an error.
     pub async fn unit_state(&self, unit: &str) -> Result<UnitState, SystemdError> {
-        check_unit_name(unit)?;
-        let (proxy, path) = self.unit_proxy(unit).await?;
-        let service = if unit.ends_with(".service") {
-            Some(self.service_proxy(unit, path).await?)
-        } else {
-            None
-        };
+        let (proxy, service) = self.proxies(unit).await?;
         read_state(unit, &proxy, service.as_ref()).await
     }
 
     /// Watches a just (re)started unit for `window`: it must stay active, with the same
     /// invocation and no automatic restart. Fails as soon as it does not.
     pub async fn settle(&self, unit: &str, window: Duration) -> Result<(), SystemdError> {
-        check_unit_name(unit)?;
-        let (proxy, path) = self.unit_proxy(unit).await?;
-        let service = if unit.ends_with(".service") {
-            Some(self.service_proxy(unit, path).await?)
-        } else {
-            None
-        };
+        let (proxy, service) = self.proxies(unit).await?;
         let started = Instant::now();
         let baseline = read_state(unit, &proxy, service.as_ref()).await?;
         let mut ticker = tokio::time::interval(SETTLE_POLL);
@@ -814,6 +816,21 @@ mod tests {
     }
 
     /// A connection to `manager` with `units` (name, unit file text) installed and loaded.
+    async fn active_state(systemd: &Systemd, unit: &str) -> String {
+        systemd
+            .unit_state(unit)
+            .await
+            .expect("queries")
+            .active_state
+    }
+
+    /// A user manager of its own with one unit installed, and a connection.
+    async fn with_unit(unit: &str, text: &str) -> (UserManager, Systemd) {
+        let manager = UserManager::start();
+        let systemd = connect_with_units(&manager, &[(unit, text)]).await;
+        (manager, systemd)
+    }
+
     async fn connect_with_units(manager: &UserManager, units: &[(&str, &str)]) -> Systemd {
         let systemd = Systemd::connect_to(&manager.bus_address(), manager.unit_dir())
             .await
@@ -845,6 +862,20 @@ mod tests {
         let release = releases.path().join(r#"rel 1 %n "q" \x"#);
         std::fs::create_dir(&release).expect("the temporary directory is writable");
         let commit = "0123456789abcdef0123456789abcdef01234567";
+        // Whether writing the drop-in for `commit` changed it; what it says.
+        let written = |systemd: &Systemd, commit: &'static str| {
+            let (systemd, release) = (systemd.clone(), release.clone());
+            async move {
+                systemd
+                    .write_dropin(unit, &release, commit)
+                    .await
+                    .expect("writes")
+            }
+        };
+        let dropin = |systemd: &Systemd| {
+            let systemd = systemd.clone();
+            async move { systemd.read_dropin(unit).await.expect("reads") }
+        };
 
         let src = manager.unit_dir().join(unit);
         assert!(
@@ -853,21 +884,11 @@ mod tests {
                 .await
                 .expect("unchanged file installs")
         );
-        assert_eq!(systemd.read_dropin(unit).await.expect("reads"), None);
-        assert!(
-            systemd
-                .write_dropin(unit, &release, commit)
-                .await
-                .expect("writes")
-        );
-        assert!(
-            !systemd
-                .write_dropin(unit, &release, commit)
-                .await
-                .expect("writes")
-        );
+        assert_eq!(dropin(&systemd).await, None);
+        assert!(written(&systemd, commit).await);
+        assert!(!written(&systemd, commit).await);
         assert_eq!(
-            systemd.read_dropin(unit).await.expect("reads"),
+            dropin(&systemd).await,
             Some((release.clone(), commit.to_owned()))
         );
         systemd.daemon_reload().await.expect("reloads");
@@ -886,14 +907,9 @@ mod tests {
 
         // The next rollout rewrites the drop-in in place.
         let next = "89abcdef0123456789abcdef0123456789abcdef";
-        assert!(
-            systemd
-                .write_dropin(unit, &release, next)
-                .await
-                .expect("writes")
-        );
+        assert!(written(&systemd, next).await);
         assert_eq!(
-            systemd.read_dropin(unit).await.expect("reads"),
+            dropin(&systemd).await,
             Some((release.clone(), next.to_owned()))
         );
 
@@ -913,16 +929,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_hangs_is_given_up_after_the_limit_naming_the_unit() {
-        let manager = UserManager::start();
         let unit = "moorline-test-hangs-on-stop.service";
-        let systemd = connect_with_units(
-            &manager,
-            &[(
-                unit,
-                "[Service]\nExecStart=/bin/sleep infinity\nExecStop=/bin/sleep infinity\nTimeoutStopSec=infinity\n",
-            )],
-        )
-        .await;
+        let text = "[Service]\nExecStart=/bin/sleep infinity\nExecStop=/bin/sleep infinity\nTimeoutStopSec=infinity\n";
+        let (manager, systemd) = with_unit(unit, text).await;
         systemd.start(unit).await.expect("starts");
         let bounded = systemd.with_job_timeout(Duration::from_millis(1500));
         let started = Instant::now();
@@ -937,14 +946,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(
-            systemd
-                .unit_state(unit)
-                .await
-                .expect("queries")
-                .active_state,
-            "deactivating"
-        );
+        assert_eq!(active_state(&systemd, unit).await, "deactivating");
         // Unbounded handles are not touched by the bounded one.
         assert_eq!(systemd.job_timeout, DEFAULT_JOB_TIMEOUT);
         manager.systemctl(&["kill", "--signal=KILL", unit]);
@@ -1014,14 +1016,7 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "inactive");
 
         systemd.start(unit).await.expect("starts");
-        assert_eq!(
-            systemd
-                .unit_state(unit)
-                .await
-                .expect("queries")
-                .active_state,
-            "active"
-        );
+        assert_eq!(active_state(&systemd, unit).await, "active");
     }
 
     #[tokio::test]
@@ -1055,13 +1050,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_unit_names_the_unit_and_the_job_result() {
-        let manager = UserManager::start();
         let unit = "moorline-test-fails.service";
-        let systemd = connect_with_units(
-            &manager,
-            &[(unit, "[Service]\nType=oneshot\nExecStart=/bin/false\n")],
-        )
-        .await;
+        let text = "[Service]\nType=oneshot\nExecStart=/bin/false\n";
+        let (_manager, systemd) = with_unit(unit, text).await;
         let error = systemd.restart(unit).await.expect_err("/bin/false fails");
         assert_eq!(
             error.to_string(),
@@ -1109,15 +1100,24 @@ mod tests {
         )
         .await;
 
-        systemd
-            .restart(late)
-            .await
-            .expect("a simple service starts");
+        // Restart `unit`, then watch it through a settle window of `window`.
+        let restart_and_settle = |unit: &'static str, window: Duration| {
+            let systemd = &systemd;
+            async move {
+                systemd
+                    .restart(unit)
+                    .await
+                    .expect("a simple service starts");
+                systemd.settle(unit, window).await
+            }
+        };
+        let unsettled = |unit: &'static str, why: &'static str| async move {
+            restart_and_settle(unit, Duration::from_secs(10))
+                .await
+                .expect_err(why)
+        };
         let started = Instant::now();
-        let error = systemd
-            .settle(late, Duration::from_secs(10))
-            .await
-            .expect_err("the service exits after 1.5 s");
+        let error = unsettled(late, "the service exits after 1.5 s").await;
         assert!(
             started.elapsed() >= Duration::from_millis(1400),
             "{:?}",
@@ -1138,14 +1138,7 @@ mod tests {
         assert!(!error.is_transient());
 
         // The start job is done as soon as the process runs, however short-lived.
-        systemd
-            .restart(early)
-            .await
-            .expect("a simple service starts");
-        let error = systemd
-            .settle(early, Duration::from_secs(10))
-            .await
-            .expect_err("the service exits at once");
+        let error = unsettled(early, "the service exits at once").await;
         let text = error.to_string();
         assert!(
             text.starts_with(r#""moorline-test-early-exit.service" left active state after "#)
@@ -1153,22 +1146,10 @@ mod tests {
             "{text}"
         );
 
-        systemd
-            .restart(flapping)
-            .await
-            .expect("a simple service starts");
-        let error = systemd
-            .settle(flapping, Duration::from_secs(10))
-            .await
-            .expect_err("systemd restarts the service every 0.3 s");
+        let error = unsettled(flapping, "systemd restarts the service every 0.3 s").await;
         assert!(matches!(error, SystemdError::DidNotSettle { ref unit, .. } if unit == flapping));
 
-        systemd
-            .restart(steady)
-            .await
-            .expect("a simple service starts");
-        systemd
-            .settle(steady, Duration::from_secs(2))
+        restart_and_settle(steady, Duration::from_secs(2))
             .await
             .expect("the service stays up");
     }

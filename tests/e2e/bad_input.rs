@@ -45,9 +45,7 @@ fn invocations(host: &Host) -> [String; 3] {
 #[test]
 fn bad_manifests_and_an_escaping_symlink_are_recorded_as_failed_and_touch_nothing() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let before = invocations(&host);
     let good_manifest = std::fs::read(host.work().join("deploy/moorline.toml")).expect("manifest");
 
@@ -155,9 +153,7 @@ fn bad_command_lines_and_unknown_rollouts_exit_2() {
         assert_eq!(String::from_utf8_lossy(&output.stderr), message, "{args:?}");
         assert!(output.stdout.is_empty(), "{args:?}");
     }
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     for running in [true, false] {
         let output = host.moorline(&["show", "999"]);
         assert_eq!(output.status.code(), Some(2), "agent running: {running}");

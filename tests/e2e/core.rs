@@ -125,9 +125,7 @@ fn a_member_that_goes_down_ends_verification_at_once() {
             t.replace("health_timeout = \"30s\"", "health_timeout = \"90s\"")
         })
     });
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let crash = host.commit_and_push("api that dies", api_that_never_answers);
     host.sync();
     let rollout = host.wait_rollout(&crash);
@@ -150,9 +148,7 @@ fn a_member_that_goes_down_ends_verification_at_once() {
 #[test]
 fn editing_a_build_script_outside_paths_redeploys_its_scope_only() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let edited = host.commit_and_push("build-api: say more", |work| {
         let path = work.join("build-api.sh");
         let text = std::fs::read_to_string(&path).expect("read");
@@ -187,9 +183,7 @@ fn a_member_dropped_from_a_scope_is_stopped_and_its_files_removed() {
             )
         });
     });
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     assert_eq!(
         host.unit_property("app-worker2.service", "ActiveState"),
         "active"
@@ -247,9 +241,7 @@ fn a_member_dropped_from_a_scope_is_stopped_and_its_files_removed() {
 #[test]
 fn a_stop_request_during_a_rollout_ends_it_at_the_next_step_and_records_it() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let slow = host.commit_and_push("api: a slow build", |work| {
         std::fs::write(work.join("services/api/VERSION"), "v2\n").expect("write");
         let path = work.join("build-api.sh");
@@ -328,9 +320,7 @@ fn a_stop_job_that_hangs_is_given_up_after_job_timeout_naming_the_unit() {
             .replace("[defaults]\n", "[defaults]\njob_timeout = \"2s\"\n")
         });
     });
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let removed = host.commit_and_push("drop the stuck scope", |work| {
         edit_manifest(work, |t| {
             t[..t.find("\n[scopes.stuck]").expect("stuck scope")].to_string() + "\n"
@@ -354,10 +344,7 @@ fn a_stop_job_that_hangs_is_given_up_after_job_timeout_naming_the_unit() {
 #[test]
 fn an_undecodable_history_record_is_skipped_with_a_warning_naming_it() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    host.stop_agent();
+    host.deployed_then_stopped();
     let db_path = host.state_dir().join("history");
     {
         let db = sled::open(&db_path).expect("open the agent's history");
@@ -391,9 +378,7 @@ fn an_undecodable_history_record_is_skipped_with_a_warning_naming_it() {
 #[test]
 fn a_closed_stdout_ends_every_command_quietly() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let manifest = host.work().join("deploy/moorline.toml");
     let manifest = manifest.to_str().expect("utf-8 path");
     for running in [true, false] {
@@ -427,9 +412,7 @@ fn a_closed_stdout_ends_every_command_quietly() {
 #[test]
 fn status_sees_a_user_manager_that_comes_back() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     assert_eq!(status_scope(&host, "api")["health"], "healthy");
     // The manager goes away: status cannot ask it, and says so.
     host.um.stop();

@@ -25,10 +25,7 @@ fn kill_tests_need_the_fault_injection_feature() {
 /// A host whose first commit is deployed, with the agent stopped.
 pub(crate) fn deployed_host() -> (Host, String) {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    host.stop_agent();
+    let first = host.deployed_then_stopped();
     (host, first)
 }
 
@@ -74,9 +71,17 @@ pub(crate) fn rollouts_of(host: &Host, commit: &str) -> Vec<Value> {
     found
 }
 
-/// The first two rollouts of `commit` once the second has finished.
-pub(crate) fn interrupted_and_retry(host: &Host, commit: &str) -> [Value; 2] {
-    wait_for(
+/// Start the agent again after a kill during the rollout of `commit` and
+/// wait for it to retry: the first rollout was closed as interrupted with
+/// `error` (when given); the retry is returned.
+pub(crate) fn retried_after_interruption(
+    host: &mut Host,
+    commit: &str,
+    error: Option<&str>,
+) -> Value {
+    host.start_agent();
+    let host = &*host;
+    let [interrupted, retried] = wait_for(
         "the interrupted rollout and its retry",
         Duration::from_secs(120),
         || {
@@ -84,7 +89,12 @@ pub(crate) fn interrupted_and_retry(host: &Host, commit: &str) -> [Value; 2] {
             (found.len() == 2 && found[1]["outcome"] != "in-progress")
                 .then(|| [found[0].clone(), found[1].clone()])
         },
-    )
+    );
+    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
+    if let Some(error) = error {
+        assert_eq!(interrupted["error"], error, "{interrupted:#}");
+    }
+    retried
 }
 
 /// The one rollout of `commit`, once start-up has closed it as interrupted.
@@ -166,16 +176,20 @@ fn killed_then_converges(
     edit: fn(&std::path::Path),
     error: impl Fn(&str) -> String,
 ) -> (Host, String) {
-    let (mut host, _first) = deployed_host();
+    let (host, _first) = deployed_host();
+    killed_then_converges_on(host, point, edit, error)
+}
+
+/// `killed_then_converges` on a deployed `host` of the caller's making;
+/// `error` is given the commit's short id.
+pub fn killed_then_converges_on(
+    mut host: Host,
+    point: &str,
+    edit: fn(&std::path::Path),
+    error: impl Fn(&str) -> String,
+) -> (Host, String) {
     let commit = kill_at(&mut host, point, point, edit);
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        error(&commit[..7]).as_str(),
-        "{interrupted:#}"
-    );
+    let retried = retried_after_interruption(&mut host, &commit, Some(&error(&commit[..7])));
     assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
     assert_consistent(&host, &commit);
     (host, commit)
@@ -225,17 +239,13 @@ fn killed_during_verify_the_new_release_is_verified_again() {
 fn killed_during_a_rollback_the_failing_commit_is_rolled_back_again() {
     let (mut host, first) = deployed_host();
     let crash = kill_at(&mut host, "during-rollback", "api that dies", crashing_api);
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &crash);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        format!(
+    let retried = retried_after_interruption(
+        &mut host,
+        &crash,
+        Some(&format!(
             "the agent stopped after \"restart app-api.service on {}\" (done)",
             &first[..7]
-        )
-        .as_str(),
-        "{interrupted:#}"
+        )),
     );
     assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
     assert_consistent(&host, &first);
@@ -244,8 +254,7 @@ fn killed_during_a_rollback_the_failing_commit_is_rolled_back_again() {
         Some((200, format!("ok v1 {}\n", &first[..7]))),
         "api runs v1 again"
     );
-    let status = host.json(&["status", "--json"]);
-    assert_eq!(status["source"]["failed_commit"], crash.as_str());
+    assert_eq!(host.failed_commit(), crash.as_str());
 }
 
 #[cfg(feature = "fault-injection")]
@@ -260,13 +269,7 @@ fn killed_while_recording_the_deployed_commit_is_kept_and_not_redeployed() {
         error.starts_with("the agent stopped after \"restart app-web.service on "),
         "{error}"
     );
-    host.sync();
-    wait_for("the agent to look again", Duration::from_secs(20), || {
-        let status = host.json(&["status", "--json"]);
-        (status["agent"]["activity"] == "idle"
-            && status["source"]["desired_commit"] == commit.as_str())
-        .then_some(())
-    });
+    host.sync_and_settle(&commit);
     assert_eq!(
         rollouts_of(&host, &commit).len(),
         1,
@@ -333,16 +336,13 @@ fn killed_during_checkout_the_partial_release_is_removed_and_written_again() {
         "the kill came in the middle of the checkout"
     );
     assert!(!releases.join(&commit).exists(), "no release is half there");
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        format!(
+    let retried = retried_after_interruption(
+        &mut host,
+        &commit,
+        Some(&format!(
             "the agent stopped during \"check out release {}\"",
             &commit[..7]
-        )
-        .as_str()
+        )),
     );
     assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
     assert_consistent(&host, &commit);
@@ -360,9 +360,7 @@ fn killed_during_checkout_the_partial_release_is_removed_and_written_again() {
 #[test]
 fn killed_while_pruning_the_forgotten_release_is_removed_at_start_up() {
     let mut host = Host::with(harness::keep_one_release);
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let second = host.commit_and_push("web v2", web_v2);
     host.sync();
     assert_eq!(host.wait_rollout(&second)["outcome"], "succeeded");

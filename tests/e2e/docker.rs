@@ -237,6 +237,7 @@ fn a_docker_scope_deploys_updates_and_rolls_back_a_failing_image() {
     });
     host.sync();
     assert_eq!(host.wait_rollout(&third)["outcome"], "succeeded");
+    host.wait_idle_at(&third);
     assert!(host.web().is_some_and(|(_, body)| body.contains("web v3")));
     let releases = host.state_dir().join("releases");
     assert!(
@@ -261,9 +262,7 @@ fn a_docker_scope_deploys_updates_and_rolls_back_a_failing_image() {
 fn cutover_goes_both_ways_without_both_runtimes_ever_running_the_scope() {
     let mut host = Host::new();
     let api = host.container("app-api");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     assert_eq!(
         host.unit_property("app-api.service", "ActiveState"),
         "active"
@@ -337,9 +336,7 @@ fn cutover_goes_both_ways_without_both_runtimes_ever_running_the_scope() {
 fn a_cutover_whose_new_owner_fails_returns_to_the_old_owner() {
     let mut host = Host::new();
     let api = host.container("app-api");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let before = host.unit_property("app-api.service", "InvocationID");
 
     let bad = host.commit_and_push("api: cut over to a docker form on the wrong port", |work| {
@@ -377,8 +374,7 @@ fn a_cutover_whose_new_owner_fails_returns_to_the_old_owner() {
         host.api()
             .is_some_and(|(_, body)| body.starts_with("ok v1 "))
     );
-    let status = host.json(&["status", "--json"]);
-    assert_eq!(status["source"]["failed_commit"], bad.as_str());
+    assert_eq!(host.failed_commit(), bad.as_str());
 }
 
 /// The host port the api's docker form publishes, from the manifest text.
@@ -397,9 +393,7 @@ fn host_port(manifest: &str) -> String {
 /// queues. (A worker listens on no port, so the unit really runs.)
 pub(crate) fn worker_started_beside_its_container() -> Host {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let to_docker = host.commit_and_push("workers: cut over to docker", |work| {
         set_owner(work, "workers", "docker")
     });
@@ -462,9 +456,7 @@ fn the_start_up_audit_stops_a_member_running_on_the_runtime_that_does_not_own_it
 fn the_release_docker_last_ran_survives_pruning_for_the_way_back() {
     let mut host = Host::with(web_docker);
     let web = host.container("app-web");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let to_native = host.commit_and_push("web: back to native", |work| {
         set_owner(work, "web", "native")
     });
@@ -481,6 +473,8 @@ fn the_release_docker_last_ran_survives_pruning_for_the_way_back() {
         let rollout = host.wait_rollout(&commit);
         assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
         assert_eq!(scope(&rollout, "web")["action"], "unchanged");
+        // Pruning comes after the record is closed.
+        host.wait_idle_at(&commit);
     }
     let releases = host.state_dir().join("releases");
     assert!(releases.join(&first).is_dir(), "the way back was pruned");

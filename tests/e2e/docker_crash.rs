@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::crash::{
-    assert_consistent, closed_as_interrupted, interrupted_and_retry, kill_at, rollouts_of,
+    assert_consistent, closed_as_interrupted, kill_at, killed_then_converges_on,
+    retried_after_interruption, rollouts_of,
 };
 use crate::docker::{Exclusivity, exiting_web, web_docker, worker_started_beside_its_container};
 use crate::harness::{self, Host, docker, set_owner, wait_for};
@@ -40,10 +41,7 @@ fn containers(host: &Host) -> Vec<String> {
 /// A host with web owned by docker and its first commit deployed, the agent stopped.
 fn docker_host() -> (Host, String) {
     let mut host = Host::with(web_docker);
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    host.stop_agent();
+    let first = host.deployed_then_stopped();
     (host, first)
 }
 
@@ -55,19 +53,9 @@ fn web_v2(work: &Path) {
 /// record with `error` (given web's container name and the commit's short
 /// id), a successful retry, and web v2 in exactly one container.
 fn docker_killed_then_converges(point: &str, error: impl Fn(&str, &str) -> String) {
-    let (mut host, _first) = docker_host();
+    let (host, _first) = docker_host();
     let web = host.container("app-web");
-    let commit = kill_at(&mut host, point, point, web_v2);
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        error(&web, &commit[..7]).as_str(),
-        "{interrupted:#}"
-    );
-    assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
-    assert_consistent(&host, &commit);
+    let (host, commit) = killed_then_converges_on(host, point, web_v2, |short| error(&web, short));
     assert_eq!(containers(&host), [format!("{web} running {commit}")]);
     assert_eq!(
         host.web().map(|(_, body)| body.contains("web v2")),
@@ -112,13 +100,12 @@ fn docker_killed_during_a_rollback_the_failing_image_is_rolled_back_again() {
     let (mut host, first) = docker_host();
     let web = host.container("app-web");
     let broken = kill_at(&mut host, "during-rollback", "web that exits", exiting_web);
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &broken);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        format!("the agent stopped after \"start container {web}\" (done)").as_str(),
-        "{interrupted:#}"
+    let retried = retried_after_interruption(
+        &mut host,
+        &broken,
+        Some(&format!(
+            "the agent stopped after \"start container {web}\" (done)"
+        )),
     );
     assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
     assert_consistent(&host, &first);
@@ -127,8 +114,7 @@ fn docker_killed_during_a_rollback_the_failing_image_is_rolled_back_again() {
         host.web().map(|(_, body)| body.contains("web v1")),
         Some(true)
     );
-    let status = host.json(&["status", "--json"]);
-    assert_eq!(status["source"]["failed_commit"], broken.as_str());
+    assert_eq!(host.failed_commit(), broken.as_str());
 }
 
 #[test]
@@ -144,13 +130,7 @@ fn docker_killed_while_recording_the_new_container_is_kept() {
         "{closed:#}"
     );
     let id = inspect_id(&web);
-    host.sync();
-    wait_for("the agent to look again", Duration::from_secs(20), || {
-        let status = host.json(&["status", "--json"]);
-        (status["agent"]["activity"] == "idle"
-            && status["source"]["desired_commit"] == commit.as_str())
-        .then_some(())
-    });
+    host.sync_and_settle(&commit);
     assert_eq!(rollouts_of(&host, &commit).len(), 1, "not rolled out again");
     assert_consistent(&host, &commit);
     assert_eq!(containers(&host), [format!("{web} running {commit}")]);
@@ -177,10 +157,7 @@ fn cutover_killed_then_converges(
 ) {
     let mut host = Host::with(|work| set_owner(work, "api", from));
     let api = host.container("app-api");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    host.stop_agent();
+    host.deployed_then_stopped();
 
     let sampler = Exclusivity::watch(&host, "app-api.service", &api);
     let commit = kill_at(
@@ -189,19 +166,12 @@ fn cutover_killed_then_converges(
         &format!("api: cut over to {to}"),
         |work| set_owner(work, "api", to),
     );
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &commit);
+    let retried = retried_after_interruption(&mut host, &commit, Some(&error(&api, &commit[..7])));
     // Sample a little longer: a late start on the wrong runtime shows too.
     wait_for("the settled host", Duration::from_secs(30), || {
         (host.json(&["status", "--json"])["agent"]["activity"] == "idle").then_some(())
     });
     assert!(sampler.finish() > 20, "the sampler ran through the cutover");
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
-    assert_eq!(
-        interrupted["error"],
-        error(&api, &commit[..7]).as_str(),
-        "{interrupted:#}"
-    );
     assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
     assert_eq!(crate::scope(&retried, "api")["owner"], to, "{retried:#}");
     assert_consistent(&host, &commit);
@@ -225,32 +195,22 @@ fn cutover_killed_then_converges(
     );
 }
 
-#[test]
-fn cutover_to_docker_killed_with_the_unit_stopped_ends_on_docker_alone() {
-    cutover_killed_then_converges("native", "docker", "after-stop", |_, _| {
-        "the agent stopped after \"stop app-api.service\" (done)".into()
-    });
+/// One test per (from, to, fault point) of a cutover, with the error the
+/// interrupted record must give (from the container name and short id).
+macro_rules! cutover_kill {
+    ($($name:ident: $from:literal -> $to:literal at $point:literal, $error:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            cutover_killed_then_converges($from, $to, $point, $error);
+        }
+    )*};
 }
 
-#[test]
-fn cutover_to_docker_killed_during_verify_ends_on_docker_alone() {
-    cutover_killed_then_converges("native", "docker", "during-verify", |api, _| {
-        format!("the agent stopped after \"start container {api}\" (done)")
-    });
-}
-
-#[test]
-fn cutover_to_native_killed_with_the_container_stopped_ends_on_native_alone() {
-    cutover_killed_then_converges("docker", "native", "after-stop", |_, _| {
-        "the agent stopped after \"reload the user manager\" (done)".into()
-    });
-}
-
-#[test]
-fn cutover_to_native_killed_during_verify_ends_on_native_alone() {
-    cutover_killed_then_converges("docker", "native", "during-verify", |_, short| {
-        format!("the agent stopped after \"restart app-api.service on {short}\" (done)")
-    });
+cutover_kill! {
+    cutover_to_docker_killed_with_the_unit_stopped_ends_on_docker_alone: "native" -> "docker" at "after-stop", |_, _| "the agent stopped after \"stop app-api.service\" (done)".into();
+    cutover_to_docker_killed_during_verify_ends_on_docker_alone: "native" -> "docker" at "during-verify", |api, _| format!("the agent stopped after \"start container {api}\" (done)");
+    cutover_to_native_killed_with_the_container_stopped_ends_on_native_alone: "docker" -> "native" at "after-stop", |_, _| "the agent stopped after \"reload the user manager\" (done)".into();
+    cutover_to_native_killed_during_verify_ends_on_native_alone: "docker" -> "native" at "during-verify", |_, short| format!("the agent stopped after \"restart app-api.service on {short}\" (done)");
 }
 
 /// Killed while an image that exits was being verified: on restart the
@@ -263,9 +223,7 @@ fn docker_killed_during_verify_of_a_failing_image_the_retry_rolls_back_to_the_he
     let web = host.container("app-web");
     let before = inspect_id(&web);
     let broken = kill_at(&mut host, "during-verify", "web that exits", exiting_web);
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &broken);
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
+    let retried = retried_after_interruption(&mut host, &broken, None);
     assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
     assert_eq!(crate::scope(&retried, "web")["result"], "rolled-back");
     assert_consistent(&host, &first);
@@ -289,10 +247,7 @@ fn cutover_to_a_failing_docker_form_killed_during_verify_returns_to_native_and_l
 {
     let mut host = Host::new();
     let api = host.container("app-api");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
-    host.stop_agent();
+    let first = host.deployed_then_stopped();
 
     let sampler = Exclusivity::watch(&host, "app-api.service", &api);
     // Published on a port of its own, so the health check never answers.
@@ -316,10 +271,8 @@ fn cutover_to_a_failing_docker_form_killed_during_verify_returns_to_native_and_l
             .expect("write");
         },
     );
-    host.start_agent();
-    let [interrupted, retried] = interrupted_and_retry(&host, &bad);
+    let retried = retried_after_interruption(&mut host, &bad, None);
     assert!(sampler.finish() > 20, "the sampler ran through the cutover");
-    assert_eq!(interrupted["outcome"], "interrupted", "{interrupted:#}");
     assert_eq!(retried["outcome"], "rolled-back", "{retried:#}");
     assert_eq!(crate::scope(&retried, "api")["result"], "rolled-back");
     assert_consistent(&host, &first);
@@ -333,8 +286,7 @@ fn cutover_to_a_failing_docker_form_killed_during_verify_returns_to_native_and_l
         "no container of the failed form is left"
     );
     assert_eq!(host.api(), Some((200, format!("ok v1 {}\n", &first[..7]))));
-    let status = host.json(&["status", "--json"]);
-    assert_eq!(status["source"]["failed_commit"], bad.as_str());
+    assert_eq!(host.failed_commit(), bad.as_str());
 }
 
 /// Killed with web's old container kept as `.moorline-prev` and no new one,

@@ -25,9 +25,7 @@ fn no_partial_release(host: &Host, commit: &str) {
 #[test]
 fn corrupt_objects_fail_cleanly_huge_files_deploy_and_rewrites_need_allow_force_push() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let before = invocations(&host);
 
     // A truncated loose object in the source: the checkout cannot read it.
@@ -234,9 +232,7 @@ impl Drop for SmallDisk {
 fn a_full_disk_fails_the_rollout_cleanly_and_freeing_space_lets_the_next_deploy() {
     let mut host = Host::new();
     let disk = SmallDisk::mount(&host.state_dir().join("releases"));
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let before = invocations(&host);
 
     let full = host.commit_and_push("api with an asset bigger than the disk", |work| {

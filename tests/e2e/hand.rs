@@ -4,15 +4,13 @@
 
 use std::time::Duration;
 
-use crate::harness::{self, Host, wait_for};
+use crate::harness::{Host, wait_for};
 use crate::scope;
 
 #[test]
 fn a_hold_survives_pushes_and_restarts_until_resume_converges_the_scope() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let short = &first[..7];
 
     let held = host.moorline(&["hold", "api", "--reason", "investigating the queue"]);
@@ -116,9 +114,7 @@ fn a_hold_survives_pushes_and_restarts_until_resume_converges_the_scope() {
 #[test]
 fn holding_an_unknown_scope_or_without_a_reason_is_refused() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let unknown = host.moorline(&["hold", "nope", "--reason", "x"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert_eq!(

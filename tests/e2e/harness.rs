@@ -400,6 +400,46 @@ impl Host {
         );
     }
 
+    /// Deploy the branch head with the agent, then stop it: the host as a
+    /// test of what happens next starts from. Returns the head commit.
+    pub fn deployed_then_stopped(&mut self) -> String {
+        let first = self.deployed();
+        self.stop_agent();
+        first
+    }
+
+    /// Start the agent and wait until it has deployed the branch head.
+    /// Returns the head commit.
+    pub fn deployed(&mut self) -> String {
+        let first = git(&self.work(), &["rev-parse", "HEAD"]);
+        self.start_agent();
+        assert_eq!(self.wait_rollout(&first)["outcome"], "succeeded");
+        first
+    }
+
+    /// The commit `status` says failed on this host (null for none).
+    pub fn failed_commit(&self) -> Value {
+        self.json(&["status", "--json"])["source"]["failed_commit"].clone()
+    }
+
+    /// Ask the agent to look again and wait until it has seen `commit` at
+    /// the branch head and is idle.
+    pub fn sync_and_settle(&self, commit: &str) {
+        self.sync();
+        self.wait_idle_at(commit);
+    }
+
+    /// Wait until the agent has seen `commit` at the branch head and is
+    /// idle: a finished rollout's pruning, which comes after its record is
+    /// closed, is done too.
+    pub fn wait_idle_at(&self, commit: &str) {
+        wait_for("the agent to be idle", Duration::from_secs(30), || {
+            let status = self.json(&["status", "--json"]);
+            (status["agent"]["activity"] == "idle" && status["source"]["desired_commit"] == commit)
+                .then_some(())
+        });
+    }
+
     pub fn history(&self) -> Vec<Value> {
         match self.json(&["history", "--json", "--limit", "1000"]) {
             Value::Array(items) => items,

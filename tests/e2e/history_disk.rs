@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::git_faults::SmallDisk;
-use crate::harness::{self, Host, wait_for};
+use crate::harness::{Host, wait_for};
 
 fn invocations(host: &Host) -> [String; 3] {
     ["app-api.service", "app-web.service", "app-worker.service"]
@@ -50,9 +50,7 @@ fn idle_at(host: &Host, commit: &str) -> Value {
 fn a_full_disk_under_the_history_database_touches_nothing_and_loses_no_record() {
     let mut host = Host::new();
     let disk = SmallDisk::mount_sized(&host.state_dir(), "32m");
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let docs = host.commit_and_push("docs only", |work| {
         std::fs::write(work.join("NOTES.md"), "notes\n").expect("write");
     });

@@ -164,9 +164,7 @@ fn push_deploys_changed_scopes_only_and_an_agent_restart_restarts_nothing() {
 #[test]
 fn a_crashing_commit_is_rolled_back_and_its_revert_redeploys_without_building() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
 
     let crash = host.commit_and_push("api: v2 that dies after two seconds", |work| {
         std::fs::write(work.join("services/api/VERSION"), "v2\n").expect("write");
@@ -202,10 +200,7 @@ fn a_crashing_commit_is_rolled_back_and_its_revert_redeploys_without_building() 
 
     // The same commit is not tried again.
     let rollouts = host.history().len();
-    host.sync();
-    wait_for("the agent to look again", Duration::from_secs(20), || {
-        (host.json(&["status", "--json"])["agent"]["activity"] == "idle").then_some(())
-    });
+    host.sync_and_settle(&crash);
     assert_eq!(host.history().len(), rollouts);
 
     let revert = host.commit_and_push("Revert api v2", |work| {
@@ -229,9 +224,7 @@ fn a_crashing_commit_is_rolled_back_and_its_revert_redeploys_without_building() 
 #[test]
 fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let before = invocations(&host);
 
     let bad = host.commit_and_push("typo in the manifest", |work| {
@@ -321,9 +314,7 @@ fn check_validates_a_manifest_offline_with_exit_codes() {
 #[test]
 fn a_failure_in_a_later_scope_rolls_back_the_whole_rollout() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
 
     // api v2 is fine; web (after api) gets a unit that dies after a second.
     let mixed = host.commit_and_push("api v2 and a broken web unit", |work| {

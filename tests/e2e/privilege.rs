@@ -67,9 +67,7 @@ sys.stdout.write(data.decode()[:40])
 #[test]
 fn state_and_control_socket_are_owner_only_and_another_uid_gets_no_answer() {
     let mut host = Host::new();
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     host.sync();
     let _ = host.wait_rollout(&first);
 

@@ -141,9 +141,7 @@ fn a_signed_webhook_deploys_and_a_badly_signed_one_wakes_nothing() {
     let secret_file = host.root.path().join("webhook.secret");
     std::fs::write(&secret_file, "s3cret\n").expect("write secret");
     host.configure("60s", &webhook_trigger(false, port, &secret_file));
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    host.deployed();
     let status = source(&host);
     assert_eq!(
         status["webhook"],
@@ -212,9 +210,7 @@ fn a_vanished_repository_backs_polling_off_and_the_agent_recovers_when_it_return
     let missing_secret = host.root.path().join("absent.secret");
     let port = harness::free_port();
     host.configure("1s", &webhook_trigger(true, port, &missing_secret));
-    let first = harness::git(&host.work(), &["rev-parse", "HEAD"]);
-    host.start_agent();
-    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let first = host.deployed();
     let status = source(&host);
     assert_eq!(
         status["webhook"],

@@ -43,17 +43,31 @@ pub fn names(scope: &Scope) -> Vec<String> {
     containers(scope).iter().map(|c| c.name.clone()).collect()
 }
 
-/// Make sure every image of the scope exists for `release`, building the
+/// A scope's containers at one release: what building and creating them
+/// takes.
+pub struct Target<'a> {
+    pub docker: &'a Docker,
+    /// Put on every image and container made for the release.
+    pub labels: Labels,
+    pub scope: &'a Scope,
+    pub release_dir: &'a Path,
+    pub release: &'a str,
+}
+
+/// Make sure every image of the scope exists for its release, building the
 /// missing ones from the release directory. Build output goes to `on_line`.
 pub async fn ensure_images(
-    docker: &Docker,
-    labels: &Labels,
-    scope: &Scope,
-    release_dir: &Path,
-    release: &str,
+    target: &Target<'_>,
     journal: &mut Journal<'_>,
     on_line: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), RuntimeError> {
+    let Target {
+        docker,
+        labels,
+        scope,
+        release_dir,
+        release,
+    } = target;
     for container in containers(scope) {
         let reference = image_ref(container, release);
         if docker
@@ -105,15 +119,12 @@ async fn release_of(docker: &Docker, name: &str) -> Result<Option<String>, Runti
 /// killed after it started its containers left those, and keeping them would
 /// make a rollback bring back the very release that is being replaced.
 pub async fn replace(
-    docker: &Docker,
-    labels: &Labels,
-    scope: &Scope,
-    release_dir: &Path,
-    release: &str,
+    target: &Target<'_>,
     way_back: Option<&str>,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    for container in containers(scope) {
+    let docker = target.docker;
+    for container in containers(target.scope) {
         let name = &container.name;
         if let Some(state) = docker.inspect(name).await.map_err(RuntimeError::from)? {
             let prev = prev_name(name);
@@ -138,18 +149,12 @@ pub async fn replace(
     }
     // The old containers are stopped and kept; the new ones not created yet.
     crate::fault::point("after-stop");
-    start_new(docker, labels, scope, release_dir, release, journal).await
+    start_new(target, journal).await
 }
 
 /// Create and start the scope's containers (no container of those names exists).
-pub async fn start_new(
-    docker: &Docker,
-    labels: &Labels,
-    scope: &Scope,
-    release_dir: &Path,
-    release: &str,
-    journal: &mut Journal<'_>,
-) -> Result<(), RuntimeError> {
+pub async fn start_new(target: &Target<'_>, journal: &mut Journal<'_>) -> Result<(), RuntimeError> {
+    let (docker, release_dir, release) = (target.docker, target.release_dir, target.release);
     let env = [
         ("MOORLINE_COMMIT".to_string(), release.to_string()),
         (
@@ -157,13 +162,13 @@ pub async fn start_new(
             release_dir.display().to_string(),
         ),
     ];
-    for container in containers(scope) {
+    for container in containers(target.scope) {
         let name = &container.name;
         let image = image_ref(container, release);
         journal
             .step(
                 format!("create container {name} from {image}"),
-                docker.create(container, &image, labels, &env, release_dir),
+                docker.create(container, &image, &target.labels, &env, release_dir),
             )
             .await
             .map_err(RuntimeError::from)?;
