@@ -6,17 +6,14 @@
 //! where a record has nothing but what the wire shows (a scope's step, a
 //! phase).
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tracing::warn;
+use tokio::net::UnixListener;
 
-use crate::store::{JournalEntry, PhaseRecord, RolloutRecord, ScopeRecord};
+use crate::store::{IntervalRecord, JournalEntry, PhaseRecord, RolloutRecord, ScopeRecord};
 
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -73,7 +70,66 @@ pub struct StatusReport {
     /// Scopes of the deployed manifest that run on other hosts.
     #[serde(default)]
     pub not_on_this_host: Vec<String>,
+    /// `moorline edge`, when a deployed scope is routed through it.
+    #[serde(default)]
+    pub edge: Option<EdgeView>,
     pub last_rollout: Option<RolloutSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeView {
+    pub running: bool,
+    pub pid: Option<u32>,
+    /// Why it could not be asked, when it was not.
+    pub error: Option<String>,
+    /// By scope.
+    pub routes: std::collections::BTreeMap<String, EdgeRouteView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeRouteView {
+    pub listen: String,
+    pub listening: bool,
+    /// New requests wait while the scope's one instance restarts.
+    pub held: bool,
+    /// The slot that takes every new request, if one does.
+    pub active: Option<usize>,
+    pub slots: Vec<EdgeSlotView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EdgeSlotView {
+    pub slot: usize,
+    pub addr: String,
+    pub weight: u32,
+    /// Since the edge started.
+    pub requests: u64,
+    pub errors: u64,
+    pub inflight: u64,
+}
+
+impl From<&crate::edge::control::RouteReport> for EdgeRouteView {
+    fn from(r: &crate::edge::control::RouteReport) -> EdgeRouteView {
+        EdgeRouteView {
+            listen: r.listen.to_string(),
+            listening: r.listening,
+            held: r.held,
+            active: r.route().active(),
+            slots: r
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(slot, s)| EdgeSlotView {
+                    slot,
+                    addr: s.addr.to_string(),
+                    weight: s.weight,
+                    requests: s.figures.requests,
+                    errors: s.figures.errors,
+                    inflight: s.figures.inflight,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -136,6 +192,9 @@ pub struct ScopeView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MemberView {
     pub name: String,
+    /// A slotted scope's instance that does not serve now.
+    #[serde(default)]
+    pub idle: bool,
     /// e.g. "active (running)", "failed (failed)", "not-found".
     pub state: String,
 }
@@ -176,6 +235,9 @@ pub struct RolloutView {
     pub phases: Vec<PhaseRecord>,
     pub build_tail: Vec<String>,
     pub journal: Vec<JournalView>,
+    /// A canary's analysed intervals, as stored.
+    #[serde(default)]
+    pub analysis: Vec<IntervalRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -227,6 +289,7 @@ impl From<&RolloutRecord> for RolloutView {
             phases: r.phases.clone(),
             build_tail: r.build_tail.clone(),
             journal: r.journal.iter().map(JournalView::from).collect(),
+            analysis: r.analysis.clone(),
         }
     }
 }
@@ -254,42 +317,12 @@ impl From<&RolloutRecord> for RolloutSummary {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("the agent is not running (no answer on \"{path}\")")]
-    Unreachable { path: PathBuf },
-    #[error("the agent at \"{path}\" did not answer properly: {detail}")]
-    Protocol { path: PathBuf, detail: String },
-    #[error("cannot listen on \"{path}\": {source}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+pub use crate::channel::ChannelError as ApiError;
 
 /// Send one request to the agent whose state directory is `state_dir`.
 pub async fn request(state_dir: &Path, request: &Request) -> Result<Response, ApiError> {
     let path = state_dir.join(SOCKET_NAME);
-    let protocol = |detail: String| ApiError::Protocol {
-        path: path.clone(),
-        detail,
-    };
-    let mut stream = UnixStream::connect(&path)
-        .await
-        .map_err(|_| ApiError::Unreachable { path: path.clone() })?;
-    let mut line = serde_json::to_vec(request).expect("requests always serialize");
-    line.push(b'\n');
-    stream
-        .write_all(&line)
-        .await
-        .map_err(|e| protocol(e.to_string()))?;
-    let mut reader = BufReader::new(stream);
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(120), reader.read_line(&mut answer))
-        .await
-        .map_err(|_| protocol("no answer within 120s".into()))?
-        .map_err(|e| protocol(e.to_string()))?;
-    serde_json::from_str(&answer).map_err(|e| protocol(e.to_string()))
+    crate::channel::call("agent", &path, request, Duration::from_secs(120)).await
 }
 
 /// Answers requests; implemented by the agent.
@@ -299,58 +332,22 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Bind the control socket: replaces a stale socket file, mode 0600.
 pub fn bind(state_dir: &Path) -> Result<UnixListener, ApiError> {
-    let path = state_dir.join(SOCKET_NAME);
-    let listen_err = |source| ApiError::Listen {
-        path: path.clone(),
-        source,
-    };
-    if path.exists() {
-        std::fs::remove_file(&path).map_err(listen_err)?;
-    }
-    let listener = UnixListener::bind(&path).map_err(listen_err)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
-    Ok(listener)
+    crate::channel::bind(&state_dir.join(SOCKET_NAME))
 }
 
 /// Serve until the task is dropped. Connections from another uid are closed
 /// unanswered.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
-    let own_uid = rustix::process::getuid().as_raw();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == own_uid => {}
-            Ok(cred) => {
-                warn!(
-                    uid = cred.uid(),
-                    "refused a control connection from another user"
-                );
-                continue;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot check the control connection's peer");
-                continue;
+    crate::channel::serve(listener, move |request: Result<Request, String>| {
+        let handler = handler.clone();
+        async move {
+            match request {
+                Ok(request) => handler.handle(request).await,
+                Err(malformed) => Response::Error(malformed),
             }
         }
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut reader = BufReader::new(read);
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let response = match serde_json::from_str::<Request>(&line) {
-                Ok(request) => handler.handle(request).await,
-                Err(e) => Response::Error(format!("malformed request: {e}")),
-            };
-            let mut bytes = serde_json::to_vec(&response).expect("responses always serialize");
-            bytes.push(b'\n');
-            let _ = write.write_all(&bytes).await;
-        });
-    }
+    })
+    .await
 }
 
 /// The plan for `rev` (default: the branch's commit after a fetch).

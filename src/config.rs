@@ -341,19 +341,9 @@ fn read_trigger(
 
 fn read_webhook(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Option<WebhookConfig> {
     t.check_keys(r, WEBHOOK_KEYS);
-    let listen = t.required_string(r, "listen").and_then(|l| {
-        let parsed = l.value.parse::<SocketAddr>();
-        if parsed.is_err() {
-            r.error(
-                l.span.start,
-                format!(
-                    "invalid listen address {:?}; expected an IP address and port such as \"127.0.0.1:9821\"",
-                    l.value
-                ),
-            );
-        }
-        parsed.ok()
-    });
+    let listen = t
+        .required_string(r, "listen")
+        .and_then(|l| crate::manifest::reader::socket_addr(r, &l));
     let secret_file = t
         .required_string(r, "secret_file")
         .and_then(|s| paths.resolve(r, &s));

@@ -5,12 +5,16 @@
 
 /// The points the engine passes, in rollout order. Tests use these names.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub const POINTS: [&str; 10] = [
+pub const POINTS: [&str; 12] = [
     "after-fetch",
     "during-checkout",
     "during-build",
     "during-image-build",
     "after-stop",
+    // A slotted scope: the new slot started, the edge not switched yet; the
+    // edge switched, the old slot not drained yet.
+    "after-slot-start",
+    "after-route",
     "during-verify",
     "during-rollback",
     "while-recording",

@@ -6,10 +6,16 @@
 mod agent;
 /// The local control channel between the CLI and the agent, and its types.
 mod api;
+/// JSON lines over an owner-only Unix socket: the agent's and the edge's
+/// control channels.
+mod channel;
 /// One file per command, human and `--json` rendering.
 mod cli;
 /// Host configuration: raw TOML → validated settings.
 mod config;
+/// `moorline edge`: the reverse proxy of zero-downtime scopes, its routing
+/// table, per-slot figures and control channel.
+mod edge;
 /// Named kill points for crash tests (`fault-injection` feature only).
 mod fault;
 /// Health checks: http, tcp, exec.
@@ -54,6 +60,9 @@ struct Cli {
 enum Command {
     /// Run the agent in the foreground (what the user unit runs)
     Agent,
+    /// Run the edge, the proxy in front of zero-downtime scopes (what
+    /// moorline-edge.service runs; the agent starts it)
+    Edge,
     /// What runs, from which commit, and whether it is healthy
     Status {
         #[arg(long)]
@@ -171,7 +180,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    init_logging(matches!(cli.command, Command::Agent));
+    init_logging(matches!(cli.command, Command::Agent | Command::Edge));
     let config = match load_config(cli.config.as_deref()) {
         Ok(config) => config,
         Err(message) => {
@@ -196,6 +205,13 @@ fn main() -> ExitCode {
                 Ok(()) => cli::OK,
                 Err(e) => {
                     eprintln!("error: {e:#}");
+                    cli::ERROR
+                }
+            },
+            Command::Edge => match edge::run(&config.state.dir).await {
+                Ok(()) => cli::OK,
+                Err(e) => {
+                    eprintln!("error: {e}");
                     cli::ERROR
                 }
             },

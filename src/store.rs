@@ -111,6 +111,26 @@ pub struct RolloutRecord {
     pub build_tail: Vec<String>,
     /// Intent and result of every side effect, in order.
     pub journal: Vec<JournalEntry>,
+    /// Every analysed interval of a canary, in order.
+    #[serde(default)]
+    pub analysis: Vec<IntervalRecord>,
+}
+
+/// One interval of a canary's analysis: the new slot's figures and what
+/// they meant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntervalRecord {
+    pub scope: String,
+    /// 1-based step of the canary, at `weight` percent of new requests.
+    pub step: usize,
+    pub weight: u32,
+    /// Unix milliseconds at the end of the interval.
+    pub at: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub p95_ms: Option<f64>,
+    /// "pass", "inconclusive (…)", "fail: …".
+    pub verdict: String,
 }
 
 impl RolloutRecord {
@@ -140,6 +160,7 @@ impl RolloutRecord {
             error: None,
             build_tail: vec![],
             journal: vec![],
+            analysis: vec![],
         }
     }
 }
@@ -637,6 +658,7 @@ mod tests {
             error: None,
             build_tail: vec![],
             journal: vec![],
+            analysis: vec![],
         }
     }
 

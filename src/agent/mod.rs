@@ -201,6 +201,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         runtimes: tokio::sync::Mutex::new(Runtimes::new(
             &config.docker.host,
             &engine.source.url_text(),
+            crate::runtime::slots::EdgeHandle::new(&config.state.dir, &config.path),
         )),
         triggers: Mutex::new(Vec::new()),
         snapshot_turn: tokio::sync::Mutex::new(()),

@@ -44,6 +44,7 @@ impl Agent {
         let host = self.store.host().unwrap_or_default();
         let last = self.store.rollouts(None, 1).ok().and_then(|mut v| v.pop());
         let hand = self.store.hand().unwrap_or_default();
+        let edge = self.edge_view(&host).await;
         let mut runtimes = self.runtimes.lock().await;
         let mut scopes = Vec::new();
         for (name, state) in &host.scopes {
@@ -53,17 +54,27 @@ impl Agent {
             let mut unknown = Vec::new();
             let owner = state.current.owner;
             let runtime = runtimes.get(owner).await;
+            // A routed scope's instances of the slot that does not serve.
+            let serving = edge
+                .as_ref()
+                .and_then(|e| e.routes.get(name))
+                .and_then(|r| r.active);
             for member in &state.current.members {
                 let member_state = match &runtime {
                     Ok(runtime) => runtime.member_state(member).await,
                     Err(e) => MemberState::Unknown(format!("unknown: {e}")),
                 };
+                let idle = serving.is_some_and(|slot| {
+                    crate::manifest::slot_of(member).is_some_and(|s| usize::from(s) != slot)
+                });
                 match &member_state {
+                    _ if idle => {}
                     MemberState::Up(_) => {}
                     MemberState::Down(text) => problems.push(format!("{member} is {text}")),
                     MemberState::Unknown(_) => unknown.push(member.clone()),
                 }
                 members.push(MemberView {
+                    idle,
                     name: member.clone(),
                     state: member_state.text().to_string(),
                 });
@@ -129,7 +140,41 @@ impl Agent {
             },
             scopes,
             not_on_this_host: host.elsewhere.clone(),
+            edge,
             last_rollout: last.as_ref().map(RolloutSummary::from),
+        }
+    }
+}
+
+impl Agent {
+    /// The edge as it answers, when a deployed scope is slotted or the edge
+    /// runs at all.
+    async fn edge_view(&self, host: &crate::store::HostState) -> Option<api::EdgeView> {
+        let client = crate::edge::control::EdgeClient::new(&self.config.state.dir);
+        let routed = host.scopes.values().any(|s| {
+            s.current
+                .members
+                .iter()
+                .any(|m| crate::manifest::slot_of(m).is_some())
+        });
+        match client.report().await {
+            Ok(report) => Some(api::EdgeView {
+                running: true,
+                pid: Some(report.pid),
+                error: None,
+                routes: report
+                    .routes
+                    .iter()
+                    .map(|(scope, route)| (scope.clone(), api::EdgeRouteView::from(route)))
+                    .collect(),
+            }),
+            Err(e) if routed => Some(api::EdgeView {
+                running: false,
+                pid: None,
+                error: Some(e.to_string()),
+                routes: Default::default(),
+            }),
+            Err(_) => None,
         }
     }
 }

@@ -159,6 +159,26 @@ pub fn render_one(v: &RolloutView) -> String {
             out.push_str(&format!("      result: {result}\n"));
         }
     }
+    if !v.analysis.is_empty() {
+        out.push_str("\ncanary analysis:\n");
+        for i in &v.analysis {
+            let rate = match i.requests {
+                0 => 0.0,
+                n => i.errors as f64 / n as f64,
+            };
+            out.push_str(&format!(
+                "  {} {} step {} ({}%): {} req, {} err ({rate:.3}), p95 {}: {}\n",
+                api::time_text(i.at),
+                i.scope,
+                i.step,
+                i.weight,
+                i.requests,
+                i.errors,
+                i.p95_ms.map_or("-".to_string(), |p| format!("{p:.1}ms")),
+                i.verdict
+            ));
+        }
+    }
     if !v.journal.is_empty() {
         out.push_str("\njournal:\n");
         for j in &v.journal {

@@ -97,6 +97,9 @@ pub fn render(r: &StatusReport) -> String {
             r.not_on_this_host.join(", ")
         ));
     }
+    if let Some(edge) = &r.edge {
+        out.push_str(&edge_lines(edge));
+    }
     if let Some(last) = &r.last_rollout {
         out.push_str(&format!(
             "last:      rollout {} of {} {} ({}, {}){}\n",
@@ -151,6 +154,52 @@ pub fn render(r: &StatusReport) -> String {
         if let Some(problem) = &s.problem {
             out.push_str(&format!("{:<width$}  ! {problem}\n", ""));
         }
+    }
+    out
+}
+
+/// `edge:` and one line per route: where it listens, which slot serves (or
+/// the weights), and each slot's requests / errors / in flight.
+fn edge_lines(edge: &api::EdgeView) -> String {
+    let mut out = match (edge.running, &edge.error) {
+        (true, _) => format!(
+            "edge:      running (pid {})\n",
+            edge.pid.map_or("-".to_string(), |p| p.to_string())
+        ),
+        (false, Some(e)) => format!("edge:      not running: {e}\n"),
+        (false, None) => "edge:      not running\n".to_string(),
+    };
+    for (scope, route) in &edge.routes {
+        let serving = match (route.active, route.held) {
+            (_, true) => "new requests held".to_string(),
+            (Some(slot), false) => format!("slot {slot}"),
+            (None, false) => route
+                .slots
+                .iter()
+                .map(|s| format!("slot {} {}%", s.slot, s.weight))
+                .collect::<Vec<_>>()
+                .join(" / "),
+        };
+        let listening = if route.listening {
+            ""
+        } else {
+            " (not listening)"
+        };
+        let slots: Vec<String> = route
+            .slots
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}: {} req, {} err, {} in flight",
+                    s.slot, s.addr, s.requests, s.errors, s.inflight
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "  {scope}: {}{listening} -> {serving}; {}\n",
+            route.listen,
+            slots.join("; ")
+        ));
     }
     out
 }

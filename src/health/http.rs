@@ -18,7 +18,16 @@ pub struct Http {
 pub(crate) fn parse(r: &mut Reader<'_>, t: &Table<'_, '_>) -> Option<Http> {
     let mut ok = true;
     let url = t.string(r, KEY);
-    if let Some(u) = &url {
+    if let Some(u) = url.as_ref().filter(|u| u.value.starts_with('/')) {
+        // A path: checked on an edge scope's slot, then through the edge.
+        if reqwest::Url::parse(&format!("http://127.0.0.1{}", u.value)).is_err() {
+            r.error(
+                u.span.start,
+                format!("health path {:?} is not a valid path", u.value),
+            );
+            ok = false;
+        }
+    } else if let Some(u) = &url {
         let rest = u
             .value
             .strip_prefix("http://")
@@ -74,10 +83,23 @@ impl Http {
         format!("http \"{}\"", self.url)
     }
 
+    /// The URL to ask: a path is asked of `at` (an edge scope's slot, or
+    /// the edge itself).
+    pub fn url_at(&self, at: Option<std::net::SocketAddr>) -> String {
+        match (self.url.starts_with('/'), at) {
+            (true, Some(at)) => format!("http://{at}{}", self.url),
+            _ => self.url.clone(),
+        }
+    }
+
     /// One attempt; `Err` says why it did not pass.
-    pub async fn probe(&self, http: &reqwest::Client) -> Result<(), String> {
+    pub async fn probe(
+        &self,
+        http: &reqwest::Client,
+        at: Option<std::net::SocketAddr>,
+    ) -> Result<(), String> {
         let response = http
-            .get(&self.url)
+            .get(self.url_at(at))
             .send()
             .await
             .map_err(|e| http_error(&e))?;

@@ -10,6 +10,7 @@ pub mod http;
 /// `tcp`: an accepted connection.
 pub mod tcp;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -109,15 +110,24 @@ pub fn describe(check: &HealthCheck) -> String {
     }
 }
 
+/// Where a check runs: the release (exec checks run in it) and, for an
+/// edge scope, the address an `http` path is asked of.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub release: &'a Path,
+    pub at: Option<SocketAddr>,
+}
+
 /// Run one attempt of `check`; `Err` says why it did not pass.
 pub async fn probe(
     check: &HealthCheck,
-    release: &Path,
+    target: Target<'_>,
     http: &reqwest::Client,
 ) -> Result<(), String> {
+    let release = target.release;
     let attempt = async {
         match &check.kind {
-            HealthKind::Http(c) => c.probe(http).await,
+            HealthKind::Http(c) => c.probe(http, target.at).await,
             HealthKind::Tcp(c) => c.probe().await,
             HealthKind::Exec(c) => c.probe(release).await,
         }
@@ -145,14 +155,14 @@ pub struct HealthError {
 /// that did not pass within `limit` and its last error.
 pub async fn wait_all(
     checks: &[HealthCheck],
-    release: &Path,
+    target: Target<'_>,
     limit: Duration,
     http: &reqwest::Client,
 ) -> Result<(), HealthError> {
     let deadline = Instant::now() + limit;
     for check in checks {
         loop {
-            let result = probe(check, release, http).await;
+            let result = probe(check, target, http).await;
             match result {
                 Ok(()) => break,
                 Err(why) if Instant::now() + check.interval >= deadline => {
@@ -191,6 +201,10 @@ mod tests {
         }
     }
 
+    fn in_release(release: &Path) -> Target<'_> {
+        Target { release, at: None }
+    }
+
     /// A one-route HTTP server on loopback answering with `status` and `body`.
     async fn serve(status: u16, body: &'static str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -212,6 +226,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_health_path_is_asked_of_the_address_given() {
+        let http = client();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = serve(200, "ok").await;
+        let addr: SocketAddr = url
+            .trim_start_matches("http://")
+            .trim_end_matches("/health")
+            .parse()
+            .expect("an address");
+        let path = check(HealthKind::Http(http::Http {
+            url: "/health".into(),
+            expect_status: 200,
+            body_contains: Some("ok".into()),
+        }));
+        let at = Target {
+            release: dir.path(),
+            at: Some(addr),
+        };
+        assert_eq!(probe(&path, at, &http).await, Ok(()));
+        let elsewhere = Target {
+            release: dir.path(),
+            at: Some("127.0.0.1:1".parse().expect("an address")),
+        };
+        assert_eq!(
+            probe(&path, elsewhere, &http).await,
+            Err("connection refused".to_string())
+        );
+    }
+
+    #[tokio::test]
     async fn http_checks_compare_status_and_body() {
         let http = client();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -221,14 +265,14 @@ mod tests {
             expect_status: 200,
             body_contains: Some("v2".into()),
         }));
-        assert_eq!(probe(&ok, dir.path(), &http).await, Ok(()));
+        assert_eq!(probe(&ok, in_release(dir.path()), &http).await, Ok(()));
         let wrong_body = check(HealthKind::Http(http::Http {
             url: url.clone(),
             expect_status: 200,
             body_contains: Some("v3".into()),
         }));
         assert_eq!(
-            probe(&wrong_body, dir.path(), &http).await,
+            probe(&wrong_body, in_release(dir.path()), &http).await,
             Err("body does not contain \"v3\"".to_string())
         );
         let failing = serve(503, "down").await;
@@ -238,7 +282,7 @@ mod tests {
             body_contains: None,
         }));
         assert_eq!(
-            probe(&wrong_status, dir.path(), &http).await,
+            probe(&wrong_status, in_release(dir.path()), &http).await,
             Err("status 503 (expected 200)".to_string())
         );
     }
@@ -254,7 +298,7 @@ mod tests {
         assert_eq!(
             probe(
                 &check(HealthKind::Tcp(tcp::Tcp { addr: open })),
-                dir.path(),
+                in_release(dir.path()),
                 &http
             )
             .await,
@@ -276,7 +320,7 @@ mod tests {
             argv: vec!["./check.sh".into()],
         }));
         assert_eq!(
-            probe(&exec, dir.path(), &http).await,
+            probe(&exec, in_release(dir.path()), &http).await,
             Err("exited with status 3: not ready".to_string())
         );
         let pwd = check(HealthKind::Exec(exec::Exec {
@@ -287,7 +331,7 @@ mod tests {
             ],
         }));
         assert_eq!(
-            probe(&pwd, dir.path(), &http).await,
+            probe(&pwd, in_release(dir.path()), &http).await,
             Ok(()),
             "exec runs in the release"
         );
@@ -302,7 +346,7 @@ mod tests {
         drop(listener);
         let err = wait_all(
             &[check(HealthKind::Tcp(tcp::Tcp { addr: addr.clone() }))],
-            dir.path(),
+            in_release(dir.path()),
             Duration::from_millis(300),
             &http,
         )

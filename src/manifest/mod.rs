@@ -103,6 +103,12 @@ pub struct Scope {
     pub build: Vec<String>,
     /// The hosts (`[host] name`) that run this scope; empty: every host.
     pub hosts: Vec<String>,
+    /// How a new release replaces the running one.
+    pub strategy: Strategy,
+    /// The scope's route through `moorline edge`, when it has one.
+    pub edge: Option<EdgeSpec>,
+    /// `strategy = "canary"`: its steps and their analysis.
+    pub canary: Option<CanarySpec>,
     pub native: Option<NativeSpec>,
     pub docker: Option<DockerSpec>,
     pub health: Vec<HealthCheck>,
@@ -122,6 +128,11 @@ impl Scope {
         self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
     }
 
+    /// Whether the scope runs in two slots behind the edge.
+    pub fn slotted(&self) -> bool {
+        self.strategy != Strategy::Restart
+    }
+
     /// The unit or container names of the owning runtime's form.
     pub fn members(&self) -> Vec<String> {
         self.members_on(self.owner)
@@ -131,6 +142,10 @@ impl Scope {
     /// when it has none).
     pub fn members_on(&self, owner: Owner) -> Vec<String> {
         match owner {
+            // A slotted scope's members are both slots' instances.
+            Owner::Native if self.slotted() => {
+                (0..2).flat_map(|slot| self.slot_members(slot)).collect()
+            }
             Owner::Native => self
                 .native
                 .as_ref()
@@ -143,6 +158,97 @@ impl Scope {
                 .unwrap_or_default(),
         }
     }
+}
+
+impl Scope {
+    /// The native instances of slot `slot` (0 or 1) of a slotted scope:
+    /// `app-web@.service` → `app-web@1.service`.
+    pub fn slot_members(&self, slot: u8) -> Vec<String> {
+        self.native
+            .as_ref()
+            .map(|n| n.units.iter().map(|t| slot_instance(t, slot)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The slot of a slotted scope's instance (`app-web@1.service` → 1).
+pub fn slot_of(instance: &str) -> Option<u8> {
+    let (_, rest) = instance.rsplit_once('@')?;
+    let (slot, _) = rest.split_once('.')?;
+    match slot {
+        "0" => Some(0),
+        "1" => Some(1),
+        _ => None,
+    }
+}
+
+/// The instance of template unit `template` for `slot`.
+pub fn slot_instance(template: &str, slot: u8) -> String {
+    match template.split_once("@.") {
+        Some((stem, suffix)) => format!("{stem}@{slot}.{suffix}"),
+        None => template.to_string(),
+    }
+}
+
+/// How a new release replaces the running one (`strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Stop (or restart) the running instance, start the new one.
+    Restart,
+    /// Start the new release in the idle slot, check it there, switch the
+    /// edge to it, drain the old slot, stop it.
+    BlueGreen,
+    /// Like blue-green, but traffic moves to the new slot in steps, each
+    /// analysed by the edge's figures of the new slot.
+    Canary,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Restart => "restart",
+            Strategy::BlueGreen => "blue-green",
+            Strategy::Canary => "canary",
+        }
+    }
+}
+
+/// `[scopes.NAME.edge]`: where the edge listens for the scope and where its
+/// slots' instances listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeSpec {
+    pub listen: std::net::SocketAddr,
+    /// Two for blue-green, one for a restart scope.
+    pub slots: Vec<std::net::SocketAddr>,
+    /// How long requests and WebSockets in flight keep the old slot.
+    pub drain: Duration,
+    /// Restart scopes: how long new requests wait while the instance restarts.
+    pub hold: Duration,
+}
+
+/// `[scopes.NAME.canary]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanarySpec {
+    /// Weights (1..=99) of the new slot and how long each must hold;
+    /// 100 follows the last.
+    pub steps: Vec<CanaryStep>,
+    /// How long one analysed interval lasts. Default 10s.
+    pub interval: Duration,
+    /// 5xx answers and failed connections of the new slot, per interval.
+    /// Default 0.01.
+    pub max_error_rate: f64,
+    /// The new slot's 95th percentile latency per interval, if bounded.
+    pub max_p95: Option<Duration>,
+    /// An interval with fewer requests is inconclusive. Default 20.
+    pub min_requests: u64,
+    /// Consecutive failed intervals that roll back. Default 2.
+    pub failure_limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryStep {
+    pub weight: u32,
+    pub soak: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,13 @@ use std::time::Duration;
 
 use toml::de::DeValue;
 
-use super::reader::{At, Reader, Table, check_repo_path, duration, integer_of, read_toml};
-use super::{ContainerSpec, Defaults, Diagnostics, DockerSpec, Manifest, NativeSpec, Owner, Scope};
+use super::reader::{
+    At, Reader, Table, check_repo_path, duration, integer_of, read_toml, socket_addr,
+};
+use super::{
+    CanarySpec, CanaryStep, ContainerSpec, Defaults, Diagnostics, DockerSpec, EdgeSpec, Manifest,
+    NativeSpec, Owner, Scope, Strategy,
+};
 
 const TOP_KEYS: &[&str] = &["version", "defaults", "scopes"];
 const DEFAULTS_KEYS: &[&str] = &[
@@ -31,7 +36,21 @@ const SCOPE_KEYS: &[&str] = &[
     "build_timeout",
     "job_timeout",
     "hosts",
+    "strategy",
+    "edge",
+    "canary",
 ];
+const EDGE_KEYS: &[&str] = &["listen", "slots", "drain", "hold"];
+const CANARY_KEYS: &[&str] = &[
+    "steps",
+    "interval",
+    "max_error_rate",
+    "max_p95",
+    "min_requests",
+    "failure_limit",
+];
+const STEP_KEYS: &[&str] = &["weight", "soak"];
+const STRATEGIES: &[&str] = &["restart", "blue-green", "canary"];
 const NATIVE_KEYS: &[&str] = &["units", "unit_files"];
 const DOCKER_KEYS: &[&str] = &["containers"];
 const CONTAINER_KEYS: &[&str] = &[
@@ -64,6 +83,8 @@ struct Part {
     after: Vec<At<String>>,
     units: Vec<At<String>>,
     containers: Vec<At<String>>,
+    /// The edge addresses it listens on or sends to.
+    addresses: Vec<At<String>>,
     scope: Option<Scope>,
 }
 
@@ -127,6 +148,7 @@ fn validate(r: &mut Reader<'_>, root: Table<'_, '_>) -> Option<Manifest> {
     check_after(r, &mut parts);
     check_unique(r, &parts, |p| &p.units, "unit", "listed");
     check_unique(r, &parts, |p| &p.containers, "container", "defined");
+    check_unique(r, &parts, |p| &p.addresses, "edge address", "used");
     let waves = order(r, &parts);
 
     let defaults = defaults?;
@@ -311,14 +333,99 @@ fn read_scope(
         }
     }
 
+    let strategy_at = table.string(r, "strategy");
+    let strategy = match strategy_at.as_ref().map(|s| s.value) {
+        None | Some("restart") => Strategy::Restart,
+        Some("blue-green") => Strategy::BlueGreen,
+        Some("canary") => Strategy::Canary,
+        Some(other) => {
+            let at = strategy_at.as_ref().map_or(0, |s| s.span.start);
+            r.error(
+                at,
+                format!(
+                    "unknown strategy {other:?}; expected one of: {}",
+                    STRATEGIES.join(", ")
+                ),
+            );
+            ok = false;
+            Strategy::Restart
+        }
+    };
+    ok &= table.value("strategy").is_none() || strategy_at.is_some();
+    let mut addresses = Vec::new();
+    let edge = match table.value("edge") {
+        None => None,
+        Some(_) => {
+            let edge = table
+                .table(r, "edge", format!("[scopes.{name}.edge]"))
+                .and_then(|t| read_edge(r, name, strategy, &t, &mut addresses));
+            ok &= edge.is_some();
+            edge
+        }
+    };
+    let canary = match (table.value("canary"), strategy) {
+        (None, Strategy::Canary) => {
+            let at = strategy_at.as_ref().map_or(0, |s| s.span.start);
+            r.error(
+                at,
+                format!(
+                    "scope {name:?} has strategy \"canary\" but no [scopes.{name}.canary] section"
+                ),
+            );
+            ok = false;
+            None
+        }
+        (None, _) => None,
+        (Some(v), Strategy::Canary) => {
+            let canary = table
+                .table(r, "canary", format!("[scopes.{name}.canary]"))
+                .and_then(|t| read_canary(r, &t));
+            ok &= canary.is_some();
+            let _ = v;
+            canary
+        }
+        (Some(v), other) => {
+            r.error(
+                v.span().start,
+                format!(
+                    "[scopes.{name}.canary] is for strategy \"canary\"; scope {name:?} has strategy {:?}",
+                    other.as_str()
+                ),
+            );
+            ok = false;
+            None
+        }
+    };
+    if strategy != Strategy::Restart && table.value("edge").is_none() {
+        let at = strategy_at.as_ref().map_or(0, |s| s.span.start);
+        r.error(
+            at,
+            format!(
+                "scope {name:?} has strategy {:?} but no [scopes.{name}.edge] section",
+                strategy.as_str()
+            ),
+        );
+        ok = false;
+    }
+
     let mut units = Vec::new();
     let native = table
         .table(r, "native", format!("[scopes.{name}.native]"))
-        .and_then(|t| read_native(r, &t, &mut units));
+        .and_then(|t| read_native(r, name, strategy, &t, &mut units));
     let mut containers = Vec::new();
     let docker = table
         .table(r, "docker", format!("[scopes.{name}.docker]"))
         .and_then(|t| read_docker(r, name, &t, &mut containers));
+
+    if let (Some(docker), Some(_)) = (table.value("docker"), table.value("edge")) {
+        r.error(
+            docker.span().start,
+            format!(
+                "scope {name:?} is routed by the edge: a docker form of an edge scope is not supported yet; give it a native form only"
+            ),
+        );
+        ok = false;
+    }
 
     let mut health = Vec::new();
     if let Some(checks) = table.tables(r, "health", |i| {
@@ -328,6 +435,19 @@ fn read_scope(
             match crate::health::parse(r, &check) {
                 Some(h) => health.push(h),
                 None => ok = false,
+            }
+            let path = check
+                .value(crate::health::http::KEY)
+                .filter(|v| v.get_ref().as_str().is_some_and(|p| p.starts_with('/')));
+            if let (Some(path), false) = (path, table.value("edge").is_some()) {
+                r.error(
+                    path.span().start,
+                    format!(
+                        "health path {:?} of scope {name:?} is checked on the scope's slots: it needs a [scopes.{name}.edge] section, or give a full URL",
+                        path.get_ref().as_str().unwrap_or_default()
+                    ),
+                );
+                ok = false;
             }
         }
     }
@@ -383,6 +503,9 @@ fn read_scope(
                 paths: paths.iter().map(|p| p.value.to_owned()).collect(),
                 hosts: hosts.iter().map(|h| h.value.to_owned()).collect(),
                 build: build.iter().map(|b| b.value.to_owned()).collect(),
+                strategy,
+                edge,
+                canary,
                 native,
                 docker,
                 health,
@@ -400,12 +523,100 @@ fn read_scope(
         after,
         units,
         containers,
+        addresses,
         scope,
+    }
+}
+
+fn read_edge(
+    r: &mut Reader<'_>,
+    scope: &str,
+    strategy: Strategy,
+    table: &Table<'_, '_>,
+    addresses: &mut Vec<At<String>>,
+) -> Option<EdgeSpec> {
+    table.check_keys(r, EDGE_KEYS);
+    let mut ok = true;
+    let listen = table.required_string(r, "listen");
+    let listen_addr = listen.as_ref().and_then(|l| socket_addr(r, l));
+    ok &= listen.is_none() || listen_addr.is_some();
+    let slots_at = table.strings(r, "slots");
+    let mut slots = Vec::new();
+    for slot in slots_at.iter().flat_map(|s| &s.value) {
+        match socket_addr(r, slot) {
+            Some(addr) => slots.push(addr),
+            None => ok = false,
+        }
+    }
+    let wanted = match strategy {
+        Strategy::Restart => 1,
+        Strategy::BlueGreen | Strategy::Canary => 2,
+    };
+    match &slots_at {
+        Some(list) if list.value.len() != wanted => {
+            r.error(
+                list.span.start,
+                format!(
+                    "{} slots lists {} {}; a scope with strategy {:?} has {wanted}",
+                    table.label,
+                    list.value.len(),
+                    if list.value.len() == 1 {
+                        "address"
+                    } else {
+                        "addresses"
+                    },
+                    strategy.as_str()
+                ),
+            );
+            ok = false;
+        }
+        Some(_) => {}
+        None if table.value("slots").is_none() => {
+            r.error(
+                table.span.start,
+                format!("missing key \"slots\" in {}", table.label),
+            );
+            ok = false;
+        }
+        None => ok = false,
+    }
+    for at in listen.iter().chain(slots_at.iter().flat_map(|s| &s.value)) {
+        addresses.push(At {
+            span: at.span.clone(),
+            value: at.value.to_owned(),
+        });
+    }
+    let mut drain = Duration::from_secs(30);
+    let mut hold = Duration::from_secs(10);
+    ok &= set_duration(r, table, "drain", true, &mut drain);
+    ok &= set_duration(r, table, "hold", false, &mut hold);
+    if strategy != Strategy::Restart
+        && let Some(h) = table.value("hold")
+    {
+        r.error(
+            h.span().start,
+            format!(
+                "\"hold\" is for restart scopes; scope {scope:?} has strategy {:?} and never stops serving",
+                strategy.as_str()
+            ),
+        );
+        ok = false;
+    }
+    match (ok, listen_addr) {
+        (true, Some(listen)) => Some(EdgeSpec {
+            listen,
+            slots,
+            drain,
+            hold,
+        }),
+        _ => None,
     }
 }
 
 fn read_native(
     r: &mut Reader<'_>,
+    scope: &str,
+    strategy: Strategy,
     table: &Table<'_, '_>,
     units_seen: &mut Vec<At<String>>,
 ) -> Option<NativeSpec> {
@@ -426,7 +637,11 @@ fn read_native(
     }
     let units = owned(units.map(|u| u.value).unwrap_or_default());
     for unit in &units {
-        match unit_name_problem(&unit.value) {
+        let problem = match strategy {
+            Strategy::Restart => unit_name_problem(&unit.value),
+            _ => template_problem(scope, strategy, &unit.value),
+        };
+        match problem {
             Some(problem) => {
                 r.error(unit.span.start, problem);
                 ok = false;
@@ -467,6 +682,137 @@ fn unit_name_problem(unit: &str) -> Option<String> {
         ));
     }
     None
+}
+
+fn read_canary(r: &mut Reader<'_>, table: &Table<'_, '_>) -> Option<CanarySpec> {
+    table.check_keys(r, CANARY_KEYS);
+    let mut ok = true;
+    let mut steps = Vec::new();
+    match table.tables(r, "steps", |i| format!("step {i} of {}", table.label)) {
+        Some(list) if list.is_empty() => {
+            let at = table
+                .value("steps")
+                .map_or(table.span.start, |v| v.span().start);
+            r.error(at, format!("{} lists no steps", table.label));
+            ok = false;
+        }
+        Some(list) => {
+            let mut last = 0;
+            for step in &list {
+                step.check_keys(r, STEP_KEYS);
+                let weight = match step.integer(r, "weight") {
+                    Some(w) if (1..=99).contains(&w.value) && w.value as u32 > last => {
+                        last = w.value as u32;
+                        Some(last)
+                    }
+                    Some(w) => {
+                        r.error(
+                            w.span.start,
+                            format!(
+                                "weight {} in {} must be 1 to 99 and above the step before (100 follows the last step)",
+                                w.value, step.label
+                            ),
+                        );
+                        None
+                    }
+                    None if step.value("weight").is_none() => {
+                        r.error(
+                            step.span.start,
+                            format!("missing key \"weight\" in {}", step.label),
+                        );
+                        None
+                    }
+                    None => None,
+                };
+                let mut soak = Duration::ZERO;
+                if step.value("soak").is_none() {
+                    r.error(
+                        step.span.start,
+                        format!("missing key \"soak\" in {}", step.label),
+                    );
+                    ok = false;
+                }
+                ok &= set_duration(r, step, "soak", false, &mut soak);
+                match weight {
+                    Some(weight) => steps.push(CanaryStep { weight, soak }),
+                    None => ok = false,
+                }
+            }
+        }
+        None if table.value("steps").is_none() => {
+            r.error(
+                table.span.start,
+                format!("missing key \"steps\" in {}", table.label),
+            );
+            ok = false;
+        }
+        None => ok = false,
+    }
+    let mut interval = Duration::from_secs(10);
+    ok &= set_duration(r, table, "interval", false, &mut interval);
+    let mut max_p95 = None;
+    if table.value("max_p95").is_some() {
+        let mut p95 = Duration::ZERO;
+        ok &= set_duration(r, table, "max_p95", false, &mut p95);
+        max_p95 = Some(p95);
+    }
+    let max_error_rate = match table.float(r, "max_error_rate") {
+        Some(rate) if (0.0..=1.0).contains(&rate.value) => rate.value,
+        Some(rate) => {
+            r.error(
+                rate.span.start,
+                format!("max_error_rate {} must be between 0 and 1", rate.value),
+            );
+            ok = false;
+            0.0
+        }
+        None => {
+            ok &= table.value("max_error_rate").is_none();
+            0.01
+        }
+    };
+    let mut positive = |key: &str, default: i128| match table.integer(r, key) {
+        Some(n) if n.value >= 1 && n.value <= i128::from(u32::MAX) => n.value,
+        Some(n) => {
+            r.error(
+                n.span.start,
+                format!("{key} {} must be at least 1", n.value),
+            );
+            ok = false;
+            default
+        }
+        None => {
+            ok &= table.value(key).is_none();
+            default
+        }
+    };
+    let min_requests = positive("min_requests", 20) as u64;
+    let failure_limit = positive("failure_limit", 2) as u32;
+    ok.then_some(CanarySpec {
+        steps,
+        interval,
+        max_error_rate,
+        max_p95,
+        min_requests,
+        failure_limit,
+    })
+}
+
+/// A slotted scope's units are templates whose instances 0 and 1 are its
+/// slots.
+fn template_problem(scope: &str, strategy: Strategy, unit: &str) -> Option<String> {
+    match unit.split_once("@.") {
+        Some((stem, suffix)) if !stem.is_empty() && suffix == "service" => {
+            unit_name_problem(&super::slot_instance(unit, 0))
+        }
+        _ => {
+            let stem = unit.strip_suffix(".service").unwrap_or(unit);
+            Some(format!(
+                "unit {unit:?} of scope {scope:?} (strategy {:?}) must be a service template such as \"{stem}@.service\": its instances @0 and @1 are the two slots",
+                strategy.as_str()
+            ))
+        }
+    }
 }
 
 fn read_docker(
@@ -1075,7 +1421,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             (
                 format!("{v}[scopes.api]\nownr = \"native\"\n"),
                 "deploy/moorline.toml:2:1: missing key \"owner\" in [scopes.api]\n\
-                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts",
+                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary",
             ),
             (
                 format!("{v}[defaults]\nkeep_releases = \"5\"\n{OK_SCOPE}"),

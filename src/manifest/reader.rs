@@ -278,6 +278,25 @@ impl<'a, 'i> Table<'a, 'i> {
         }
     }
 
+    /// A number, written as a float or an integer.
+    pub fn float(&self, reader: &mut Reader<'_>, key: &str) -> Option<At<f64>> {
+        let value = self.value(key)?;
+        let number = match value.get_ref() {
+            DeValue::Float(f) => f.as_str().replace('_', "").parse::<f64>().ok(),
+            other => integer_of(other).map(|n| n as f64),
+        };
+        match number.filter(|n| n.is_finite()) {
+            Some(n) => Some(At {
+                span: value.span(),
+                value: n,
+            }),
+            None => {
+                Self::wrong_type(reader, key, "a number", value);
+                None
+            }
+        }
+    }
+
     /// An array of strings; a wrong element is reported at the element and
     /// left out. `None` when the key is absent or not an array.
     pub fn strings(&self, reader: &mut Reader<'_>, key: &str) -> Option<At<Vec<At<&'a str>>>> {
@@ -400,6 +419,21 @@ fn repo_path_problem(path: &str) -> Option<String> {
 
 /// Parses a strict duration: one or more `<digits><unit>` with unit `ms`,
 /// `s`, `m` or `h`, no spaces: "500ms", "30s", "5m", "1h", "1m30s".
+/// `at` as an IP address and port; an error at it otherwise.
+pub fn socket_addr(r: &mut Reader<'_>, at: &At<&str>) -> Option<std::net::SocketAddr> {
+    let parsed = at.value.parse::<std::net::SocketAddr>();
+    if parsed.is_err() {
+        r.error(
+            at.span.start,
+            format!(
+                "invalid listen address {:?}; expected an IP address and port such as \"127.0.0.1:9821\"",
+                at.value
+            ),
+        );
+    }
+    parsed.ok()
+}
+
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let mut total_ms: u64 = 0;
     let mut rest = s;

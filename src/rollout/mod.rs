@@ -138,7 +138,8 @@ pub enum Converged {
 impl Engine {
     pub fn new(config: Config, store: Store) -> Engine {
         let source = Source::new(&config.source, &config.state.dir);
-        let runtimes = Runtimes::new(&config.docker.host, &source.url_text());
+        let edge = crate::runtime::slots::EdgeHandle::new(&config.state.dir, &config.path);
+        let runtimes = Runtimes::new(&config.docker.host, &source.url_text(), edge);
         Engine {
             store,
             source,
@@ -270,6 +271,7 @@ impl Engine {
             error: None,
             build_tail: vec![],
             journal: vec![],
+            analysis: vec![],
         };
         let store = self.store.clone();
         // No side effect before the rollout is on record: a store that

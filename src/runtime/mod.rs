@@ -4,7 +4,11 @@
 //! the runtime of an `Owner` through `Runtime`.
 
 /// Docker containers and images over the Engine API (bollard).
+/// A canary's analysis of the new slot, step by step.
+pub mod canary;
 pub mod docker;
+/// Slotted (blue-green) scopes on the native runtime, behind the edge.
+pub mod slots;
 /// systemd user units over D-Bus (zbus).
 pub mod systemd;
 
@@ -76,6 +80,15 @@ pub enum RuntimeError {
     ImagesTimedOut { scope: String, limit: Duration },
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
+    #[error(transparent)]
+    Edge(crate::edge::control::ControlError),
+    #[error("the canary of scope {scope:?} failed at step {step} ({weight}%): {reason}")]
+    Canary {
+        scope: String,
+        step: usize,
+        weight: u32,
+        reason: String,
+    },
 }
 
 impl RuntimeError {
@@ -85,7 +98,10 @@ impl RuntimeError {
         match self {
             RuntimeError::Systemd(e) => e.is_transient(),
             RuntimeError::Docker(e) => e.is_transient(),
+            // An edge that does not answer may be starting or restarting.
+            RuntimeError::Edge(e) => e.is_unreachable(),
             RuntimeError::NoForm { .. }
+            | RuntimeError::Canary { .. }
             | RuntimeError::MissingImage { .. }
             | RuntimeError::ImagesTimedOut { .. }
             | RuntimeError::Health(_) => false,
@@ -147,7 +163,8 @@ impl MemberState {
 /// work lives in its module's `scope.rs`.
 #[derive(Clone)]
 pub enum Runtime {
-    Native(systemd::Systemd),
+    /// The user manager, and the edge its slotted scopes are routed by.
+    Native(systemd::Systemd, slots::EdgeHandle),
     Docker {
         docker: docker::Docker,
         /// The `moorline.source` label of what it creates.
@@ -188,7 +205,10 @@ impl Runtime {
         on_line: &mut (dyn FnMut(&str) + Send),
     ) -> Result<(), RuntimeError> {
         match self {
-            Runtime::Native(_) => Ok(()),
+            Runtime::Native(sd, edge) if scope.edge.is_some() => {
+                slots::ensure_edge(sd, edge, journal).await
+            }
+            Runtime::Native(..) => Ok(()),
             Runtime::Docker { docker, source } => {
                 let target = Self::target(docker, source, scope, release_dir, release);
                 let images = docker::scope::ensure_images(&target, journal, on_line);
@@ -215,7 +235,14 @@ impl Runtime {
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
         match self {
-            Runtime::Native(sd) => {
+            Runtime::Native(sd, edge) if scope.slotted() => {
+                let http = &edge.http;
+                slots::switch(sd, edge, scope, release_dir, release, http, journal).await
+            }
+            Runtime::Native(sd, edge) if scope.edge.is_some() => {
+                slots::restart_held(sd, edge, scope, release_dir, release, journal).await
+            }
+            Runtime::Native(sd, _) => {
                 systemd::scope::switch(sd, scope, release_dir, release, journal).await
             }
             Runtime::Docker { docker, source } => {
@@ -238,7 +265,9 @@ impl Runtime {
         let members = scope.members_on(scope.owner);
         let settle = async {
             match self {
-                Runtime::Native(sd) => {
+                // The new slot settled before the edge switched to it.
+                Runtime::Native(..) if scope.slotted() => {}
+                Runtime::Native(sd, _) => {
                     try_join_all(members.iter().map(|unit| sd.settle(unit, scope.settle)))
                         .await
                         .map(drop)?;
@@ -256,7 +285,12 @@ impl Runtime {
             Ok::<(), RuntimeError>(())
         };
         let health = async {
-            crate::health::wait_all(&scope.health, release_dir, scope.health_timeout, http)
+            // Once switched, an edge scope's checks go through the edge.
+            let target = crate::health::Target {
+                release: release_dir,
+                at: scope.edge.as_ref().map(|e| e.listen),
+            };
+            crate::health::wait_all(&scope.health, target, scope.health_timeout, http)
                 .await
                 .map_err(RuntimeError::from)
         };
@@ -272,16 +306,24 @@ impl Runtime {
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
         match (self, act) {
-            (Runtime::Native(sd), Act::Stop(_) | Act::Discard) => {
+            (Runtime::Native(sd, _), Act::Stop(_) | Act::Discard) => {
                 systemd::scope::stop(&sd.with_job_timeout(limit), members, journal).await
             }
-            (Runtime::Native(sd), Act::Retire(ran_as)) => {
-                systemd::scope::retire(&sd.with_job_timeout(limit), ran_as, members, journal).await
+            (Runtime::Native(sd, edge), Act::Retire(ran_as)) => {
+                let sd = sd.with_job_timeout(limit);
+                systemd::scope::retire(&sd, ran_as, members, journal).await?;
+                // The whole of a slotted scope: the edge stops routing it.
+                match ran_as
+                    .filter(|s| s.slotted() && s.members().iter().all(|m| members.contains(m)))
+                {
+                    Some(scope) => slots::unroute(edge, &scope.name, journal).await,
+                    None => Ok(()),
+                }
             }
-            (Runtime::Native(sd), Act::Resume) => {
+            (Runtime::Native(sd, _), Act::Resume) => {
                 systemd::scope::start(&sd.with_job_timeout(limit), members, journal).await
             }
-            (Runtime::Native(_), Act::FinishLeaving) => Ok(()),
+            (Runtime::Native(..), Act::FinishLeaving) => Ok(()),
             (Runtime::Docker { docker, .. }, Act::Stop(keep)) => {
                 docker::scope::stop(docker, members, keep == Keep::Nothing, journal).await
             }
@@ -309,8 +351,12 @@ impl Runtime {
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
         match self {
+            Runtime::Native(sd, edge) if old.slotted() => {
+                let http = &edge.http;
+                slots::restore(sd, edge, old, release_dir, target, http, journal).await
+            }
             // The units point at the old release again and restart.
-            Runtime::Native(_) => self.switch(old, release_dir, target, None, journal).await,
+            Runtime::Native(..) => self.switch(old, release_dir, target, None, journal).await,
             Runtime::Docker { docker, source } => {
                 let restored =
                     docker::scope::restore(docker, new_members, Some(target), true, journal)
@@ -334,7 +380,10 @@ impl Runtime {
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
         match self {
-            Runtime::Native(_) => Ok(()),
+            Runtime::Native(sd, edge) if scope.slotted() => {
+                slots::finish(sd, edge, scope, journal).await
+            }
+            Runtime::Native(..) => Ok(()),
             Runtime::Docker { docker, .. } => {
                 docker::scope::drop_previous(docker, scope, journal).await
             }
@@ -344,7 +393,7 @@ impl Runtime {
     /// Members of the scope's form on this runtime that run now.
     pub async fn running(&self, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
         match self {
-            Runtime::Native(sd) => systemd::scope::running(sd, scope).await,
+            Runtime::Native(sd, _) => systemd::scope::running(sd, scope).await,
             Runtime::Docker { docker, .. } => docker::scope::running(docker, scope).await,
         }
     }
@@ -353,14 +402,17 @@ impl Runtime {
     /// than `release`.
     pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, RuntimeError> {
         match self {
-            Runtime::Native(sd) => systemd::scope::drift(sd, scope, release).await,
+            Runtime::Native(sd, edge) if scope.slotted() => {
+                slots::drift(sd, edge, scope, release).await
+            }
+            Runtime::Native(sd, _) => systemd::scope::drift(sd, scope, release).await,
             Runtime::Docker { docker, .. } => docker::scope::drift(docker, scope, release).await,
         }
     }
 
     pub async fn member_state(&self, member: &str) -> MemberState {
         match self {
-            Runtime::Native(sd) => systemd::scope::member_state(sd, member).await,
+            Runtime::Native(sd, _) => systemd::scope::member_state(sd, member).await,
             Runtime::Docker { docker, .. } => docker::scope::member_state(docker, member).await,
         }
     }
@@ -369,6 +421,7 @@ impl Runtime {
 /// The runtimes of one agent, connected on first use and reconnected when
 /// a connection broke.
 pub struct Runtimes {
+    edge: slots::EdgeHandle,
     docker_host: String,
     source: String,
     systemd: Option<systemd::Systemd>,
@@ -376,8 +429,9 @@ pub struct Runtimes {
 }
 
 impl Runtimes {
-    pub fn new(docker_host: &str, source: &str) -> Runtimes {
+    pub fn new(docker_host: &str, source: &str, edge: slots::EdgeHandle) -> Runtimes {
         Runtimes {
+            edge,
             docker_host: docker_host.to_string(),
             source: source.to_string(),
             systemd: None,
@@ -394,7 +448,7 @@ impl Runtimes {
                     self.systemd = Some(sd);
                 }
                 let sd = self.systemd.clone().expect("connected just above");
-                Ok(Runtime::Native(sd))
+                Ok(Runtime::Native(sd, self.edge.clone()))
             }
             Owner::Docker => {
                 if self.docker.is_none() {

@@ -258,6 +258,21 @@ impl Systemd {
         Ok(changed)
     }
 
+    /// Writes the unit file `unit` with `content` (moorline's own units);
+    /// `Ok(true)` if it changed.
+    pub async fn install_unit_text(
+        &self,
+        unit: &str,
+        content: &[u8],
+    ) -> Result<bool, SystemdError> {
+        check_unit_name(unit)?;
+        let changed = write_if_changed(unit, &self.unit_dir.join(unit), content).await?;
+        if changed {
+            info!(unit = %unit, "installed unit file");
+        }
+        Ok(changed)
+    }
+
     /// Writes `<unit>.d/50-moorline.conf`, pointing the unit at `release` and `commit`;
     /// `Ok(true)` if it changed. Units other than services get no drop-in (`Ok(false)`).
     pub async fn write_dropin(
@@ -265,12 +280,13 @@ impl Systemd {
         unit: &str,
         release: &Path,
         commit: &str,
+        env: &[(&str, String)],
     ) -> Result<bool, SystemdError> {
         check_unit_name(unit)?;
         if !unit.ends_with(".service") {
             return Ok(false);
         }
-        let content = render_dropin(unit, release, commit)?;
+        let content = render_dropin(unit, release, commit, env)?;
         let path = self.dropin_path(unit);
         let changed = write_if_changed(unit, &path, content.as_bytes()).await?;
         if changed {
@@ -700,13 +716,24 @@ async fn write_if_changed(unit: &str, path: &Path, content: &[u8]) -> Result<boo
 /// Escapes a value for a double-quoted word of `Environment=`: C-style backslash escapes
 /// for `\` and `"`, and `%%` because systemd expands `%` specifiers there.
 fn quote_environment(assignment: &str) -> String {
-    let mut quoted = String::with_capacity(assignment.len() + 2);
+    quote(assignment, false)
+}
+
+/// One word of an `ExecStart=` line, quoted so that systemd passes it as
+/// it is (no specifier, no variable expansion, no splitting).
+pub fn quote_arg(word: &str) -> String {
+    quote(word, true)
+}
+
+fn quote(text: &str, exec: bool) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
     quoted.push('"');
-    for c in assignment.chars() {
+    for c in text.chars() {
         match c {
             '\\' => quoted.push_str("\\\\"),
             '"' => quoted.push_str("\\\""),
             '%' => quoted.push_str("%%"),
+            '$' if exec => quoted.push_str("$$"),
             c => quoted.push(c),
         }
     }
@@ -714,7 +741,12 @@ fn quote_environment(assignment: &str) -> String {
     quoted
 }
 
-fn render_dropin(unit: &str, release: &Path, commit: &str) -> Result<String, SystemdError> {
+fn render_dropin(
+    unit: &str,
+    release: &Path,
+    commit: &str,
+    env: &[(&str, String)],
+) -> Result<String, SystemdError> {
     let invalid = |reason| SystemdError::InvalidRelease {
         unit: unit.to_owned(),
         path: release.to_owned(),
@@ -739,9 +771,12 @@ fn render_dropin(unit: &str, release: &Path, commit: &str) -> Result<String, Sys
         "# Written by moorline at every rollout; edits are overwritten.\n\
          [Service]\n\
          WorkingDirectory={working_directory}\n\
-         Environment={} {}\n",
+         Environment={} {}{}\n",
         quote_environment(&format!("MOORLINE_RELEASE={release_str}")),
         quote_environment(&format!("MOORLINE_COMMIT={commit}")),
+        env.iter()
+            .map(|(k, v)| format!(" {}", quote_environment(&format!("{k}={v}"))))
+            .collect::<String>(),
     ))
 }
 
@@ -867,7 +902,7 @@ mod tests {
             let (systemd, release) = (systemd.clone(), release.clone());
             async move {
                 systemd
-                    .write_dropin(unit, &release, commit)
+                    .write_dropin(unit, &release, commit, &[])
                     .await
                     .expect("writes")
             }
@@ -958,7 +993,7 @@ mod tests {
         let unit = "moorline-test-retired.service";
         let systemd = sleeper(&manager, unit).await;
         systemd
-            .write_dropin(unit, Path::new("/srv/release"), &"a".repeat(40))
+            .write_dropin(unit, Path::new("/srv/release"), &"a".repeat(40), &[])
             .await
             .expect("writes");
         assert!(systemd.remove_dropin(unit).await.expect("removes"));
@@ -979,7 +1014,7 @@ mod tests {
         let manager = UserManager::start();
         let systemd = connect_with_units(&manager, &[]).await;
         let wrote = systemd
-            .write_dropin("moorline-test.timer", Path::new("/srv/release"), "abc")
+            .write_dropin("moorline-test.timer", Path::new("/srv/release"), "abc", &[])
             .await
             .expect("nothing to write");
         assert!(!wrote);
@@ -1218,7 +1253,7 @@ mod tests {
     #[test]
     fn dropin_text_quotes_for_systemd_and_reads_back() {
         let release = Path::new(r#"/srv/rel 1/%i "x" \y"#);
-        let text = render_dropin("a.service", release, "c0ffee").expect("renders");
+        let text = render_dropin("a.service", release, "c0ffee", &[]).expect("renders");
         assert_eq!(
             text,
             "# Written by moorline at every rollout; edits are overwritten.\n\
@@ -1240,7 +1275,7 @@ mod tests {
             ("/srv/a ", "it ends with a blank or a backslash"),
         ];
         for (path, reason) in cases {
-            let error = render_dropin("a.service", Path::new(path), "c").expect_err(path);
+            let error = render_dropin("a.service", Path::new(path), "c", &[]).expect_err(path);
             assert_eq!(
                 error.to_string(),
                 format!(

@@ -120,6 +120,11 @@ impl Host {
 
     /// Like `new`, with `edit` applied to the example before its first commit.
     pub fn with(edit: impl FnOnce(&Path)) -> Host {
+        Host::on(UserManager::start(), |work, _| edit(work))
+    }
+
+    /// `with`, for an edit that needs the port this host's API listens on.
+    pub fn new_with_ports(edit: impl FnOnce(&Path, u16)) -> Host {
         Host::on(UserManager::start(), edit)
     }
 
@@ -128,7 +133,7 @@ impl Host {
     /// repositories stay root's and readable by all, as a shared bare
     /// repository would be.
     pub fn for_user(uid: u32, gid: u32) -> Host {
-        let host = Host::on(UserManager::start_as(uid, gid), |_| {});
+        let host = Host::on(UserManager::start_as(uid, gid), |_, _| {});
         let chmod = |mode: &str, path: &Path| {
             let ok = Command::new("chmod")
                 .args(["-R", mode])
@@ -150,7 +155,7 @@ impl Host {
         host
     }
 
-    fn on(um: UserManager, edit: impl FnOnce(&Path)) -> Host {
+    fn on(um: UserManager, edit: impl FnOnce(&Path, u16)) -> Host {
         static HOSTS: AtomicU64 = AtomicU64::new(0);
         let root = tempfile::Builder::new()
             .prefix("moorline-e2e-")
@@ -176,7 +181,7 @@ impl Host {
             &work,
         );
         host.retarget_ports();
-        edit(&work);
+        edit(&work, host.api_port);
         git(
             host.root.path(),
             &["init", "-q", "--bare", "-b", "main", "app.git"],

@@ -3,6 +3,8 @@
 
 #[path = "../support/git.rs"]
 mod git_cli;
+#[path = "../support/load.rs"]
+mod load;
 #[path = "../support/user_manager.rs"]
 mod user_manager;
 
@@ -11,6 +13,7 @@ mod core;
 mod crash;
 mod docker;
 mod docker_crash;
+mod edge;
 mod fleet;
 mod git_faults;
 mod hand;
@@ -254,7 +257,7 @@ fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
         format!(
             "deploy/moorline.toml:{header}:1: missing key \"owner\" in [scopes.api]\n\
              deploy/moorline.toml:{key}:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, \
-             paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts"
+             paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary"
         )
     );
     assert_eq!(invocations(&host), before, "nothing was restarted");

@@ -26,26 +26,26 @@ pub async fn switch(
         });
     };
     let sd = &sd.with_job_timeout(scope.job_timeout);
+    install_unit_files(sd, &native.unit_files, release_dir, release, journal).await?;
+    point_and_restart(sd, &native.units, release_dir, release, &[], journal).await
+}
+
+/// Point `units` at `release` (drop-ins with `env` besides the release and
+/// commit), reload, and restart them, each step journaled first.
+pub async fn point_and_restart(
+    sd: &Systemd,
+    units: &[String],
+    release_dir: &Path,
+    release: &str,
+    env: &[(&str, String)],
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
     let short = short(release);
-    for file in &native.unit_files {
-        let src = release_dir.join(file);
-        let unit = Path::new(file)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| file.clone());
-        journal
-            .step(
-                format!("install {unit} from {short}"),
-                sd.install_unit_file(&src, &unit),
-            )
-            .await
-            .map_err(RuntimeError::from)?;
-    }
-    for unit in &native.units {
+    for unit in units {
         journal
             .step(
                 format!("point {unit} at release {short}"),
-                sd.write_dropin(unit, release_dir, release),
+                sd.write_dropin(unit, release_dir, release, env),
             )
             .await
             .map_err(RuntimeError::from)?;
@@ -58,9 +58,34 @@ pub async fn switch(
     crate::fault::point("after-stop");
     // systemd's own start timeout may be infinite; the rollout's is the
     // scope's job_timeout.
-    for unit in &native.units {
+    for unit in units {
         journal
             .step(format!("restart {unit} on {short}"), sd.restart(unit))
+            .await
+            .map_err(RuntimeError::from)?;
+    }
+    Ok(())
+}
+
+/// Install the scope's `unit_files` from the release into the unit directory.
+pub async fn install_unit_files(
+    sd: &Systemd,
+    files: &[String],
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    for file in files {
+        let src = release_dir.join(file);
+        let unit = Path::new(file)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.clone());
+        journal
+            .step(
+                format!("install {unit} from {}", short(release)),
+                sd.install_unit_file(&src, &unit),
+            )
             .await
             .map_err(RuntimeError::from)?;
     }
@@ -145,14 +170,11 @@ fn is_up(active_state: &str) -> bool {
 /// The scope's units that are up (the audit's foreign members when docker
 /// owns the scope).
 pub async fn running(sd: &Systemd, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
-    let Some(native) = &scope.native else {
-        return Ok(vec![]);
-    };
     let mut found = Vec::new();
-    for unit in &native.units {
-        let state = sd.unit_state(unit).await.map_err(RuntimeError::from)?;
+    for unit in scope.members_on(crate::runtime::Owner::Native) {
+        let state = sd.unit_state(&unit).await.map_err(RuntimeError::from)?;
         if is_up(&state.active_state) {
-            found.push(unit.clone());
+            found.push(unit);
         }
     }
     Ok(found)
@@ -164,11 +186,18 @@ pub async fn drift(
     scope: &Scope,
     release: &str,
 ) -> Result<Vec<String>, RuntimeError> {
+    let units = scope.native.as_ref().map(|n| n.units.as_slice());
+    drift_of(sd, units.unwrap_or_default(), release).await
+}
+
+/// Of `units`, those that are down or whose drop-in names another release.
+pub async fn drift_of(
+    sd: &Systemd,
+    units: &[String],
+    release: &str,
+) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
-    let Some(native) = &scope.native else {
-        return Ok(found);
-    };
-    for unit in &native.units {
+    for unit in units {
         let state = sd.unit_state(unit).await.map_err(RuntimeError::from)?;
         if !is_up(&state.active_state) {
             found.push(format!(

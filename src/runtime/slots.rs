@@ -1,0 +1,440 @@
+//! Slotted scopes (`strategy = "blue-green"`) on the native runtime: two
+//! instances of each template unit (`app-web@0`, `app-web@1`), one serving
+//! through the edge while the next release starts in the other. Which slot
+//! serves is what the edge routes to, asked of the edge every time (not
+//! what the store last recorded): after a crash between the switch and the
+//! record, the slot that serves is still never the one a deploy restarts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use tokio::time::Instant;
+
+use super::systemd::Systemd;
+use super::{RuntimeError, systemd};
+use crate::edge::control::{ControlError, EdgeClient};
+use crate::edge::table::Route;
+use crate::journal::Journal;
+use crate::manifest::{EdgeSpec, Scope};
+
+/// How the agent reaches (and starts) the edge.
+#[derive(Debug, Clone)]
+pub struct EdgeHandle {
+    pub client: EdgeClient,
+    /// For the health checks of a new slot.
+    pub http: reqwest::Client,
+    /// The binary and host config the edge unit runs with, if the agent
+    /// writes the unit.
+    exe: PathBuf,
+    config: PathBuf,
+}
+
+impl EdgeHandle {
+    pub fn new(state_dir: &Path, config: &Path) -> EdgeHandle {
+        EdgeHandle {
+            client: EdgeClient::new(state_dir),
+            http: crate::health::client(),
+            exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("moorline")),
+            config: config.to_owned(),
+        }
+    }
+}
+
+fn edge_of(scope: &Scope) -> &EdgeSpec {
+    scope
+        .edge
+        .as_ref()
+        .expect("the manifest gives every slotted scope an edge")
+}
+
+/// The route that sends every new request of `scope` to `slot`.
+fn route_to(spec: &EdgeSpec, slot: u8) -> Route {
+    super::canary::split(spec, slot, 100)
+}
+
+/// Start the edge if it does not run: its unit written into the user's unit
+/// directory unless one is installed (a package's), then started. Returns
+/// once the edge answers.
+pub async fn ensure_edge(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    if edge.client.report().await.is_ok() {
+        return Ok(());
+    }
+    let unit = crate::edge::UNIT;
+    let state = sd.unit_state(unit).await?;
+    if state.load_state == "not-found" {
+        let text = crate::edge::unit_text(&edge.exe, &edge.config);
+        journal
+            .step(
+                format!("install {unit}"),
+                sd.install_unit_text(unit, text.as_bytes()),
+            )
+            .await?;
+        journal
+            .step("reload the user manager".to_string(), sd.daemon_reload())
+            .await?;
+    }
+    journal
+        .step(format!("start {unit}"), sd.start(unit))
+        .await?;
+    edge.client.report().await.map_err(RuntimeError::from)?;
+    Ok(())
+}
+
+/// The slot that serves the scope: the one the edge sends every new request
+/// to, or in a canary's split (a rollout cut short) the one with the larger
+/// weight; `None` before the edge routes the scope.
+pub async fn active(edge: &EdgeHandle, scope: &str) -> Result<Option<u8>, RuntimeError> {
+    let report = edge.client.report().await?;
+    Ok(report.routes.get(scope).and_then(|r| {
+        let best = (0..r.slots.len())
+            .filter(|i| r.slots[*i].weight > 0)
+            .max_by_key(|i| (r.slots[*i].weight, std::cmp::Reverse(*i)))?;
+        u8::try_from(best).ok()
+    }))
+}
+
+/// Whether the edge sends every new request of the scope to `slot`.
+async fn all_to(edge: &EdgeHandle, scope: &str, slot: u8) -> Result<bool, RuntimeError> {
+    let report = edge.client.report().await?;
+    Ok(report.routes.get(scope).and_then(|r| r.route().active()) == Some(usize::from(slot)))
+}
+
+/// Bring `release` up in the idle slot and switch the edge to it: the idle
+/// slot's instances are pointed at the release (with `MOORLINE_SLOT`,
+/// `MOORLINE_LISTEN`, `MOORLINE_PORT`), restarted, watched through the settle
+/// window and checked on the slot itself; only then does the edge send new
+/// requests there. A failure before the switch stops the new instances and
+/// leaves the serving slot as it was.
+pub async fn switch(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    http: &reqwest::Client,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
+    let serving = active(edge, &scope.name).await?;
+    let slot = match serving {
+        Some(serving) => 1 - serving,
+        None => 0,
+    };
+    if let Some(serving) = serving
+        && !all_to(edge, &scope.name, serving).await?
+    {
+        // A canary cut short: the slot about to restart still takes some.
+        journal
+            .step(
+                format!("route {} back to slot {serving}", spec.listen),
+                edge.client.set(&scope.name, route_to(spec, serving)),
+            )
+            .await?;
+    }
+    let sd = &sd.with_job_timeout(scope.job_timeout);
+    let files = scope.native.as_ref().map(|n| n.unit_files.as_slice());
+    systemd::scope::install_unit_files(
+        sd,
+        files.unwrap_or_default(),
+        release_dir,
+        release,
+        journal,
+    )
+    .await?;
+    let addr = spec.slots[usize::from(slot)];
+    let env = [
+        ("MOORLINE_SLOT", slot.to_string()),
+        ("MOORLINE_LISTEN", addr.to_string()),
+        ("MOORLINE_PORT", addr.port().to_string()),
+    ];
+    let instances = scope.slot_members(slot);
+    systemd::scope::point_and_restart(sd, &instances, release_dir, release, &env, journal).await?;
+    crate::fault::point("after-slot-start");
+    let mut checked = check_slot(sd, scope, release_dir, addr, &instances, http).await;
+    if let (Ok(()), Some(canary), Some(serving)) = (&checked, &scope.canary, serving) {
+        checked = super::canary::promote(edge, scope, canary, slot, journal).await;
+        if checked.is_err() {
+            journal
+                .step(
+                    format!("route {} back to slot {serving}", spec.listen),
+                    edge.client.set(&scope.name, route_to(spec, serving)),
+                )
+                .await?;
+        }
+    }
+    if let Err(e) = checked {
+        journal
+            .each(&instances, |u| format!("stop {u}"), |u| sd.stop(u))
+            .await?;
+        return Err(e);
+    }
+    journal
+        .step(
+            format!("route {} to slot {slot} ({addr})", spec.listen),
+            edge.client.set(&scope.name, route_to(spec, slot)),
+        )
+        .await?;
+    crate::fault::point("after-route");
+    Ok(())
+}
+
+/// The new slot's instances stay up through the settle window and its
+/// checks pass, asked of the slot's address.
+async fn check_slot(
+    sd: &Systemd,
+    scope: &Scope,
+    release_dir: &Path,
+    addr: std::net::SocketAddr,
+    instances: &[String],
+    http: &reqwest::Client,
+) -> Result<(), RuntimeError> {
+    let settle = async {
+        try_join_all(instances.iter().map(|unit| sd.settle(unit, scope.settle)))
+            .await
+            .map(drop)
+            .map_err(RuntimeError::from)
+    };
+    let target = crate::health::Target {
+        release: release_dir,
+        at: Some(addr),
+    };
+    let health = async {
+        crate::health::wait_all(&scope.health, target, scope.health_timeout, http)
+            .await
+            .map_err(RuntimeError::from)
+    };
+    tokio::try_join!(settle, health).map(drop)
+}
+
+/// Undo `switch`: the edge goes back to the slot that runs `target` if it
+/// still does (warm during the drain), else `target` is started in the idle
+/// slot as a switch would; then the other slot's instances stop.
+pub async fn restore(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    old: &Scope,
+    release_dir: &Path,
+    target: &str,
+    http: &reqwest::Client,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(old);
+    let mut warm = None;
+    for slot in 0..2u8 {
+        if runs(sd, old, slot, target).await? {
+            warm = Some(slot);
+        }
+    }
+    let serving = active(edge, &old.name).await?;
+    let slot = match warm {
+        Some(slot) => {
+            if serving != Some(slot) {
+                journal
+                    .step(
+                        format!("route {} back to slot {slot}", spec.listen),
+                        edge.client.set(&old.name, route_to(spec, slot)),
+                    )
+                    .await?;
+            }
+            slot
+        }
+        None => {
+            switch(sd, edge, old, release_dir, target, http, journal).await?;
+            active(edge, &old.name).await?.unwrap_or(0)
+        }
+    };
+    let other = old.slot_members(1 - slot);
+    let sd = sd.with_job_timeout(old.job_timeout);
+    journal
+        .each(&other, |u| format!("stop {u}"), |u| sd.stop(u))
+        .await?;
+    Ok(())
+}
+
+/// Whether every instance of `slot` is up on `release`.
+async fn runs(sd: &Systemd, scope: &Scope, slot: u8, release: &str) -> Result<bool, RuntimeError> {
+    for unit in scope.slot_members(slot) {
+        let state = sd.unit_state(&unit).await?;
+        if state.active_state != "active" {
+            return Ok(false);
+        }
+        match sd.read_dropin(&unit).await? {
+            Some((_, commit)) if commit == release => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// The switch passed: requests and WebSockets in flight on the slot that no
+/// longer serves finish (up to `drain`), then its instances stop.
+pub async fn finish(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    scope: &Scope,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
+    let Some(serving) = active(edge, &scope.name).await? else {
+        return Ok(());
+    };
+    let old = 1 - serving;
+    let instances = scope.slot_members(old);
+    let mut up = Vec::new();
+    for unit in &instances {
+        if sd.unit_state(unit).await?.active_state != "inactive" {
+            up.push(unit.clone());
+        }
+    }
+    if up.is_empty() {
+        return Ok(());
+    }
+    let addr = spec.slots[usize::from(old)];
+    journal
+        .step(
+            format!(
+                "drain slot {old} ({addr}) for up to {}",
+                humantime::format_duration(spec.drain)
+            ),
+            drain(edge, &scope.name, usize::from(old), spec.drain),
+        )
+        .await?;
+    let sd = sd.with_job_timeout(scope.job_timeout);
+    journal
+        .each(&up, |u| format!("stop {u}"), |u| sd.stop(u))
+        .await?;
+    Ok(())
+}
+
+/// Wait until the slot has no request in flight, or `limit` passed.
+async fn drain(
+    edge: &EdgeHandle,
+    scope: &str,
+    slot: usize,
+    limit: Duration,
+) -> Result<(), ControlError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let report = edge.client.report().await?;
+        let inflight = report
+            .routes
+            .get(scope)
+            .and_then(|r| r.slots.get(slot))
+            .map_or(0, |s| s.figures.inflight);
+        if inflight == 0 || Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The serving slot's instances that are down or run another release than
+/// `release`; with no route at all, every instance of slot 0.
+pub async fn drift(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    scope: &Scope,
+    release: &str,
+) -> Result<Vec<String>, RuntimeError> {
+    let Some(serving) = active(edge, &scope.name).await? else {
+        return Ok(vec![format!(
+            "the edge has no route for scope {:?}",
+            scope.name
+        )]);
+    };
+    systemd::scope::drift_of(sd, &scope.slot_members(serving), release).await
+}
+
+/// A restart scope behind the edge: new requests are held (up to `hold`)
+/// and those in flight finish (up to `drain`), the one instance restarts
+/// as a restart scope's would, and requests go on as soon as it answers
+/// its first health check on its slot. Clients see a pause, not an error.
+pub async fn restart_held(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    scope: &Scope,
+    release_dir: &Path,
+    release: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
+    let routed = edge.client.report().await?.routes.contains_key(&scope.name);
+    if routed {
+        journal
+            .step(
+                format!(
+                    "hold new requests to {} for up to {}",
+                    spec.listen,
+                    humantime::format_duration(spec.hold)
+                ),
+                edge.client.hold(&scope.name, spec.hold),
+            )
+            .await?;
+        journal
+            .step(
+                format!(
+                    "drain {} for up to {}",
+                    spec.slots[0],
+                    humantime::format_duration(spec.drain)
+                ),
+                drain(edge, &scope.name, 0, spec.drain),
+            )
+            .await?;
+    }
+    let switched = systemd::scope::switch(sd, scope, release_dir, release, journal).await;
+    // Released once the instance answers, whatever its checks said last:
+    // a held request waits no longer than `hold` in any case.
+    let target = crate::health::Target {
+        release: release_dir,
+        at: Some(spec.slots[0]),
+    };
+    let answered = match &switched {
+        Ok(()) => crate::health::wait_all(&scope.health, target, spec.hold, &edge.http)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(why) = &answered {
+        tracing::warn!(scope = %scope.name, why = %why, "releasing held requests to an instance that did not answer");
+    }
+    let route = route_to(spec, 0);
+    journal
+        .step(
+            format!("route {} to {}", spec.listen, spec.slots[0]),
+            edge.client.set(&scope.name, route),
+        )
+        .await?;
+    journal
+        .step(
+            format!("release the requests held for {}", spec.listen),
+            edge.client.release(&scope.name),
+        )
+        .await?;
+    switched
+}
+
+/// A slotted scope taken out of service: the edge stops routing it.
+pub async fn unroute(
+    edge: &EdgeHandle,
+    scope: &str,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    journal
+        .step(
+            format!("remove the edge route of {scope}"),
+            edge.client.remove(scope),
+        )
+        .await?;
+    Ok(())
+}
+
+impl From<ControlError> for RuntimeError {
+    fn from(e: ControlError) -> RuntimeError {
+        RuntimeError::Edge(e)
+    }
+}

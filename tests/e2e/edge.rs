@@ -1,0 +1,415 @@
+//! Zero-downtime scopes: the API as a blue-green scope behind `moorline
+//! edge`, deployed again and again under steady load from the load
+//! generator. Every test asserts that no request failed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{self, Host, free_port, wait_for};
+use crate::load::{Load, Tally};
+
+/// The edge's listen address and the two slots of a host's API.
+pub struct Edge {
+    pub listen: SocketAddr,
+    pub slots: [SocketAddr; 2],
+}
+
+impl Edge {
+    fn new() -> Edge {
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        Edge {
+            listen: addr(free_port()),
+            slots: [addr(free_port()), addr(free_port())],
+        }
+    }
+}
+
+/// Make the example's API a blue-green scope behind the edge: a template
+/// unit whose instances listen on their slot's port, checked by path.
+fn blue_green_api(work: &Path, edge: &Edge) {
+    let section = format!(
+        r#"strategy = "blue-green"
+
+[scopes.api.edge]
+listen = "{}"
+slots = ["{}", "{}"]
+drain = "2s"
+
+[scopes.api.native]
+units = ["app-api@.service"]
+unit_files = ["deploy/units/app-api@.service"]
+"#,
+        edge.listen, edge.slots[0], edge.slots[1]
+    );
+    edge_api(work, &section);
+    std::fs::write(
+        work.join("deploy/units/app-api@.service"),
+        "[Unit]\nDescription=example app: API, slot %i\n\n[Service]\nType=simple\n\
+         ExecStart=/usr/bin/python3 services/api/server.py ${MOORLINE_PORT}\n",
+    )
+    .expect("write template unit");
+}
+
+/// The API as a canary scope with `steps` (TOML), analysed every second.
+fn canary_api(work: &Path, edge: &Edge, steps: &str) {
+    blue_green_api(work, edge);
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    let text = text.replace(
+        "strategy = \"blue-green\"\n",
+        &format!(
+            "strategy = \"canary\"\n\n[scopes.api.canary]\nsteps = {steps}\ninterval = \"1s\"\n\
+             max_error_rate = 0.05\nmin_requests = 5\nfailure_limit = 2\n"
+        ),
+    );
+    std::fs::write(&path, text).expect("write manifest");
+}
+
+/// An API that answers 500 to every third request.
+fn flaky_api(work: &Path) {
+    std::fs::write(work.join("services/api/VERSION"), "v2\n").expect("write");
+    let path = work.join("services/api/server.py");
+    let text = std::fs::read_to_string(&path).expect("read server");
+    let text = text.replace(
+        "        self.send_response(200 if self.path in (\"/\", \"/health\") else 404)",
+        "        Handler.served = getattr(Handler, \"served\", 0) + 1\n\
+         \x20       self.send_response(500 if Handler.served % 3 == 0 else 200)",
+    );
+    std::fs::write(&path, text).expect("write server");
+}
+
+/// Make the example's API (one unit on its own port) a restart scope behind
+/// the edge, whose new requests are held while it restarts.
+fn held_api(work: &Path, edge: &Edge, api_port: u16) {
+    let section = format!(
+        r#"[scopes.api.edge]
+listen = "{}"
+slots = ["127.0.0.1:{api_port}"]
+hold = "10s"
+drain = "2s"
+
+[scopes.api.native]
+units = ["app-api.service"]
+unit_files = ["deploy/units/app-api.service"]
+"#,
+        edge.listen
+    );
+    edge_api(work, &section);
+}
+
+/// Replace the example's API scope with one routed by the edge: `section`
+/// is its strategy, edge and native form; it keeps its paths and build, is
+/// checked by path, and has no docker form.
+fn edge_api(work: &Path, section: &str) {
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    let start = text.find("[scopes.api]").expect("an api scope");
+    let end = text.find("[scopes.web]").expect("a web scope");
+    let api = format!(
+        r#"[scopes.api]
+owner = "native"
+paths = ["services/api/", "packages/"]
+build = ["./build-api.sh"]
+settle = "1s"
+{section}
+[[scopes.api.health]]
+http = "/health"
+body_contains = "ok"
+
+"#
+    );
+    let text = format!("{}{api}{}", &text[..start], &text[end..]);
+    std::fs::write(&path, text).expect("write manifest");
+}
+
+fn api_version(version: &'static str) -> impl FnOnce(&Path) {
+    move |work| {
+        std::fs::write(work.join("services/api/VERSION"), format!("{version}\n")).expect("write")
+    }
+}
+
+/// The host with the blue-green API deployed and the edge routing it.
+fn edge_host() -> (Host, Edge, String) {
+    let edge = Edge::new();
+    let mut host = Host::with(|work| blue_green_api(work, &edge));
+    let first = host.deployed();
+    (host, edge, first)
+}
+
+/// The edge's status section.
+fn edge_status(host: &Host) -> Value {
+    host.json(&["status", "--json"])["edge"].clone()
+}
+
+/// Which slot of the API the edge sends requests to.
+fn active_slot(host: &Host) -> u64 {
+    let edge = edge_status(host);
+    edge["routes"]["api"]["active"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no active slot: {edge:#}"))
+}
+
+fn assert_no_failure(tally: &Tally, at_least: usize) {
+    assert!(
+        tally.total() >= at_least,
+        "the load ran: {} requests",
+        tally.total()
+    );
+    assert_eq!(tally.failed(), Vec::<&crate::load::Answer>::new());
+    assert_eq!(tally.not_ok(), 0, "{:?}", tally.by_status());
+}
+
+#[test]
+fn blue_green_deploys_under_load_fail_no_request_and_a_crashing_commit_never_serves() {
+    let (host, edge, _first) = edge_host();
+    assert_eq!(
+        host.unit_property("moorline-edge.service", "ActiveState"),
+        "active",
+        "the agent started the edge"
+    );
+    assert_eq!(active_slot(&host), 0);
+    let load = Load::start(edge.listen, "/health", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+
+    for (n, version) in ["v2", "v3", "v4"].into_iter().enumerate() {
+        let commit = host.commit_and_push(&format!("api {version}"), api_version(version));
+        host.sync();
+        let rollout = host.wait_rollout(&commit);
+        assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+        let slot = (n as u64 + 1) % 2;
+        assert_eq!(active_slot(&host), slot, "after {version}");
+        let body = harness::http_get(edge.listen.port(), "/health").map(|(_, b)| b);
+        assert!(
+            body.as_deref()
+                .is_some_and(|b| b.starts_with(&format!("ok {version} "))),
+            "{body:?}"
+        );
+        // The old slot drained and stopped.
+        let old = format!("app-api@{}.service", 1 - slot);
+        wait_for("the old slot to stop", Duration::from_secs(20), || {
+            (host.unit_property(&old, "ActiveState") == "inactive").then_some(())
+        });
+    }
+
+    let crash = host.commit_and_push("api that dies", |work| {
+        std::fs::write(
+            work.join("services/api/server.py"),
+            "import sys, time\ntime.sleep(0.5)\nsys.exit(1)\n",
+        )
+        .expect("write");
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&crash);
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    assert_eq!(active_slot(&host), 1, "the serving slot never changed");
+    wait_for("the failed slot to stop", Duration::from_secs(20), || {
+        (host.unit_property("app-api@0.service", "ActiveState") != "active").then_some(())
+    });
+
+    let tally = load.finish();
+    assert_no_failure(&tally, 200);
+    let bodies = tally.bodies();
+    for version in ["v1", "v2", "v3", "v4"] {
+        assert!(
+            bodies
+                .iter()
+                .any(|b| b.starts_with(&format!("ok {version} "))),
+            "{version} served"
+        );
+    }
+    assert!(
+        bodies.last().is_some_and(|b| b.starts_with("ok v4 ")),
+        "v4 serves after the crashing commit"
+    );
+}
+
+#[test]
+fn a_restart_scope_with_hold_deploys_under_load_with_requests_paused_not_failed() {
+    let edge = Edge::new();
+    let mut host = Host::new_with_ports(|work, api_port| held_api(work, &edge, api_port));
+    host.deployed();
+    let load = Load::start(edge.listen, "/health", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+    let mut invocations = vec![host.unit_property("app-api.service", "InvocationID")];
+    for version in ["v2", "v3", "v4"] {
+        let commit = host.commit_and_push(&format!("api {version}"), api_version(version));
+        host.sync();
+        let rollout = host.wait_rollout(&commit);
+        assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+        let steps = steps(&rollout);
+        assert!(
+            steps.iter().any(|s| s.starts_with("hold new requests to ")),
+            "{steps:?}"
+        );
+        invocations.push(host.unit_property("app-api.service", "InvocationID"));
+    }
+    let tally = load.finish();
+    assert_no_failure(&tally, 200);
+    invocations.dedup();
+    assert_eq!(
+        invocations.len(),
+        4,
+        "the one unit restarted at each deploy"
+    );
+    assert!(
+        tally
+            .bodies()
+            .last()
+            .is_some_and(|b| b.starts_with("ok v4 ")),
+        "v4 serves"
+    );
+    // Requests were held while the instance restarted: some waited.
+    assert!(
+        tally.latency(100.0) > Duration::from_millis(50),
+        "the longest wait was {:?}",
+        tally.latency(100.0)
+    );
+}
+
+/// The journal steps of a rollout, each once (its intent and its result
+/// are two entries).
+fn steps(rollout: &Value) -> Vec<String> {
+    let mut steps: Vec<String> = rollout["journal"]
+        .as_array()
+        .expect("a journal")
+        .iter()
+        .filter_map(|j| j["step"].as_str().map(str::to_string))
+        .collect();
+    steps.dedup();
+    steps
+}
+
+#[test]
+fn a_canary_that_answers_500_to_a_third_is_rolled_back_by_the_analysis() {
+    let edge = Edge::new();
+    let mut host = Host::with(|work| canary_api(work, &edge, "[{ weight = 20, soak = \"5s\" }]"));
+    host.deployed();
+    let load = Load::start(edge.listen, "/", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+    let flaky = host.commit_and_push("api that fails a third", flaky_api);
+    host.sync();
+    let rollout = host.wait_rollout(&flaky);
+    let tally = load.finish();
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    let error = rollout["error"].as_str().expect("an error");
+    assert!(
+        error.contains("the canary of scope \"api\" failed at step 1 (20%): error rate "),
+        "{error}"
+    );
+    let analysis = rollout["analysis"].as_array().expect("analysis");
+    assert!(analysis.len() >= 2, "{analysis:?}");
+    let last = &analysis[analysis.len() - 1];
+    assert!(
+        last["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("fail: error rate ")),
+        "{last}"
+    );
+    assert_eq!(active_slot(&host), 0, "back on the old slot");
+    assert!(
+        steps(&rollout)
+            .iter()
+            .any(|s| s.starts_with("route 20% of "))
+    );
+
+    // No request failed; the 500s came from the canary only, at about its
+    // weight times its error rate (0.2 × 1/3) of what clients sent while it
+    // took traffic.
+    assert_eq!(tally.failed(), Vec::<&crate::load::Answer>::new());
+    let codes: Vec<u16> = tally
+        .answers
+        .iter()
+        .map(|(_, a, _)| match a {
+            crate::load::Answer::Status(code, _) => *code,
+            crate::load::Answer::Failed(_) => 0,
+        })
+        .collect();
+    let first = codes
+        .iter()
+        .position(|c| *c == 500)
+        .expect("the canary answered 500s");
+    let last = codes.iter().rposition(|c| *c == 500).expect("500s");
+    let window = &codes[first..=last];
+    let share = window.iter().filter(|c| **c == 500).count() as f64 / window.len() as f64;
+    assert!(
+        (0.03..0.15).contains(&share),
+        "share of 500s while the canary ran: {share:.3} of {}",
+        window.len()
+    );
+    assert_eq!(
+        codes.iter().filter(|c| !matches!(c, 200 | 500)).count(),
+        0,
+        "{:?}",
+        tally.by_status()
+    );
+    // `show` prints every interval.
+    let id = rollout["id"].to_string();
+    let shown = String::from_utf8_lossy(&host.moorline(&["show", &id]).stdout).into_owned();
+    assert!(shown.contains("\ncanary analysis:\n"), "{shown}");
+    assert!(shown.contains(" api step 1 (20%): "), "{shown}");
+}
+
+#[test]
+fn a_good_canary_is_promoted_step_by_step_to_every_request() {
+    let edge = Edge::new();
+    let mut host = Host::with(|work| {
+        canary_api(
+            work,
+            &edge,
+            "[{ weight = 20, soak = \"2s\" }, { weight = 60, soak = \"2s\" }]",
+        )
+    });
+    host.deployed();
+    let load = Load::start(edge.listen, "/", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+    let good = host.commit_and_push("api v2", api_version("v2"));
+    host.sync();
+    // Status shows the split while the canary runs.
+    let weights = wait_for("the canary's first step", Duration::from_secs(60), || {
+        let route = edge_status(&host)["routes"]["api"].clone();
+        let weights: Vec<u64> = route["slots"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["weight"].as_u64())
+            .collect();
+        (weights == [80, 20]).then_some(weights)
+    });
+    assert_eq!(weights, [80, 20]);
+    let text = String::from_utf8_lossy(&host.moorline(&["status"]).stdout).into_owned();
+    assert!(text.contains("-> slot 0 80% / slot 1 20%;"), "{text}");
+    let rollout = host.wait_rollout(&good);
+    let tally = load.finish();
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_no_failure(&tally, 200);
+    assert_eq!(active_slot(&host), 1);
+    let analysis = rollout["analysis"].as_array().expect("analysis");
+    let passed: Vec<u64> = analysis
+        .iter()
+        .filter(|i| i["verdict"] == "pass")
+        .filter_map(|i| i["step"].as_u64())
+        .collect();
+    assert!(passed.contains(&1) && passed.contains(&2), "{analysis:?}");
+    let steps = steps(&rollout);
+    let order: Vec<&String> = steps.iter().filter(|s| s.starts_with("route ")).collect();
+    assert_eq!(order.len(), 3, "{steps:?}");
+    assert!(order[0].starts_with("route 20% of "), "{order:?}");
+    assert!(order[1].starts_with("route 60% of "), "{order:?}");
+    assert!(order[2].contains(" to slot 1 "), "{order:?}");
+    assert!(
+        tally
+            .bodies()
+            .last()
+            .is_some_and(|b| b.starts_with("ok v2 "))
+    );
+}
