@@ -5,7 +5,7 @@
 
 /// The points the engine passes, in rollout order. Tests use these names.
 #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub const POINTS: [&str; 12] = [
+pub const POINTS: [&str; 14] = [
     "after-fetch",
     "during-checkout",
     "during-build",
@@ -15,6 +15,10 @@ pub const POINTS: [&str; 12] = [
     // edge switched, the old slot not drained yet.
     "after-slot-start",
     "after-route",
+    // A canary's analysis, between two intervals.
+    "during-canary",
+    // A slotted scope's old slot draining requests still in flight.
+    "during-drain",
     "during-verify",
     "during-rollback",
     "while-recording",

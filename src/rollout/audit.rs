@@ -35,10 +35,19 @@ struct Foreign {
     found_on: Owner,
     /// The unit or container found running.
     member: String,
+    /// An instance of a slotted scope's slot that the edge does not serve,
+    /// left running by a rollout cut short during its drain.
+    idle: bool,
 }
 
 impl Foreign {
     fn text(&self) -> String {
+        if self.idle {
+            return format!(
+                "{} was running in the slot the edge does not serve; drained and stopped it",
+                self.member
+            );
+        }
         let what = match self.found_on {
             Owner::Docker => "container ",
             Owner::Native => "",
@@ -86,6 +95,24 @@ impl Engine {
                     owner,
                     found_on: other,
                     member,
+                    idle: false,
+                }));
+            }
+            if drift && scope.slotted() {
+                let idle = match self.runtime(owner).await {
+                    Ok(runtime) => runtime.idle(&scope).await.map_err(Error::from),
+                    Err(e) => Err(e),
+                };
+                let idle = idle.unwrap_or_else(|e| {
+                    warn!(scope = %name, error = %e, "cannot check the slot the edge does not serve");
+                    vec![]
+                });
+                foreign.extend(idle.into_iter().map(|member| Foreign {
+                    scope: name.clone(),
+                    owner,
+                    found_on: owner,
+                    member,
+                    idle: true,
                 }));
             }
             let redeploy = if drift {
@@ -172,8 +199,12 @@ impl Engine {
                 .get(&f.scope)
                 .map(|s| s.job_timeout)
                 .unwrap_or(crate::runtime::systemd::DEFAULT_JOB_TIMEOUT);
-            let stopped = match self.runtime(f.found_on).await {
-                Ok(runtime) => runtime
+            let stopped = match (self.runtime(f.found_on).await, scopes.get(&f.scope)) {
+                (Ok(runtime), Some(scope)) if f.idle => runtime
+                    .finish(scope, &mut journal)
+                    .await
+                    .map_err(Error::from),
+                (Ok(runtime), _) => runtime
                     .act(
                         Act::Stop(Keep::WayBack),
                         std::slice::from_ref(&f.member),
@@ -182,7 +213,7 @@ impl Engine {
                     )
                     .await
                     .map_err(Error::from),
-                Err(e) => Err(e),
+                (Err(e), _) => Err(e),
             };
             let result = match &stopped {
                 Ok(()) => "stopped".to_string(),

@@ -120,6 +120,7 @@ pub async fn promote(
         loop {
             // The analysis's own pace: one interval of traffic.
             tokio::time::sleep(canary.interval).await;
+            crate::fault::point("during-canary");
             let now = figures(edge, &scope.name, slot).await?;
             let interval = now.since(&before);
             before = now;

@@ -410,6 +410,15 @@ impl Runtime {
         }
     }
 
+    /// Members of a slotted scope's slot that the edge does not serve and
+    /// that still run (a drain cut short).
+    pub async fn idle(&self, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
+        match self {
+            Runtime::Native(sd, edge) if scope.slotted() => slots::idle(sd, edge, scope).await,
+            _ => Ok(vec![]),
+        }
+    }
+
     pub async fn member_state(&self, member: &str) -> MemberState {
         match self {
             Runtime::Native(sd, _) => systemd::scope::member_state(sd, member).await,

@@ -136,6 +136,11 @@ pub async fn switch(
             )
             .await?;
     }
+    // A slot still running (a canary or a drain cut short) keeps what it
+    // has in flight until that ends, up to `drain`, before it restarts.
+    if !idle(sd, edge, scope).await?.is_empty() {
+        drain_slot(edge, scope, slot, journal).await?;
+    }
     let sd = &sd.with_job_timeout(scope.job_timeout);
     let files = scope.native.as_ref().map(|n| n.unit_files.as_slice());
     systemd::scope::install_unit_files(
@@ -271,6 +276,29 @@ async fn runs(sd: &Systemd, scope: &Scope, slot: u8, release: &str) -> Result<bo
     Ok(true)
 }
 
+/// The instances of the slot the edge sends no request to that are not
+/// stopped; none while the route is split (a canary cut short: the next
+/// deploy routes it back first).
+pub async fn idle(
+    sd: &Systemd,
+    edge: &EdgeHandle,
+    scope: &Scope,
+) -> Result<Vec<String>, RuntimeError> {
+    let Some(serving) = active(edge, &scope.name).await? else {
+        return Ok(vec![]);
+    };
+    if !all_to(edge, &scope.name, serving).await? {
+        return Ok(vec![]);
+    }
+    let mut up = Vec::new();
+    for unit in scope.slot_members(1 - serving) {
+        if sd.unit_state(&unit).await?.active_state != "inactive" {
+            up.push(unit);
+        }
+    }
+    Ok(up)
+}
+
 /// The switch passed: requests and WebSockets in flight on the slot that no
 /// longer serves finish (up to `drain`), then its instances stop.
 pub async fn finish(
@@ -279,34 +307,39 @@ pub async fn finish(
     scope: &Scope,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    let spec = edge_of(scope);
     let Some(serving) = active(edge, &scope.name).await? else {
         return Ok(());
     };
     let old = 1 - serving;
-    let instances = scope.slot_members(old);
-    let mut up = Vec::new();
-    for unit in &instances {
-        if sd.unit_state(unit).await?.active_state != "inactive" {
-            up.push(unit.clone());
-        }
-    }
+    let up = idle(sd, edge, scope).await?;
     if up.is_empty() {
         return Ok(());
     }
-    let addr = spec.slots[usize::from(old)];
-    journal
-        .step(
-            format!(
-                "drain slot {old} ({addr}) for up to {}",
-                humantime::format_duration(spec.drain)
-            ),
-            drain(edge, &scope.name, usize::from(old), spec.drain),
-        )
-        .await?;
+    drain_slot(edge, scope, old, journal).await?;
     let sd = sd.with_job_timeout(scope.job_timeout);
     journal
         .each(&up, |u| format!("stop {u}"), |u| sd.stop(u))
+        .await?;
+    Ok(())
+}
+
+/// Let the requests in flight on `slot` finish (up to `drain`), journaled.
+async fn drain_slot(
+    edge: &EdgeHandle,
+    scope: &Scope,
+    slot: u8,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
+    let addr = spec.slots[usize::from(slot)];
+    journal
+        .step(
+            format!(
+                "drain slot {slot} ({addr}) for up to {}",
+                humantime::format_duration(spec.drain)
+            ),
+            drain(edge, &scope.name, usize::from(slot), spec.drain),
+        )
         .await?;
     Ok(())
 }
@@ -329,6 +362,7 @@ async fn drain(
         if inflight == 0 || Instant::now() >= deadline {
             return Ok(());
         }
+        crate::fault::point("during-drain");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

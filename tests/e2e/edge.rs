@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Instant;
+
 use crate::harness::{self, Host, free_port, wait_for};
 use crate::load::{Load, Tally};
 
@@ -45,6 +49,11 @@ unit_files = ["deploy/units/app-api@.service"]
         edge.listen, edge.slots[0], edge.slots[1]
     );
     edge_api(work, &section);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/slot-server.py"),
+        work.join("services/api/server.py"),
+    )
+    .expect("copy the slot server");
     std::fs::write(
         work.join("deploy/units/app-api@.service"),
         "[Unit]\nDescription=example app: API, slot %i\n\n[Service]\nType=simple\n\
@@ -74,10 +83,11 @@ fn flaky_api(work: &Path) {
     let path = work.join("services/api/server.py");
     let text = std::fs::read_to_string(&path).expect("read server");
     let text = text.replace(
-        "        self.send_response(200 if self.path in (\"/\", \"/health\") else 404)",
+        "        self.send_response(200)\n",
         "        Handler.served = getattr(Handler, \"served\", 0) + 1\n\
-         \x20       self.send_response(500 if Handler.served % 3 == 0 else 200)",
+         \x20       self.send_response(500 if Handler.served % 3 == 0 else 200)\n",
     );
+    assert!(text.contains("Handler.served % 3"), "the server was edited");
     std::fs::write(&path, text).expect("write server");
 }
 
@@ -412,4 +422,234 @@ fn a_good_canary_is_promoted_step_by_step_to_every_request() {
             .last()
             .is_some_and(|b| b.starts_with("ok v2 "))
     );
+}
+
+/// A WebSocket client, just enough for the echo of the slot server.
+struct WebSocket(TcpStream);
+
+impl WebSocket {
+    fn open(addr: SocketAddr) -> WebSocket {
+        let mut stream = TcpStream::connect(addr).expect("connect to the edge");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /chat HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .expect("handshake");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).expect("handshake answer");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "the server's accept key came through: {head}"
+        );
+        WebSocket(stream)
+    }
+
+    /// Send `text` and read the echo; `None` once the connection closed.
+    fn echo(&mut self, text: &str) -> Option<String> {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x81, 0x80 | text.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.0.write_all(&frame).ok()?;
+        let mut head = [0u8; 2];
+        self.0.read_exact(&mut head).ok()?;
+        let mut data = vec![0u8; usize::from(head[1] & 0x7f)];
+        self.0.read_exact(&mut data).ok()?;
+        Some(String::from_utf8_lossy(&data).into_owned())
+    }
+}
+
+#[test]
+fn a_websocket_stays_open_across_a_deploy_until_the_drain_ends() {
+    let (host, edge, _first) = edge_host();
+    let mut socket = WebSocket::open(edge.listen);
+    assert_eq!(socket.echo("hello").as_deref(), Some("v1: hello"));
+    let v2 = host.commit_and_push("api v2", api_version("v2"));
+    host.sync();
+    wait_for("the switch to slot 1", Duration::from_secs(60), || {
+        (edge_status(&host)["routes"]["api"]["active"] == 1).then_some(())
+    });
+    let switched = Instant::now();
+    // New requests go to v2; the socket opened before stays on v1.
+    let body = harness::http_get(edge.listen.port(), "/").map(|(_, b)| b);
+    assert!(
+        body.as_deref().is_some_and(|b| b.starts_with("ok v2 ")),
+        "{body:?}"
+    );
+    assert_eq!(
+        socket.echo("still there").as_deref(),
+        Some("v1: still there")
+    );
+    let rollout = host.wait_rollout(&v2);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert!(
+        steps(&rollout)
+            .iter()
+            .any(|s| s.starts_with("drain slot 0 ")),
+        "{rollout:#}"
+    );
+    // The drain lasted its 2 s for the open socket, then slot 0 stopped.
+    assert!(
+        switched.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        switched.elapsed()
+    );
+    assert_eq!(
+        socket.echo("gone?"),
+        None,
+        "closed when the old slot stopped"
+    );
+    assert_eq!(
+        host.unit_property("app-api@0.service", "ActiveState"),
+        "inactive"
+    );
+    let fresh = WebSocket::open(edge.listen).echo("hi");
+    assert_eq!(fresh.as_deref(), Some("v2: hi"));
+}
+
+#[test]
+fn the_edge_killed_comes_back_with_its_routes() {
+    let (host, edge, _first) = edge_host();
+    let before = edge_status(&host)["pid"].as_u64().expect("the edge's pid");
+    let table = host.state_dir().join("edge/routes.json");
+    let mode = std::fs::metadata(&table).expect("the table is on disk");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    host.um
+        .systemctl(&["kill", "--signal=KILL", "moorline-edge.service"]);
+    let after = wait_for(
+        "systemd to start the edge again",
+        Duration::from_secs(20),
+        || {
+            let pid = edge_status(&host)["pid"].as_u64()?;
+            (pid != before).then_some(pid)
+        },
+    );
+    assert_ne!(after, before);
+    let body = wait_for("the route back", Duration::from_secs(10), || {
+        harness::http_get(edge.listen.port(), "/").map(|(_, b)| b)
+    });
+    assert!(body.starts_with("ok v1 "), "{body}");
+    assert_eq!(active_slot(&host), 0);
+}
+
+/// Kill the agent at `point` of a deploy of v2 under load: traffic flows
+/// on while it is dead, and once it is back the deploy converges with
+/// nothing lost.
+#[cfg(feature = "fault-injection")]
+fn killed_mid_deploy_drops_nothing(point: &str, canary: bool) {
+    let edge = Edge::new();
+    let mut host = Host::with(|work| match canary {
+        true => canary_api(work, &edge, "[{ weight = 30, soak = \"2s\" }]"),
+        false => blue_green_api(work, &edge),
+    });
+    host.deployed_then_stopped();
+    let load = Load::start(edge.listen, "/", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+    let v2 = crate::crash::kill_at(&mut host, point, "api v2", api_version("v2"));
+    let dead = load.count();
+    wait_for(
+        "traffic while the agent is dead",
+        Duration::from_secs(10),
+        || (load.count() > dead + 60).then_some(()),
+    );
+    let retried = crate::crash::retried_after_interruption(&mut host, &v2, None);
+    assert_eq!(retried["outcome"], "succeeded", "{retried:#}");
+    let serving = active_slot(&host);
+    let idle = format!("app-api@{}.service", 1 - serving);
+    wait_for("the idle slot to stop", Duration::from_secs(30), || {
+        (host.unit_property(&idle, "ActiveState") == "inactive").then_some(())
+    });
+    let tally = load.finish();
+    assert_no_failure(&tally, 150);
+    assert!(
+        tally
+            .bodies()
+            .last()
+            .is_some_and(|b| b.starts_with("ok v2 ")),
+        "v2 serves"
+    );
+    let rollouts = crate::crash::rollouts_of(&host, &v2);
+    let outcomes: Vec<&str> = rollouts
+        .iter()
+        .filter_map(|r| r["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes, ["interrupted", "succeeded"]);
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_with_the_new_slot_started_drops_no_request() {
+    killed_mid_deploy_drops_nothing("after-slot-start", false);
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_right_after_the_switch_drops_no_request() {
+    killed_mid_deploy_drops_nothing("after-route", false);
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_during_a_canary_drops_no_request() {
+    killed_mid_deploy_drops_nothing("during-canary", true);
+}
+
+/// Killed while the old slot drains an open WebSocket: at start-up the
+/// audit finishes the drain and stops the old slot, recorded in history.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_during_the_drain_leaves_the_old_slot_to_the_audit() {
+    let (mut host, edge, _first) = edge_host();
+    host.stop_agent();
+    let mut socket = WebSocket::open(edge.listen);
+    assert_eq!(socket.echo("hello").as_deref(), Some("v1: hello"));
+    let v2 = crate::crash::kill_at(&mut host, "during-drain", "api v2", api_version("v2"));
+    assert_eq!(socket.echo("after").as_deref(), Some("v1: after"));
+    assert_eq!(
+        host.unit_property("app-api@0.service", "ActiveState"),
+        "active"
+    );
+    host.start_agent();
+    let audit = wait_for("the audit of the old slot", Duration::from_secs(30), || {
+        host.history()
+            .into_iter()
+            .find(|r| r["trigger"] == "audit" && r["outcome"] == "succeeded")
+    });
+    let reason = crate::scope(&audit, "api")["reason"].clone();
+    assert_eq!(
+        reason,
+        "app-api@0.service was running in the slot the edge does not serve; drained and stopped it"
+    );
+    assert_eq!(
+        host.unit_property("app-api@0.service", "ActiveState"),
+        "inactive"
+    );
+    assert_eq!(socket.echo("gone?"), None);
+    let body = harness::http_get(edge.listen.port(), "/").map(|(_, b)| b);
+    assert!(
+        body.as_deref().is_some_and(|b| b.starts_with("ok v2 ")),
+        "{body:?}"
+    );
+    // The killed rollout had recorded the scopes as switched: the next one
+    // only records the commit as deployed, touching nothing.
+    let rollouts = crate::crash::rollouts_of(&host, &v2);
+    let outcomes: Vec<&Value> = rollouts.iter().map(|r| &r["outcome"]).collect();
+    assert_eq!(outcomes, ["interrupted", "succeeded"]);
+    assert_eq!(crate::scope(&rollouts[1], "api")["action"], "unchanged");
+    assert_eq!(steps(&rollouts[1]), Vec::<String>::new());
 }

@@ -125,15 +125,17 @@ fn a_full_disk_under_the_history_database_touches_nothing_and_loses_no_record() 
             .find(|r| r["commit"] == full.as_str())
             .expect("the open rollout is kept");
         assert_eq!(closed["outcome"], "interrupted", "{closed:#}");
-        assert_eq!(
-            closed["error"],
-            format!(
+        // Whether the checkout's intent reached the full disk is up to
+        // sled's buffers; the error says what the journal holds.
+        let journaled = closed["journal"].as_array().is_some_and(|j| !j.is_empty());
+        let error = match journaled {
+            true => format!(
                 "the agent stopped during \"check out release {}\"",
                 &full[..7]
-            )
-            .as_str(),
-            "{closed:#}"
-        );
+            ),
+            false => "the agent stopped before any change was made".to_string(),
+        };
+        assert_eq!(closed["error"], error.as_str(), "{closed:#}");
     }
     let mut numbers = ids(&history);
     numbers.reverse();
