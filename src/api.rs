@@ -262,6 +262,9 @@ pub struct PlannedScopeView {
     pub reason: String,
     pub release: String,
     pub build: bool,
+    /// A blue-green or canary scope: the slot the new release goes to.
+    #[serde(default)]
+    pub slot: Option<u8>,
 }
 
 pub fn time_text(ms: u64) -> String {
@@ -351,13 +354,46 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
 }
 
 /// The plan for `rev` (default: the branch's commit after a fetch).
-pub fn plan_view(engine: &crate::rollout::Engine, rev: Option<&str>) -> Result<PlanView, String> {
+/// `serving` is the slot the edge serves of each slotted scope: a deploy of
+/// one goes to the other.
+pub fn plan_view(
+    engine: &crate::rollout::Engine,
+    rev: Option<&str>,
+    serving: &std::collections::BTreeMap<String, u8>,
+) -> Result<PlanView, String> {
     let commit = match rev {
         Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
         None => engine.source.fetch().map_err(|e| e.to_string())?,
     };
-    let (_, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
-    Ok(PlanView::from(&plan))
+    let (manifest, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
+    let mut view = PlanView::from(&plan);
+    for (planned, step) in view.scopes.iter_mut().zip(&plan.scopes) {
+        let slotted = manifest
+            .scopes
+            .get(&step.scope)
+            .is_some_and(|s| s.slotted());
+        if slotted && step.action.touches() {
+            planned.slot = Some(serving.get(&step.scope).map_or(0, |s| 1 - s));
+        }
+    }
+    Ok(view)
+}
+
+/// The slot the edge serves of each scope it routes (none when the edge is
+/// not running).
+pub async fn serving_slots(state_dir: &Path) -> std::collections::BTreeMap<String, u8> {
+    let client = crate::edge::control::EdgeClient::new(state_dir);
+    let Ok(report) = client.report().await else {
+        return Default::default();
+    };
+    report
+        .routes
+        .iter()
+        .filter_map(|(scope, route)| {
+            let slot = u8::try_from(route.route().serving()?).ok()?;
+            Some((scope.clone(), slot))
+        })
+        .collect()
 }
 
 impl From<&crate::plan::Plan> for PlanView {
@@ -374,6 +410,7 @@ impl From<&crate::plan::Plan> for PlanView {
                     reason: s.reason.clone(),
                     release: s.release.clone(),
                     build: s.build,
+                    slot: None,
                 })
                 .collect(),
         }

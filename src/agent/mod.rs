@@ -144,8 +144,11 @@ impl api::Handler for Agent {
             }
             Request::Plan { rev } => {
                 let engine = Engine::new(self.config.clone(), self.store.clone());
-                match tokio::task::spawn_blocking(move || api::plan_view(&engine, rev.as_deref()))
-                    .await
+                let serving = api::serving_slots(&self.config.state.dir).await;
+                match tokio::task::spawn_blocking(move || {
+                    api::plan_view(&engine, rev.as_deref(), &serving)
+                })
+                .await
                 {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),

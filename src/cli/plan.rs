@@ -11,7 +11,7 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
         Ok(Response::Plan(view)) => Ok(view),
         Ok(Response::Error(e)) => Err(e),
         Ok(other) => Err(format!("unexpected answer from the agent: {other:?}")),
-        Err(api::ApiError::Unreachable { .. }) => offline(config, rev.as_deref()),
+        Err(api::ApiError::Unreachable { .. }) => offline(config, rev.as_deref()).await,
         Err(e) => Err(e.to_string()),
     };
     match answer {
@@ -27,11 +27,12 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
     }
 }
 
-fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
+async fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
     crate::privacy::prepare_state_dir(&config.state.dir).map_err(|e| e.to_string())?;
     let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
     let engine = Engine::new(config.clone(), store);
-    api::plan_view(&engine, rev)
+    let serving = api::serving_slots(&config.state.dir).await;
+    api::plan_view(&engine, rev, &serving)
 }
 
 pub fn render(view: &PlanView) -> String {
@@ -51,8 +52,9 @@ pub fn render(view: &PlanView) -> String {
         } else {
             format!("reuse release {}", super::short(&s.release))
         };
+        let slot = s.slot.map(|n| format!("; to slot {n}")).unwrap_or_default();
         out.push_str(&format!(
-            "  {:<width$}  {:<6}  {:<9}  {}{}\n",
+            "  {:<width$}  {:<6}  {:<9}  {}{}{slot}\n",
             s.scope,
             s.owner,
             s.action,

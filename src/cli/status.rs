@@ -134,7 +134,10 @@ pub fn render(r: &StatusReport) -> String {
         let members: Vec<String> = s
             .members
             .iter()
-            .map(|m| format!("{} {}", m.name, m.state))
+            .map(|m| match m.idle {
+                true => format!("{} idle", m.name),
+                false => format!("{} {}", m.name, m.state),
+            })
             .collect();
         let release = super::short(&s.release);
         out.push_str(&format!(
@@ -158,8 +161,8 @@ pub fn render(r: &StatusReport) -> String {
     out
 }
 
-/// `edge:` and one line per route: where it listens, which slot serves (or
-/// the weights), and each slot's requests / errors / in flight.
+/// `edge:`, a line per route (where it listens, which slot serves, or the
+/// weights of a canary's split) and a line per slot with its figures.
 fn edge_lines(edge: &api::EdgeView) -> String {
     let mut out = match (edge.running, &edge.error) {
         (true, _) => format!(
@@ -185,21 +188,16 @@ fn edge_lines(edge: &api::EdgeView) -> String {
         } else {
             " (not listening)"
         };
-        let slots: Vec<String> = route
-            .slots
-            .iter()
-            .map(|s| {
-                format!(
-                    "{} {}: {} req, {} err, {} in flight",
-                    s.slot, s.addr, s.requests, s.errors, s.inflight
-                )
-            })
-            .collect();
         out.push_str(&format!(
-            "  {scope}: {}{listening} -> {serving}; {}\n",
-            route.listen,
-            slots.join("; ")
+            "  {scope}: {}{listening} -> {serving}\n",
+            route.listen
         ));
+        for s in &route.slots {
+            out.push_str(&format!(
+                "    slot {} {:<21} weight {:>3}  requests {}, errors {}, in flight {}\n",
+                s.slot, s.addr, s.weight, s.requests, s.errors, s.inflight
+            ));
+        }
     }
     out
 }

@@ -34,6 +34,14 @@ pub struct Backend {
 }
 
 impl Route {
+    /// The slot that serves: the one with the larger weight (a canary's
+    /// split leaves the old slot serving), `None` when no slot takes any.
+    pub fn serving(&self) -> Option<usize> {
+        (0..self.slots.len())
+            .filter(|i| self.slots[*i].weight > 0)
+            .max_by_key(|i| (self.slots[*i].weight, std::cmp::Reverse(*i)))
+    }
+
     /// The slot that takes every new request, if one does.
     pub fn active(&self) -> Option<usize> {
         let live: Vec<usize> = (0..self.slots.len())
@@ -163,5 +171,9 @@ mod tests {
         assert_eq!(route([0, 100]).active(), Some(1));
         assert_eq!(route([90, 10]).active(), None, "a canary step");
         assert_eq!(route([0, 0]).active(), None);
+        assert_eq!(route([90, 10]).serving(), Some(0));
+        assert_eq!(route([10, 90]).serving(), Some(1));
+        assert_eq!(route([50, 50]).serving(), Some(0));
+        assert_eq!(route([0, 0]).serving(), None);
     }
 }

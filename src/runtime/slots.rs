@@ -90,12 +90,11 @@ pub async fn ensure_edge(
 /// weight; `None` before the edge routes the scope.
 pub async fn active(edge: &EdgeHandle, scope: &str) -> Result<Option<u8>, RuntimeError> {
     let report = edge.client.report().await?;
-    Ok(report.routes.get(scope).and_then(|r| {
-        let best = (0..r.slots.len())
-            .filter(|i| r.slots[*i].weight > 0)
-            .max_by_key(|i| (r.slots[*i].weight, std::cmp::Reverse(*i)))?;
-        u8::try_from(best).ok()
-    }))
+    Ok(report
+        .routes
+        .get(scope)
+        .and_then(|r| r.route().serving())
+        .and_then(|slot| u8::try_from(slot).ok()))
 }
 
 /// Whether the edge sends every new request of the scope to `slot`.
@@ -235,25 +234,19 @@ pub async fn restore(
             warm = Some(slot);
         }
     }
-    let serving = active(edge, &old.name).await?;
-    let slot = match warm {
-        Some(slot) => {
-            if serving != Some(slot) {
-                journal
-                    .step(
-                        format!("route {} back to slot {slot}", spec.listen),
-                        edge.client.set(&old.name, route_to(spec, slot)),
-                    )
-                    .await?;
-            }
-            slot
+    match warm {
+        Some(slot) if !all_to(edge, &old.name, slot).await? => {
+            journal
+                .step(
+                    format!("route {} back to slot {slot}", spec.listen),
+                    edge.client.set(&old.name, route_to(spec, slot)),
+                )
+                .await?;
         }
-        None => {
-            switch(sd, edge, old, release_dir, target, http, journal).await?;
-            active(edge, &old.name).await?.unwrap_or(0)
-        }
-    };
-    let other = old.slot_members(1 - slot);
+        Some(_) => {}
+        None => switch(sd, edge, old, release_dir, target, http, journal).await?,
+    }
+    let other = idle(sd, edge, old).await?;
     let sd = sd.with_job_timeout(old.job_timeout);
     journal
         .each(&other, |u| format!("stop {u}"), |u| sd.stop(u))

@@ -188,10 +188,17 @@ fn blue_green_deploys_under_load_fail_no_request_and_a_crashing_commit_never_ser
 
     for (n, version) in ["v2", "v3", "v4"].into_iter().enumerate() {
         let commit = host.commit_and_push(&format!("api {version}"), api_version(version));
+        let slot = (n as u64 + 1) % 2;
+        let plan = String::from_utf8_lossy(&host.moorline(&["plan", &commit]).stdout).into_owned();
+        assert!(
+            plan.contains(&format!(
+                "  api      native  deploy     paths services/api/ changed; build; to slot {slot}\n"
+            )),
+            "{plan}"
+        );
         host.sync();
         let rollout = host.wait_rollout(&commit);
         assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
-        let slot = (n as u64 + 1) % 2;
         assert_eq!(active_slot(&host), slot, "after {version}");
         let body = harness::http_get(edge.listen.port(), "/health").map(|(_, b)| b);
         assert!(
@@ -397,7 +404,8 @@ fn a_good_canary_is_promoted_step_by_step_to_every_request() {
     });
     assert_eq!(weights, [80, 20]);
     let text = String::from_utf8_lossy(&host.moorline(&["status"]).stdout).into_owned();
-    assert!(text.contains("-> slot 0 80% / slot 1 20%;"), "{text}");
+    assert!(text.contains(" -> slot 0 80% / slot 1 20%\n"), "{text}");
+    assert!(text.contains("\n    slot 1 "), "{text}");
     let rollout = host.wait_rollout(&good);
     let tally = load.finish();
     assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
