@@ -151,6 +151,9 @@ impl Scope {
                 .as_ref()
                 .map(|n| n.units.clone())
                 .unwrap_or_default(),
+            Owner::Docker if self.slotted() => {
+                (0..2).flat_map(|slot| self.slot_containers(slot)).collect()
+            }
             Owner::Docker => self
                 .docker
                 .as_ref()
@@ -171,14 +174,33 @@ impl Scope {
     }
 }
 
-/// The slot of a slotted scope's instance (`app-web@1.service` → 1).
+/// The slot of a slotted scope's instance: `app-web@1.service` (a unit) or
+/// `app-web-1` (a container) → 1.
 pub fn slot_of(instance: &str) -> Option<u8> {
-    let (_, rest) = instance.rsplit_once('@')?;
-    let (slot, _) = rest.split_once('.')?;
+    let slot = match instance.rsplit_once('@') {
+        Some((_, rest)) => rest.split_once('.')?.0,
+        None => instance.rsplit_once('-')?.1,
+    };
     match slot {
         "0" => Some(0),
         "1" => Some(1),
         _ => None,
+    }
+}
+
+impl Scope {
+    /// The containers of slot `slot` of a slotted scope: `app-web` →
+    /// `app-web-1`.
+    pub fn slot_containers(&self, slot: u8) -> Vec<String> {
+        self.docker
+            .as_ref()
+            .map(|d| {
+                d.containers
+                    .iter()
+                    .map(|c| format!("{}-{slot}", c.name))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -279,4 +301,6 @@ pub struct ContainerSpec {
     pub command: Option<Vec<String>>,
     /// "no", "always", "unless-stopped", "on-failure"; default "unless-stopped".
     pub restart: String,
+    /// An edge scope's container: the port its slot's address is published to.
+    pub port: Option<u16>,
 }

@@ -64,6 +64,7 @@ const CONTAINER_KEYS: &[&str] = &[
     "volumes",
     "command",
     "restart",
+    "port",
 ];
 const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path"];
 const RESTART_POLICIES: &[&str] = &["no", "always", "unless-stopped", "on-failure"];
@@ -417,14 +418,16 @@ fn read_scope(
         .table(r, "docker", format!("[scopes.{name}.docker]"))
         .and_then(|t| read_docker(r, name, &t, &mut containers));
 
-    if let (Some(docker), Some(_)) = (table.value("docker"), table.value("edge")) {
-        r.error(
-            docker.span().start,
-            format!(
-                "scope {name:?} is routed by the edge: a docker form of an edge scope is not supported yet; give it a native form only"
-            ),
-        );
-        ok = false;
+    let mut docker = docker;
+    if let (Some(docker_at), Some(_)) = (table.value("docker"), table.value("edge")) {
+        ok &= check_slot_containers(r, name, docker_at.span().start, docker.as_ref());
+        // A restart scope's one container publishes its slot's address.
+        if let (Strategy::Restart, Some(d), Some(e)) = (strategy, docker.as_mut(), &edge) {
+            for c in &mut d.containers {
+                let port = c.port.unwrap_or_default();
+                c.ports = vec![format!("{}:{}:{port}", e.slots[0].ip(), e.slots[0].port())];
+            }
+        }
     }
 
     let mut health = Vec::new();
@@ -852,6 +855,37 @@ fn read_docker(
     ok.then_some(DockerSpec { containers })
 }
 
+/// A slotted scope's docker form: one container, whose slot address is
+/// published to its `port` (so it lists no `ports` of its own).
+fn check_slot_containers(
+    r: &mut Reader<'_>,
+    scope: &str,
+    at: usize,
+    docker: Option<&DockerSpec>,
+) -> bool {
+    let Some(docker) = docker else {
+        return true; // reported where it is invalid
+    };
+    let problem = match docker.containers.as_slice() {
+        [one] if one.port.is_none() => Some(format!(
+            "container {:?} of scope {scope:?} needs \"port\": the container port its slot's address is published to",
+            one.name
+        )),
+        [one] if !one.ports.is_empty() => Some(format!(
+            "container {:?} of scope {scope:?} must not list \"ports\": each slot's address is published to its \"port\"",
+            one.name
+        )),
+        [_] => None,
+        _ => Some(format!(
+            "the docker form of scope {scope:?}, behind the edge, has one container"
+        )),
+    };
+    if let Some(problem) = &problem {
+        r.error(at, problem.clone());
+    }
+    problem.is_none()
+}
+
 fn valid_container_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -899,6 +933,21 @@ fn read_container(
         ok &= check_repo_path(r, c);
     }
     let ports = t.strings(r, "ports").map(|p| p.value).unwrap_or_default();
+    let port = match t.integer(r, "port") {
+        Some(p) if (1..=65535).contains(&p.value) => Some(p.value as u16),
+        Some(p) => {
+            r.error(
+                p.span.start,
+                format!("port {} is not a port number (1 to 65535)", p.value),
+            );
+            ok = false;
+            None
+        }
+        None => {
+            ok &= t.value("port").is_none();
+            None
+        }
+    };
     let volumes = t.strings(r, "volumes").map(|v| v.value).unwrap_or_default();
     let mut env = BTreeMap::new();
     if let Some(table) = t.table(r, "env", format!("env of {}", t.label)) {
@@ -969,6 +1018,7 @@ fn read_container(
         volumes: strings(volumes),
         command: command.map(|c| strings(c.value)),
         restart: restart.map_or_else(|| "unless-stopped".to_owned(), |p| p.value.to_owned()),
+        port,
     })
     .filter(|_| ok)
 }
@@ -1292,6 +1342,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
                     volumes: vec![],
                     command: Some(vec!["/bin/api".into()]),
                     restart: "always".into(),
+                    port: None,
                 }]
             })
         );
@@ -1538,7 +1589,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
                 ),
                 "deploy/moorline.toml:4:1: missing key \"image\" in container 1 of scope \"api\"\n\
                  deploy/moorline.toml:5:8: invalid container name \"-x\"; use letters, digits, \"_\", \".\" and \"-\", starting with a letter or digit\n\
-                 deploy/moorline.toml:6:1: unknown key \"imge\" in container 1 of scope \"api\"; expected one of: name, image, dockerfile, context, ports, env, env_file, volumes, command, restart\n\
+                 deploy/moorline.toml:6:1: unknown key \"imge\" in container 1 of scope \"api\"; expected one of: name, image, dockerfile, context, ports, env, env_file, volumes, command, restart, port\n\
                  deploy/moorline.toml:7:11: restart policy \"sometimes\" is not one of: no, always, unless-stopped, on-failure\n\
                  deploy/moorline.toml:8:13: env value \"A\" must be a string, found an integer\n\
                  deploy/moorline.toml:9:12: env_file \"x.env\" must be an absolute host path\n\

@@ -542,8 +542,16 @@ impl Engine {
         previous: Option<&ScopeState>,
         release_dir: &Path,
     ) -> Result<(), Error> {
-        if let (Action::Cutover { from }, Some(previous)) = (step.action, previous) {
+        // A slotted scope's old owner serves on until the edge switches.
+        if let (Action::Cutover { from }, Some(previous), false) =
+            (step.action, previous, scope.slotted())
+        {
             let old = self.runtime(from).await?;
+            if scope.edge.is_some() {
+                // Strict exclusivity, without errors: requests wait while
+                // the old owner stops and the new one starts.
+                old.hold_requests(scope, journal).await?;
+            }
             old.act(
                 Act::Stop(Keep::WayBack),
                 &previous.current.members,
@@ -618,7 +626,13 @@ impl Engine {
     /// Drop what one healthy scope kept for a way back: the old owner's
     /// stopped members after a cutover, the new owner's replaced instances.
     async fn finish_one(&mut self, journal: &mut Journal<'_>, sw: &Switched) -> Result<(), Error> {
-        if let (Action::Cutover { from }, Some(previous)) = (sw.step.action, &sw.previous) {
+        if let (Action::Cutover { from }, Some(_), true) =
+            (sw.step.action, &sw.previous, sw.scope.slotted())
+        {
+            // The old owner's instance, in the slot that no longer serves,
+            // drains and stops.
+            self.runtime(from).await?.finish(&sw.scope, journal).await?;
+        } else if let (Action::Cutover { from }, Some(previous)) = (sw.step.action, &sw.previous) {
             let old = self.runtime(from).await?;
             old.act(
                 Act::FinishLeaving,
@@ -735,7 +749,23 @@ impl Engine {
         let old = self.scope_from_release(&target.release, &sw.scope.name)?;
         let release_dir = self.releases_dir().join(&target.release);
         let runtime = self.runtime(sw.scope.owner).await?;
-        if let Action::Cutover { .. } = sw.step.action {
+        if let (Action::Cutover { .. }, true) = (sw.step.action, sw.scope.slotted()) {
+            // The old owner's instance still serves, or is warm in the other
+            // slot: the edge goes back to it first, then the new form goes.
+            let previous = self.runtime(target.owner).await?;
+            previous
+                .restore(
+                    &old,
+                    &release_dir,
+                    &target.release,
+                    &target.members,
+                    journal,
+                )
+                .await?;
+            runtime
+                .act(Act::Discard, new_members, old.job_timeout, journal)
+                .await?;
+        } else if let Action::Cutover { .. } = sw.step.action {
             // Back to the old owner: nothing of the new form is a way back
             // (a kept container is left by an interrupted attempt), and the
             // old owner's members were stopped, not changed.

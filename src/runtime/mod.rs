@@ -82,6 +82,10 @@ pub enum RuntimeError {
     Health(#[from] crate::health::HealthError),
     #[error(transparent)]
     Edge(crate::edge::control::ControlError),
+    #[error(
+        "scope {scope:?} is routed by the edge, which runs under the user manager: it cannot be reached"
+    )]
+    NoUserManager { scope: String },
     #[error("the canary of scope {scope:?} failed at step {step} ({weight}%): {reason}")]
     Canary {
         scope: String,
@@ -102,6 +106,7 @@ impl RuntimeError {
             RuntimeError::Edge(e) => e.is_unreachable(),
             RuntimeError::NoForm { .. }
             | RuntimeError::Canary { .. }
+            | RuntimeError::NoUserManager { .. }
             | RuntimeError::MissingImage { .. }
             | RuntimeError::ImagesTimedOut { .. }
             | RuntimeError::Health(_) => false,
@@ -169,11 +174,27 @@ pub enum Runtime {
         docker: docker::Docker,
         /// The `moorline.source` label of what it creates.
         source: String,
+        /// The edge its slotted scopes are routed by.
+        edge: slots::EdgeHandle,
     },
 }
 
 impl Runtime {
-    fn target<'a>(
+    /// The form a slotted scope's instances take on this runtime.
+    fn form(&self) -> slots::Form<'_> {
+        match self {
+            Runtime::Native(sd, _) => slots::Form::Units(sd),
+            Runtime::Docker { docker, source, .. } => slots::Form::Containers { docker, source },
+        }
+    }
+
+    fn edge(&self) -> &slots::EdgeHandle {
+        match self {
+            Runtime::Native(_, edge) | Runtime::Docker { edge, .. } => edge,
+        }
+    }
+
+    pub(super) fn target<'a>(
         docker: &'a docker::Docker,
         source: &str,
         scope: &'a Scope,
@@ -205,11 +226,8 @@ impl Runtime {
         on_line: &mut (dyn FnMut(&str) + Send),
     ) -> Result<(), RuntimeError> {
         match self {
-            Runtime::Native(sd, edge) if scope.edge.is_some() => {
-                slots::ensure_edge(sd, edge, journal).await
-            }
-            Runtime::Native(..) => Ok(()),
-            Runtime::Docker { docker, source } => {
+            Runtime::Native(..) => {}
+            Runtime::Docker { docker, source, .. } => {
                 let target = Self::target(docker, source, scope, release_dir, release);
                 let images = docker::scope::ensure_images(&target, journal, on_line);
                 tokio::time::timeout(scope.build_timeout, images)
@@ -219,8 +237,19 @@ impl Runtime {
                             scope: scope.name.clone(),
                             limit: scope.build_timeout,
                         })
-                    })
+                    })?;
             }
+        }
+        let user_manager = match self {
+            Runtime::Native(sd, _) => Some(sd),
+            Runtime::Docker { edge, .. } => edge.user_manager.as_ref(),
+        };
+        match (&scope.edge, user_manager) {
+            (None, _) => Ok(()),
+            (Some(_), Some(sd)) => slots::ensure_edge(sd, self.edge(), journal).await,
+            (Some(_), None) => Err(RuntimeError::NoUserManager {
+                scope: scope.name.clone(),
+            }),
         }
     }
 
@@ -234,21 +263,29 @@ impl Runtime {
         way_back: Option<&str>,
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
-        match self {
-            Runtime::Native(sd, edge) if scope.slotted() => {
-                let http = &edge.http;
-                slots::switch(sd, edge, scope, release_dir, release, http, journal).await
-            }
-            Runtime::Native(sd, edge) if scope.edge.is_some() => {
-                slots::restart_held(sd, edge, scope, release_dir, release, journal).await
-            }
+        if scope.slotted() {
+            let (form, edge) = (self.form(), self.edge());
+            let http = &edge.http;
+            return slots::switch(&form, edge, scope, release_dir, release, http, journal).await;
+        }
+        // A restart scope behind the edge restarts with its requests held.
+        if scope.edge.is_some() {
+            slots::hold_requests(self.edge(), scope, journal).await?;
+        }
+        let switched = match self {
             Runtime::Native(sd, _) => {
                 systemd::scope::switch(sd, scope, release_dir, release, journal).await
             }
-            Runtime::Docker { docker, source } => {
+            Runtime::Docker { docker, source, .. } => {
                 let target = Self::target(docker, source, scope, release_dir, release);
                 docker::scope::replace(&target, way_back, journal).await
             }
+        };
+        match scope.edge {
+            Some(_) => {
+                slots::release_requests(self.edge(), scope, release_dir, switched, journal).await
+            }
+            None => switched,
         }
     }
 
@@ -266,7 +303,7 @@ impl Runtime {
         let settle = async {
             match self {
                 // The new slot settled before the edge switched to it.
-                Runtime::Native(..) if scope.slotted() => {}
+                _ if scope.slotted() => {}
                 Runtime::Native(sd, _) => {
                     try_join_all(members.iter().map(|unit| sd.settle(unit, scope.settle)))
                         .await
@@ -327,7 +364,16 @@ impl Runtime {
             (Runtime::Docker { docker, .. }, Act::Stop(keep)) => {
                 docker::scope::stop(docker, members, keep == Keep::Nothing, journal).await
             }
-            (Runtime::Docker { docker, .. }, Act::Retire(_) | Act::FinishLeaving) => {
+            (Runtime::Docker { docker, edge, .. }, Act::Retire(ran_as)) => {
+                docker::scope::stop(docker, members, true, journal).await?;
+                match ran_as
+                    .filter(|s| s.slotted() && s.members().iter().all(|m| members.contains(m)))
+                {
+                    Some(scope) => slots::unroute(edge, &scope.name, journal).await,
+                    None => Ok(()),
+                }
+            }
+            (Runtime::Docker { docker, .. }, Act::FinishLeaving) => {
                 docker::scope::stop(docker, members, true, journal).await
             }
             (Runtime::Docker { docker, .. }, Act::Resume) => {
@@ -350,14 +396,15 @@ impl Runtime {
         new_members: &[String],
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
+        if old.slotted() {
+            let (form, edge) = (self.form(), self.edge());
+            let http = &edge.http;
+            return slots::restore(&form, edge, old, release_dir, target, http, journal).await;
+        }
         match self {
-            Runtime::Native(sd, edge) if old.slotted() => {
-                let http = &edge.http;
-                slots::restore(sd, edge, old, release_dir, target, http, journal).await
-            }
             // The units point at the old release again and restart.
             Runtime::Native(..) => self.switch(old, release_dir, target, None, journal).await,
-            Runtime::Docker { docker, source } => {
+            Runtime::Docker { docker, source, .. } => {
                 let restored =
                     docker::scope::restore(docker, new_members, Some(target), true, journal)
                         .await?;
@@ -379,10 +426,10 @@ impl Runtime {
         scope: &Scope,
         journal: &mut Journal<'_>,
     ) -> Result<(), RuntimeError> {
+        if scope.slotted() {
+            return slots::finish(&self.form(), self.edge(), scope, journal).await;
+        }
         match self {
-            Runtime::Native(sd, edge) if scope.slotted() => {
-                slots::finish(sd, edge, scope, journal).await
-            }
             Runtime::Native(..) => Ok(()),
             Runtime::Docker { docker, .. } => {
                 docker::scope::drop_previous(docker, scope, journal).await
@@ -401,21 +448,31 @@ impl Runtime {
     /// Members (of the owning runtime) that are down or run another release
     /// than `release`.
     pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, RuntimeError> {
+        if scope.slotted() {
+            return slots::drift(&self.form(), self.edge(), scope, release).await;
+        }
         match self {
-            Runtime::Native(sd, edge) if scope.slotted() => {
-                slots::drift(sd, edge, scope, release).await
-            }
             Runtime::Native(sd, _) => systemd::scope::drift(sd, scope, release).await,
             Runtime::Docker { docker, .. } => docker::scope::drift(docker, scope, release).await,
         }
     }
 
+    /// Hold the new requests of a restart scope behind the edge (a cutover
+    /// stops its old owner first).
+    pub async fn hold_requests(
+        &self,
+        scope: &Scope,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), RuntimeError> {
+        slots::hold_requests(self.edge(), scope, journal).await
+    }
+
     /// Members of a slotted scope's slot that the edge does not serve and
     /// that still run (a drain cut short).
     pub async fn idle(&self, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
-        match self {
-            Runtime::Native(sd, edge) if scope.slotted() => slots::idle(sd, edge, scope).await,
-            _ => Ok(vec![]),
+        match scope.slotted() {
+            true => slots::idle(&self.form(), self.edge(), scope).await,
+            false => Ok(vec![]),
         }
     }
 
@@ -465,9 +522,16 @@ impl Runtimes {
                     self.docker = Some(dk);
                 }
                 let docker = self.docker.clone().expect("connected just above");
+                // The edge of the docker form's slotted scopes is a user unit.
+                if self.systemd.is_none() {
+                    self.systemd = systemd::Systemd::connect().await.ok();
+                }
+                let mut edge = self.edge.clone();
+                edge.user_manager = self.systemd.clone();
                 Ok(Runtime::Docker {
                     docker,
                     source: self.source.clone(),
+                    edge,
                 })
             }
         }

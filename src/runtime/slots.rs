@@ -1,6 +1,7 @@
-//! Slotted scopes (`strategy = "blue-green"`) on the native runtime: two
-//! instances of each template unit (`app-web@0`, `app-web@1`), one serving
-//! through the edge while the next release starts in the other. Which slot
+//! Slotted scopes (`strategy = "blue-green"` or `"canary"`): two instances
+//! of the scope's form, template units (`app-web@0`, `app-web@1`) or
+//! containers (`app-web-0`, `app-web-1`), one serving through the edge while
+//! the next release starts in the other. Which slot
 //! serves is what the edge routes to, asked of the edge every time (not
 //! what the store last recorded): after a crash between the switch and the
 //! record, the slot that serves is still never the one a deploy restarts.
@@ -11,15 +12,16 @@ use std::time::Duration;
 use futures_util::future::try_join_all;
 use tokio::time::Instant;
 
+use super::docker::Docker;
 use super::systemd::Systemd;
-use super::{RuntimeError, systemd};
+use super::{RuntimeError, docker, systemd};
 use crate::edge::control::{ControlError, EdgeClient};
 use crate::edge::table::Route;
 use crate::journal::Journal;
 use crate::manifest::{EdgeSpec, Scope};
 
 /// How the agent reaches (and starts) the edge.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EdgeHandle {
     pub client: EdgeClient,
     /// For the health checks of a new slot.
@@ -28,6 +30,9 @@ pub struct EdgeHandle {
     /// writes the unit.
     exe: PathBuf,
     config: PathBuf,
+    /// The user manager the edge runs under, for a runtime that is not the
+    /// native one (set when a runtime is handed out).
+    pub user_manager: Option<Systemd>,
 }
 
 impl EdgeHandle {
@@ -37,6 +42,151 @@ impl EdgeHandle {
             http: crate::health::client(),
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("moorline")),
             config: config.to_owned(),
+            user_manager: None,
+        }
+    }
+}
+
+/// The runtime form a slotted scope's instances take: template units or
+/// containers. Everything slot-specific below asks its form.
+#[derive(Clone, Copy)]
+pub enum Form<'a> {
+    Units(&'a Systemd),
+    Containers { docker: &'a Docker, source: &'a str },
+}
+
+impl Form<'_> {
+    fn instances(&self, scope: &Scope, slot: u8) -> Vec<String> {
+        match self {
+            Form::Units(_) => scope.slot_members(slot),
+            Form::Containers { .. } => scope.slot_containers(slot),
+        }
+    }
+
+    /// Bring slot `slot` up on `release`.
+    async fn start(
+        &self,
+        scope: &Scope,
+        slot: u8,
+        release_dir: &Path,
+        release: &str,
+        journal: &mut Journal<'_>,
+    ) -> Result<(), RuntimeError> {
+        let addr = edge_of(scope).slots[usize::from(slot)];
+        let env = [
+            ("MOORLINE_SLOT", slot.to_string()),
+            ("MOORLINE_LISTEN", addr.to_string()),
+            ("MOORLINE_PORT", addr.port().to_string()),
+        ];
+        match self {
+            Form::Units(sd) => {
+                let sd = &sd.with_job_timeout(scope.job_timeout);
+                let files = scope.native.as_ref().map(|n| n.unit_files.as_slice());
+                let files = files.unwrap_or_default();
+                systemd::scope::install_unit_files(sd, files, release_dir, release, journal)
+                    .await?;
+                let instances = scope.slot_members(slot);
+                systemd::scope::point_and_restart(
+                    sd,
+                    &instances,
+                    release_dir,
+                    release,
+                    &env,
+                    journal,
+                )
+                .await
+            }
+            Form::Containers { docker, source } => {
+                let target = super::Runtime::target(docker, source, scope, release_dir, release);
+                docker::scope::start_slot(&target, slot, addr, &env, journal).await
+            }
+        }
+    }
+
+    /// Every instance stays up through the settle window.
+    async fn settle(&self, scope: &Scope, instances: &[String]) -> Result<(), RuntimeError> {
+        match self {
+            Form::Units(sd) => {
+                try_join_all(instances.iter().map(|u| sd.settle(u, scope.settle)))
+                    .await
+                    .map(drop)?;
+            }
+            Form::Containers { docker, .. } => {
+                try_join_all(
+                    instances
+                        .iter()
+                        .map(|c| docker.settle(c, scope.settle, scope.health_timeout)),
+                )
+                .await
+                .map(drop)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the instances (containers are removed: a slot's container is
+    /// created afresh at every deploy).
+    async fn stop(
+        &self,
+        scope: &Scope,
+        instances: &[String],
+        journal: &mut Journal<'_>,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Form::Units(sd) => {
+                let sd = sd.with_job_timeout(scope.job_timeout);
+                journal
+                    .each(instances, |u| format!("stop {u}"), |u| sd.stop(u))
+                    .await?;
+                Ok(())
+            }
+            Form::Containers { docker, .. } => {
+                docker::scope::stop(docker, instances, true, journal).await
+            }
+        }
+    }
+
+    /// Whether the instance runs (or is on its way up or down).
+    async fn up(&self, instance: &str) -> Result<bool, RuntimeError> {
+        Ok(match self {
+            Form::Units(sd) => sd.unit_state(instance).await?.active_state != "inactive",
+            Form::Containers { docker, .. } => docker
+                .inspect(instance)
+                .await?
+                .is_some_and(|state| state.running),
+        })
+    }
+
+    /// Whether the instance is up on `release`.
+    async fn runs(&self, instance: &str, release: &str) -> Result<bool, RuntimeError> {
+        Ok(match self {
+            Form::Units(sd) => {
+                sd.unit_state(instance).await?.active_state == "active"
+                    && sd
+                        .read_dropin(instance)
+                        .await?
+                        .is_some_and(|(_, commit)| commit == release)
+            }
+            Form::Containers { docker, .. } => {
+                docker.inspect(instance).await?.is_some_and(|state| {
+                    state.running
+                        && state.labels.get(docker::LABEL_COMMIT).map(String::as_str)
+                            == Some(release)
+                })
+            }
+        })
+    }
+
+    async fn drift(
+        &self,
+        instances: &[String],
+        release: &str,
+    ) -> Result<Vec<String>, RuntimeError> {
+        match self {
+            Form::Units(sd) => systemd::scope::drift_of(sd, instances, release).await,
+            Form::Containers { docker, .. } => {
+                docker::scope::drift_of(docker, instances, release).await
+            }
         }
     }
 }
@@ -64,6 +214,7 @@ pub async fn ensure_edge(
     if edge.client.report().await.is_ok() {
         return Ok(());
     }
+    let sd = &sd.with_job_timeout(super::systemd::DEFAULT_JOB_TIMEOUT);
     let unit = crate::edge::UNIT;
     let state = sd.unit_state(unit).await?;
     if state.load_state == "not-found" {
@@ -110,7 +261,7 @@ async fn all_to(edge: &EdgeHandle, scope: &str, slot: u8) -> Result<bool, Runtim
 /// requests there. A failure before the switch stops the new instances and
 /// leaves the serving slot as it was.
 pub async fn switch(
-    sd: &Systemd,
+    form: &Form<'_>,
     edge: &EdgeHandle,
     scope: &Scope,
     release_dir: &Path,
@@ -137,29 +288,15 @@ pub async fn switch(
     }
     // A slot still running (a canary or a drain cut short) keeps what it
     // has in flight until that ends, up to `drain`, before it restarts.
-    if !idle(sd, edge, scope).await?.is_empty() {
+    if !idle(form, edge, scope).await?.is_empty() {
         drain_slot(edge, scope, slot, journal).await?;
     }
-    let sd = &sd.with_job_timeout(scope.job_timeout);
-    let files = scope.native.as_ref().map(|n| n.unit_files.as_slice());
-    systemd::scope::install_unit_files(
-        sd,
-        files.unwrap_or_default(),
-        release_dir,
-        release,
-        journal,
-    )
-    .await?;
+    form.start(scope, slot, release_dir, release, journal)
+        .await?;
     let addr = spec.slots[usize::from(slot)];
-    let env = [
-        ("MOORLINE_SLOT", slot.to_string()),
-        ("MOORLINE_LISTEN", addr.to_string()),
-        ("MOORLINE_PORT", addr.port().to_string()),
-    ];
-    let instances = scope.slot_members(slot);
-    systemd::scope::point_and_restart(sd, &instances, release_dir, release, &env, journal).await?;
+    let instances = form.instances(scope, slot);
     crate::fault::point("after-slot-start");
-    let mut checked = check_slot(sd, scope, release_dir, addr, &instances, http).await;
+    let mut checked = check_slot(form, scope, release_dir, addr, &instances, http).await;
     if let (Ok(()), Some(canary), Some(serving)) = (&checked, &scope.canary, serving) {
         checked = super::canary::promote(edge, scope, canary, slot, journal).await;
         if checked.is_err() {
@@ -172,9 +309,7 @@ pub async fn switch(
         }
     }
     if let Err(e) = checked {
-        journal
-            .each(&instances, |u| format!("stop {u}"), |u| sd.stop(u))
-            .await?;
+        form.stop(scope, &instances, journal).await?;
         return Err(e);
     }
     journal
@@ -190,19 +325,13 @@ pub async fn switch(
 /// The new slot's instances stay up through the settle window and its
 /// checks pass, asked of the slot's address.
 async fn check_slot(
-    sd: &Systemd,
+    form: &Form<'_>,
     scope: &Scope,
     release_dir: &Path,
     addr: std::net::SocketAddr,
     instances: &[String],
     http: &reqwest::Client,
 ) -> Result<(), RuntimeError> {
-    let settle = async {
-        try_join_all(instances.iter().map(|unit| sd.settle(unit, scope.settle)))
-            .await
-            .map(drop)
-            .map_err(RuntimeError::from)
-    };
     let target = crate::health::Target {
         release: release_dir,
         at: Some(addr),
@@ -212,14 +341,14 @@ async fn check_slot(
             .await
             .map_err(RuntimeError::from)
     };
-    tokio::try_join!(settle, health).map(drop)
+    tokio::try_join!(form.settle(scope, instances), health).map(drop)
 }
 
 /// Undo `switch`: the edge goes back to the slot that runs `target` if it
 /// still does (warm during the drain), else `target` is started in the idle
 /// slot as a switch would; then the other slot's instances stop.
 pub async fn restore(
-    sd: &Systemd,
+    form: &Form<'_>,
     edge: &EdgeHandle,
     old: &Scope,
     release_dir: &Path,
@@ -230,7 +359,7 @@ pub async fn restore(
     let spec = edge_of(old);
     let mut warm = None;
     for slot in 0..2u8 {
-        if runs(sd, old, slot, target).await? {
+        if runs(form, old, slot, target).await? {
             warm = Some(slot);
         }
     }
@@ -244,26 +373,22 @@ pub async fn restore(
                 .await?;
         }
         Some(_) => {}
-        None => switch(sd, edge, old, release_dir, target, http, journal).await?,
+        None => switch(form, edge, old, release_dir, target, http, journal).await?,
     }
-    let other = idle(sd, edge, old).await?;
-    let sd = sd.with_job_timeout(old.job_timeout);
-    journal
-        .each(&other, |u| format!("stop {u}"), |u| sd.stop(u))
-        .await?;
-    Ok(())
+    let other = idle(form, edge, old).await?;
+    form.stop(old, &other, journal).await
 }
 
 /// Whether every instance of `slot` is up on `release`.
-async fn runs(sd: &Systemd, scope: &Scope, slot: u8, release: &str) -> Result<bool, RuntimeError> {
-    for unit in scope.slot_members(slot) {
-        let state = sd.unit_state(&unit).await?;
-        if state.active_state != "active" {
+async fn runs(
+    form: &Form<'_>,
+    scope: &Scope,
+    slot: u8,
+    release: &str,
+) -> Result<bool, RuntimeError> {
+    for instance in form.instances(scope, slot) {
+        if !form.runs(&instance, release).await? {
             return Ok(false);
-        }
-        match sd.read_dropin(&unit).await? {
-            Some((_, commit)) if commit == release => {}
-            _ => return Ok(false),
         }
     }
     Ok(true)
@@ -273,7 +398,7 @@ async fn runs(sd: &Systemd, scope: &Scope, slot: u8, release: &str) -> Result<bo
 /// stopped; none while the route is split (a canary cut short: the next
 /// deploy routes it back first).
 pub async fn idle(
-    sd: &Systemd,
+    form: &Form<'_>,
     edge: &EdgeHandle,
     scope: &Scope,
 ) -> Result<Vec<String>, RuntimeError> {
@@ -284,9 +409,9 @@ pub async fn idle(
         return Ok(vec![]);
     }
     let mut up = Vec::new();
-    for unit in scope.slot_members(1 - serving) {
-        if sd.unit_state(&unit).await?.active_state != "inactive" {
-            up.push(unit);
+    for instance in form.instances(scope, 1 - serving) {
+        if form.up(&instance).await? {
+            up.push(instance);
         }
     }
     Ok(up)
@@ -295,7 +420,7 @@ pub async fn idle(
 /// The switch passed: requests and WebSockets in flight on the slot that no
 /// longer serves finish (up to `drain`), then its instances stop.
 pub async fn finish(
-    sd: &Systemd,
+    form: &Form<'_>,
     edge: &EdgeHandle,
     scope: &Scope,
     journal: &mut Journal<'_>,
@@ -303,17 +428,12 @@ pub async fn finish(
     let Some(serving) = active(edge, &scope.name).await? else {
         return Ok(());
     };
-    let old = 1 - serving;
-    let up = idle(sd, edge, scope).await?;
+    let up = idle(form, edge, scope).await?;
     if up.is_empty() {
         return Ok(());
     }
-    drain_slot(edge, scope, old, journal).await?;
-    let sd = sd.with_job_timeout(scope.job_timeout);
-    journal
-        .each(&up, |u| format!("stop {u}"), |u| sd.stop(u))
-        .await?;
-    Ok(())
+    drain_slot(edge, scope, 1 - serving, journal).await?;
+    form.stop(scope, &up, journal).await
 }
 
 /// Let the requests in flight on `slot` finish (up to `drain`), journaled.
@@ -363,7 +483,7 @@ async fn drain(
 /// The serving slot's instances that are down or run another release than
 /// `release`; with no route at all, every instance of slot 0.
 pub async fn drift(
-    sd: &Systemd,
+    form: &Form<'_>,
     edge: &EdgeHandle,
     scope: &Scope,
     release: &str,
@@ -374,48 +494,56 @@ pub async fn drift(
             scope.name
         )]);
     };
-    systemd::scope::drift_of(sd, &scope.slot_members(serving), release).await
+    form.drift(&form.instances(scope, serving), release).await
 }
 
-/// A restart scope behind the edge: new requests are held (up to `hold`)
-/// and those in flight finish (up to `drain`), the one instance restarts
-/// as a restart scope's would, and requests go on as soon as it answers
-/// its first health check on its slot. Clients see a pause, not an error.
-pub async fn restart_held(
-    sd: &Systemd,
+/// A restart scope behind the edge, before its one instance restarts (or
+/// its old owner stops, in a cutover): new requests are held (up to `hold`)
+/// and those in flight finish (up to `drain`). Clients see a pause, not an
+/// error, and the scope never runs twice.
+pub async fn hold_requests(
     edge: &EdgeHandle,
     scope: &Scope,
-    release_dir: &Path,
-    release: &str,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
     let spec = edge_of(scope);
-    let routed = edge.client.report().await?.routes.contains_key(&scope.name);
-    if routed {
-        journal
-            .step(
-                format!(
-                    "hold new requests to {} for up to {}",
-                    spec.listen,
-                    humantime::format_duration(spec.hold)
-                ),
-                edge.client.hold(&scope.name, spec.hold),
-            )
-            .await?;
-        journal
-            .step(
-                format!(
-                    "drain {} for up to {}",
-                    spec.slots[0],
-                    humantime::format_duration(spec.drain)
-                ),
-                drain(edge, &scope.name, 0, spec.drain),
-            )
-            .await?;
+    if !edge.client.report().await?.routes.contains_key(&scope.name) {
+        return Ok(()); // the first deploy: nothing to hold yet
     }
-    let switched = systemd::scope::switch(sd, scope, release_dir, release, journal).await;
-    // Released once the instance answers, whatever its checks said last:
-    // a held request waits no longer than `hold` in any case.
+    journal
+        .step(
+            format!(
+                "hold new requests to {} for up to {}",
+                spec.listen,
+                humantime::format_duration(spec.hold)
+            ),
+            edge.client.hold(&scope.name, spec.hold),
+        )
+        .await?;
+    journal
+        .step(
+            format!(
+                "drain {} for up to {}",
+                spec.slots[0],
+                humantime::format_duration(spec.drain)
+            ),
+            drain(edge, &scope.name, 0, spec.drain),
+        )
+        .await?;
+    Ok(())
+}
+
+/// After a held restart (`switched` says how it went): requests go on as
+/// soon as the instance answers its first health check on its slot, or
+/// once `hold` is over in any case.
+pub async fn release_requests(
+    edge: &EdgeHandle,
+    scope: &Scope,
+    release_dir: &Path,
+    switched: Result<(), RuntimeError>,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
     let target = crate::health::Target {
         release: release_dir,
         at: Some(spec.slots[0]),
@@ -429,11 +557,10 @@ pub async fn restart_held(
     if let Err(why) = &answered {
         tracing::warn!(scope = %scope.name, why = %why, "releasing held requests to an instance that did not answer");
     }
-    let route = route_to(spec, 0);
     journal
         .step(
             format!("route {} to {}", spec.listen, spec.slots[0]),
-            edge.client.set(&scope.name, route),
+            edge.client.set(&scope.name, route_to(spec, 0)),
         )
         .await?;
     journal

@@ -1172,14 +1172,18 @@ mod tests {
         assert!((1.3..5.0).contains(&after), "{text}");
         assert!(!error.is_transient());
 
-        // The start job is done as soon as the process runs, however short-lived.
+        // The start job is done as soon as the process runs, however
+        // short-lived. The unit is seen gone, or (when the first reading
+        // caught it between the job and its exit, on a busy machine) with
+        // another invocation than at the start.
         let error = unsettled(early, "the service exits at once").await;
         let text = error.to_string();
-        assert!(
-            text.starts_with(r#""moorline-test-early-exit.service" left active state after "#)
-                && text.ends_with("s: inactive (success, status 0)"),
-            "{text}"
-        );
+        let gone = text
+            .starts_with(r#""moorline-test-early-exit.service" left active state after "#)
+            && text.ends_with("s: inactive (success, status 0)");
+        let replaced = text
+            .starts_with(r#""moorline-test-early-exit.service" was restarted by systemd after "#);
+        assert!(gone || replaced, "{text}");
 
         let error = unsettled(flapping, "systemd restarts the service every 0.3 s").await;
         assert!(matches!(error, SystemdError::DidNotSettle { ref unit, .. } if unit == flapping));

@@ -62,6 +62,30 @@ unit_files = ["deploy/units/app-api@.service"]
     .expect("write template unit");
 }
 
+/// The API as a blue-green scope with both forms, owned by docker: its
+/// container (busybox httpd serving `ok <version>` on 8080) is
+/// `<prefix>app-api-<slot>`, publishing the slot's address.
+fn docker_blue_green_api(work: &Path, edge: &Edge, prefix: &str) {
+    blue_green_api(work, edge);
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    let text = text
+        .replacen(
+            "[scopes.api]\nowner = \"native\"",
+            "[scopes.api]\nowner = \"docker\"",
+            1,
+        )
+        .replacen(
+            "[[scopes.api.health]]",
+            &format!(
+                "[[scopes.api.docker.containers]]\nname = \"{prefix}app-api\"\nimage = \"{prefix}app-api\"\n\
+                 dockerfile = \"deploy/docker/api.Dockerfile\"\nport = 8080\n\n[[scopes.api.health]]"
+            ),
+            1,
+        );
+    std::fs::write(&path, text).expect("write manifest");
+}
+
 /// The API as a canary scope with `steps` (TOML), analysed every second.
 fn canary_api(work: &Path, edge: &Edge, steps: &str) {
     blue_green_api(work, edge);
@@ -114,13 +138,18 @@ unit_files = ["deploy/units/app-api.service"]
 /// is its strategy, edge and native form; it keeps its paths and build, is
 /// checked by path, and has no docker form.
 fn edge_api(work: &Path, section: &str) {
+    edge_api_on(work, "native", section);
+}
+
+/// `edge_api` with the scope owned by `owner`.
+fn edge_api_on(work: &Path, owner: &str, section: &str) {
     let path = work.join("deploy/moorline.toml");
     let text = std::fs::read_to_string(&path).expect("read manifest");
     let start = text.find("[scopes.api]").expect("an api scope");
     let end = text.find("[scopes.web]").expect("a web scope");
     let api = format!(
         r#"[scopes.api]
-owner = "native"
+owner = "{owner}"
 paths = ["services/api/", "packages/"]
 build = ["./build-api.sh"]
 settle = "1s"
@@ -382,7 +411,7 @@ fn a_good_canary_is_promoted_step_by_step_to_every_request() {
         canary_api(
             work,
             &edge,
-            "[{ weight = 20, soak = \"2s\" }, { weight = 60, soak = \"2s\" }]",
+            "[{ weight = 20, soak = \"4s\" }, { weight = 60, soak = \"2s\" }]",
         )
     });
     host.deployed();
@@ -480,6 +509,7 @@ impl WebSocket {
 #[test]
 fn a_websocket_stays_open_across_a_deploy_until_the_drain_ends() {
     let (host, edge, _first) = edge_host();
+    let load = Load::start(edge.listen, "/", 60, 4);
     let mut socket = WebSocket::open(edge.listen);
     assert_eq!(socket.echo("hello").as_deref(), Some("v1: hello"));
     let v2 = host.commit_and_push("api v2", api_version("v2"));
@@ -523,6 +553,7 @@ fn a_websocket_stays_open_across_a_deploy_until_the_drain_ends() {
     );
     let fresh = WebSocket::open(edge.listen).echo("hi");
     assert_eq!(fresh.as_deref(), Some("v2: hi"));
+    assert_no_failure(&load.finish(), 100);
 }
 
 #[test]
@@ -617,6 +648,18 @@ fn the_agent_killed_during_a_canary_drops_no_request() {
     killed_mid_deploy_drops_nothing("during-canary", true);
 }
 
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_with_the_new_slot_pointed_at_its_release_drops_no_request() {
+    killed_mid_deploy_drops_nothing("after-stop", false);
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn the_agent_killed_while_verifying_through_the_edge_drops_no_request() {
+    killed_mid_deploy_drops_nothing("during-verify", false);
+}
+
 /// Killed while the old slot drains an open WebSocket: at start-up the
 /// audit finishes the drain and stops the old slot, recorded in history.
 #[cfg(feature = "fault-injection")]
@@ -660,4 +703,138 @@ fn the_agent_killed_during_the_drain_leaves_the_old_slot_to_the_audit() {
     assert_eq!(outcomes, ["interrupted", "succeeded"]);
     assert_eq!(crate::scope(&rollouts[1], "api")["action"], "unchanged");
     assert_eq!(steps(&rollouts[1]), Vec::<String>::new());
+}
+
+/// Docker's blue-green containers, then cutovers to native and back, all
+/// under load: the new owner's instance starts in the idle slot and the
+/// edge switches to it before the old owner's drains and stops.
+#[test]
+fn a_docker_blue_green_scope_deploys_and_cuts_over_both_ways_under_load() {
+    let edge = Edge::new();
+    let mut host =
+        Host::with_host(|work, host| docker_blue_green_api(work, &edge, &host.container("")));
+    let first = host.deployed();
+    let (c0, c1) = (host.container("app-api-0"), host.container("app-api-1"));
+    let running = |name: &str| {
+        harness::docker(&["inspect", "-f", "{{.State.Running}}", name])
+            .stdout
+            .starts_with(b"true")
+    };
+    assert!(running(&c0), "slot 0 runs the container");
+    assert_eq!(active_slot(&host), 0);
+    let load = Load::start(edge.listen, "/health", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+
+    let v2 = host.commit_and_push("api v2", api_version("v2"));
+    host.sync();
+    assert_eq!(host.wait_rollout(&v2)["outcome"], "succeeded");
+    assert_eq!(active_slot(&host), 1);
+    assert!(running(&c1));
+    wait_for("slot 0's container to go", Duration::from_secs(30), || {
+        (!running(&c0)).then_some(())
+    });
+
+    let to_native = host.commit_and_push("api: native", |work| {
+        crate::harness::set_owner(work, "api", "native")
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&to_native);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(crate::scope(&rollout, "api")["action"], "cutover");
+    assert_eq!(active_slot(&host), 0, "native took the idle slot");
+    assert_eq!(
+        host.unit_property("app-api@0.service", "ActiveState"),
+        "active"
+    );
+    wait_for("docker's container to go", Duration::from_secs(30), || {
+        (!running(&c1)).then_some(())
+    });
+
+    let to_docker = host.commit_and_push("api: docker again", |work| {
+        crate::harness::set_owner(work, "api", "docker")
+    });
+    host.sync();
+    let rollout = host.wait_rollout(&to_docker);
+    assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+    assert_eq!(active_slot(&host), 1);
+    assert!(running(&c1));
+    wait_for("the native slot to stop", Duration::from_secs(30), || {
+        (host.unit_property("app-api@0.service", "ActiveState") == "inactive").then_some(())
+    });
+
+    let tally = load.finish();
+    assert_no_failure(&tally, 300);
+    let bodies = tally.bodies();
+    assert!(
+        bodies.iter().any(|b| b.contains(" slot 0")),
+        "native served"
+    );
+    assert!(
+        bodies.last().is_some_and(|b| b.starts_with("ok v2")),
+        "{:?}",
+        bodies.last()
+    );
+    let _ = first;
+}
+
+/// A restart scope behind the edge cut over to docker and back under load:
+/// strict exclusivity (sampled through both runtimes' APIs) and, with new
+/// requests held while one owner stops and the other starts, no failure.
+/// (The container stops at SIGTERM: a PID 1 that ignores it takes docker's
+/// 10 s stop timeout, as long as the hold.)
+#[test]
+fn a_held_restart_scope_cuts_over_both_ways_running_once_and_failing_nothing() {
+    let edge = Edge::new();
+    let mut host = Host::with_host(|work, host| {
+        held_api(work, &edge, host.api_port);
+        let path = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&path).expect("read manifest");
+        let prefix = host.container("");
+        let text = text.replacen(
+            "[[scopes.api.health]]",
+            &format!(
+                "[[scopes.api.docker.containers]]\nname = \"{prefix}app-api\"\nimage = \"{prefix}app-api\"\n\
+                 dockerfile = \"deploy/docker/api.Dockerfile\"\nport = 8080\n\
+                 command = [\"/bin/busybox\", \"sh\", \"-c\", \"trap 'exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & wait\"]\n\n\
+                 [[scopes.api.health]]"
+            ),
+            1,
+        );
+        std::fs::write(&path, text).expect("write manifest");
+    });
+    host.deployed();
+    let api = host.container("app-api");
+    let load = Load::start(edge.listen, "/health", 60, 4);
+    wait_for("the load to run", Duration::from_secs(10), || {
+        (load.count() > 30).then_some(())
+    });
+    let sampler = crate::docker::Exclusivity::watch(&host, "app-api.service", &api);
+    for owner in ["docker", "native"] {
+        let commit = host.commit_and_push(&format!("api: {owner}"), |work| {
+            crate::harness::set_owner(work, "api", owner)
+        });
+        host.sync();
+        let rollout = host.wait_rollout(&commit);
+        assert_eq!(rollout["outcome"], "succeeded", "{rollout:#}");
+        assert_eq!(crate::scope(&rollout, "api")["action"], "cutover");
+        let steps = steps(&rollout);
+        let hold = steps
+            .iter()
+            .position(|s| s.starts_with("hold new requests to "));
+        let stop = steps
+            .iter()
+            .position(|s| s == "stop app-api.service" || s == &format!("stop container {api}"));
+        assert!(
+            hold.is_some() && hold < stop,
+            "held before the old owner stopped: {steps:?}"
+        );
+    }
+    assert!(
+        sampler.finish() > 20,
+        "the sampler ran through both cutovers"
+    );
+    let tally = load.finish();
+    assert_no_failure(&tally, 200);
 }

@@ -125,6 +125,11 @@ impl Host {
 
     /// `with`, for an edit that needs the port this host's API listens on.
     pub fn new_with_ports(edit: impl FnOnce(&Path, u16)) -> Host {
+        Host::on(UserManager::start(), |work, host| edit(work, host.api_port))
+    }
+
+    /// `with`, for an edit that needs the host itself (its container names).
+    pub fn with_host(edit: impl FnOnce(&Path, &Host)) -> Host {
         Host::on(UserManager::start(), edit)
     }
 
@@ -155,7 +160,7 @@ impl Host {
         host
     }
 
-    fn on(um: UserManager, edit: impl FnOnce(&Path, u16)) -> Host {
+    fn on(um: UserManager, edit: impl FnOnce(&Path, &Host)) -> Host {
         static HOSTS: AtomicU64 = AtomicU64::new(0);
         let root = tempfile::Builder::new()
             .prefix("moorline-e2e-")
@@ -181,7 +186,7 @@ impl Host {
             &work,
         );
         host.retarget_ports();
-        edit(&work, host.api_port);
+        edit(&work, &host);
         git(
             host.root.path(),
             &["init", "-q", "--bare", "-b", "main", "app.git"],

@@ -14,6 +14,7 @@ mod crash;
 mod docker;
 mod docker_crash;
 mod edge;
+mod edge_proxy;
 mod fleet;
 mod git_faults;
 mod hand;

@@ -150,7 +150,9 @@ fn worker(
             // Pacing the load, not waiting for a condition.
             std::thread::sleep(next - now);
         }
-        next += every;
+        // A worker held up (a request held by the edge) goes on at the
+        // rate, rather than in a burst to catch up.
+        next = next.max(now) + every;
         let started = Instant::now();
         let (answer, keep) = match request(&mut conn, addr, path) {
             Ok((code, body, keep)) => (Answer::Status(code, body), keep),

@@ -344,8 +344,8 @@ pub async fn start(
 /// audit's foreign members when native owns the scope).
 pub async fn running(docker: &Docker, scope: &Scope) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
-    for container in containers(scope) {
-        for name in [container.name.clone(), prev_name(&container.name)] {
+    for member in scope.members_on(crate::runtime::Owner::Docker) {
+        for name in [prev_name(&member), member] {
             let Some(state) = docker.inspect(&name).await.map_err(RuntimeError::from)? else {
                 continue;
             };
@@ -364,23 +364,28 @@ pub async fn drift(
     scope: &Scope,
     release: &str,
 ) -> Result<Vec<String>, RuntimeError> {
+    drift_of(docker, &names(scope), release).await
+}
+
+/// Of the containers `names`, those missing, stopped, or labelled with
+/// another release than `release`.
+pub async fn drift_of(
+    docker: &Docker,
+    names: &[String],
+    release: &str,
+) -> Result<Vec<String>, RuntimeError> {
     let mut found = Vec::new();
-    for container in containers(scope) {
-        match docker
-            .inspect(&container.name)
-            .await
-            .map_err(RuntimeError::from)?
-        {
-            None => found.push(format!("container {} is missing", container.name)),
+    for name in names {
+        match docker.inspect(name).await.map_err(RuntimeError::from)? {
+            None => found.push(format!("container {name} is missing")),
             Some(state) if !state.running => {
-                found.push(format!("container {} is {}", container.name, state.status))
+                found.push(format!("container {name} is {}", state.status))
             }
             Some(state) => {
                 let commit = state.labels.get(LABEL_COMMIT);
                 if commit.is_some_and(|c| c != release) {
                     found.push(format!(
-                        "container {} runs release {} but {} was recorded",
-                        container.name,
+                        "container {name} runs release {} but {} was recorded",
                         short(commit.map(String::as_str).unwrap_or("")),
                         short(release)
                     ));
@@ -389,6 +394,50 @@ pub async fn drift(
         }
     }
     Ok(found)
+}
+
+/// Create and start slot `slot`'s container of a slotted scope on its
+/// release: named `<name>-<slot>`, publishing the slot's address to the
+/// container's `port`, with `env` (`MOORLINE_SLOT`, ...) besides the
+/// release and commit. A container of that name left from before is
+/// removed first.
+pub async fn start_slot(
+    target: &Target<'_>,
+    slot: u8,
+    addr: std::net::SocketAddr,
+    env: &[(&str, String)],
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let docker = target.docker;
+    for container in containers(target.scope) {
+        let mut spec = container.clone();
+        spec.name = format!("{}-{slot}", container.name);
+        let port = container.port.unwrap_or(addr.port());
+        spec.ports = vec![format!("{}:{}:{port}", addr.ip(), addr.port())];
+        remove_if_present(docker, &spec.name, journal).await?;
+        let mut all_env = vec![
+            ("MOORLINE_COMMIT".to_string(), target.release.to_string()),
+            (
+                "MOORLINE_RELEASE".to_string(),
+                target.release_dir.display().to_string(),
+            ),
+        ];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        let image = image_ref(container, target.release);
+        let name = spec.name.clone();
+        journal
+            .step(
+                format!("create container {name} from {image}"),
+                docker.create(&spec, &image, &target.labels, &all_env, target.release_dir),
+            )
+            .await
+            .map_err(RuntimeError::from)?;
+        journal
+            .step(format!("start container {name}"), docker.start(&name))
+            .await
+            .map_err(RuntimeError::from)?;
+    }
+    Ok(())
 }
 
 /// What `status` shows for one container.

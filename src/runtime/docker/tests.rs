@@ -109,6 +109,7 @@ impl Fixture {
             volumes: Vec::new(),
             command: command.map(|argv| argv.iter().map(|a| a.to_string()).collect()),
             restart: "no".to_string(),
+            port: None,
         }
     }
 }
