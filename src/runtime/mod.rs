@@ -448,6 +448,14 @@ impl Runtime {
     /// Members (of the owning runtime) that are down or run another release
     /// than `release`.
     pub async fn drift(&self, scope: &Scope, release: &str) -> Result<Vec<String>, RuntimeError> {
+        // An edge scope whose edge is down (after a reboot) is down too: its
+        // redeployment starts the edge again.
+        if scope.edge.is_some()
+            && let Err(e) = self.edge().client.report().await
+            && e.is_unreachable()
+        {
+            return Ok(vec![format!("the edge is not running ({e})")]);
+        }
         if scope.slotted() {
             return slots::drift(&self.form(), self.edge(), scope, release).await;
         }

@@ -838,3 +838,32 @@ fn a_held_restart_scope_cuts_over_both_ways_running_once_and_failing_nothing() {
     let tally = load.finish();
     assert_no_failure(&tally, 200);
 }
+
+/// The edge stopped while the agent was down (a reboot: nothing enabled
+/// it): the start-up audit finds the scope down and its repair starts the
+/// edge again, with its routes.
+#[test]
+fn an_edge_that_is_down_at_start_up_is_started_again() {
+    let (mut host, edge, first) = edge_host();
+    host.stop_agent();
+    let before = crate::crash::rollouts_of(&host, &first).len();
+    host.um.systemctl(&["stop", "moorline-edge.service"]);
+    assert_eq!(harness::http_get(edge.listen.port(), "/"), None);
+    host.start_agent();
+    let body = wait_for("the edge to serve again", Duration::from_secs(60), || {
+        harness::http_get(edge.listen.port(), "/").map(|(_, b)| b)
+    });
+    assert!(body.starts_with("ok v1 "), "{body}");
+    let repair = wait_for("the repair", Duration::from_secs(60), || {
+        let rollouts = crate::crash::rollouts_of(&host, &first);
+        rollouts
+            .get(before)
+            .filter(|r| r["outcome"] != "in-progress")
+            .cloned()
+    });
+    assert_eq!(repair["outcome"], "succeeded", "{repair:#}");
+    assert_eq!(
+        host.unit_property("moorline-edge.service", "ActiveState"),
+        "active"
+    );
+}
