@@ -32,15 +32,19 @@ pub enum Request {
     Plan {
         rev: Option<String>,
     },
-    /// `moorline hold SCOPE --reason TEXT`, by `user`.
+    /// `moorline hold SCOPE --reason TEXT`. Who asked is recorded from the
+    /// connection's credentials; `user` (the client's login name) is kept
+    /// for older clients and not trusted.
     Hold {
         scope: String,
         reason: String,
+        #[serde(default)]
         user: String,
     },
-    /// `moorline resume SCOPE`, by `user`.
+    /// `moorline resume SCOPE`.
     Resume {
         scope: String,
+        #[serde(default)]
         user: String,
     },
 }
@@ -330,7 +334,13 @@ pub async fn request(state_dir: &Path, request: &Request) -> Result<Response, Ap
 
 /// Answers requests; implemented by the agent.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, request: Request) -> impl std::future::Future<Output = Response> + Send;
+    /// Answer `request`, sent by `peer` (the agent's own uid: no other is
+    /// let in).
+    fn handle(
+        &self,
+        request: Request,
+        peer: crate::channel::Peer,
+    ) -> impl std::future::Future<Output = Response> + Send;
 }
 
 /// Bind the control socket: replaces a stale socket file, mode 0600.
@@ -341,11 +351,11 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener, ApiError> {
 /// Serve until the task is dropped. Connections from another uid are closed
 /// unanswered.
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
-    crate::channel::serve(listener, move |request: Result<Request, String>| {
+    crate::channel::serve(listener, move |request: Result<Request, String>, peer| {
         let handler = handler.clone();
         async move {
             match request {
-                Ok(request) => handler.handle(request).await,
+                Ok(request) => handler.handle(request, peer).await,
                 Err(malformed) => Response::Error(malformed),
             }
         }

@@ -31,6 +31,32 @@ pub enum ChannelError {
     },
 }
 
+/// Who is on the other end of a connection, from its socket's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+}
+
+impl Peer {
+    /// `name (uid N)` from the password database, or `uid N`.
+    pub fn describe(&self) -> String {
+        let name = std::fs::read_to_string("/etc/passwd")
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|line| {
+                    let mut fields = line.split(':');
+                    let name = fields.next()?;
+                    let uid = fields.nth(1)?;
+                    (uid == self.uid.to_string()).then(|| name.to_string())
+                })
+            });
+        match name {
+            Some(name) => format!("{name} (uid {})", self.uid),
+            None => format!("uid {}", self.uid),
+        }
+    }
+}
+
 /// Bind the socket at `path`: a stale socket file is replaced; mode 0600.
 pub fn bind(path: &Path) -> Result<UnixListener, ChannelError> {
     let listen_err = |source| ChannelError::Listen {
@@ -46,13 +72,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, ChannelError> {
 }
 
 /// Serve until the task is dropped: each request line, decoded (or the
-/// reason it could not be), is answered with what `handle` returns.
-/// Connections from another uid are closed unanswered.
+/// reason it could not be), is answered with what `handle` returns, told
+/// who sent it. Connections from another uid are closed unanswered.
 pub async fn serve<Req, Resp, H, Fut>(listener: UnixListener, handle: H)
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
-    H: Fn(Result<Req, String>) -> Fut + Clone + Send + 'static,
+    H: Fn(Result<Req, String>, Peer) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Resp> + Send + 'static,
 {
     let own_uid = rustix::process::getuid().as_raw();
@@ -60,8 +86,8 @@ where
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        match stream.peer_cred() {
-            Ok(cred) if cred.uid() == own_uid => {}
+        let peer = match stream.peer_cred() {
+            Ok(cred) if cred.uid() == own_uid => Peer { uid: cred.uid() },
             Ok(cred) => {
                 warn!(
                     uid = cred.uid(),
@@ -73,7 +99,7 @@ where
                 warn!(error = %e, "cannot check the control connection's peer");
                 continue;
             }
-        }
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -84,7 +110,7 @@ where
             }
             let request =
                 serde_json::from_str::<Req>(&line).map_err(|e| format!("malformed request: {e}"));
-            let response = handle(request).await;
+            let response = handle(request, peer).await;
             let mut bytes = serde_json::to_vec(&response).expect("responses always serialize");
             bytes.push(b'\n');
             let _ = write.write_all(&bytes).await;
@@ -124,4 +150,15 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         .map_err(|_| protocol(format!("no answer within {}s", limit.as_secs())))?
         .map_err(|e| protocol(e.to_string()))?;
     serde_json::from_str(&answer).map_err(|e| protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peer;
+
+    #[test]
+    fn a_peer_is_named_from_the_password_database() {
+        assert_eq!(Peer { uid: 0 }.describe(), "root (uid 0)");
+        assert_eq!(Peer { uid: 4_000_123 }.describe(), "uid 4000123");
+    }
 }

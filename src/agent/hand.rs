@@ -1,9 +1,11 @@
 //! Levers for operating a host by hand, answered on the control channel:
 //! `hold` and `resume`. Each is stored (holds live in their own record, so a
 //! rollout in progress cannot overwrite them) and recorded in history with
-//! its reason and the user.
+//! its reason and the user, `name (uid N)` from the control connection's
+//! credentials.
 
 use crate::api::Response;
+use crate::channel::Peer;
 use crate::source::Wake;
 use crate::store::{Hold, Outcome, RolloutRecord, ScopeRecord, now_ms};
 
@@ -11,7 +13,8 @@ use super::Agent;
 
 impl Agent {
     /// Hold `scope`: rollouts leave it exactly as it runs.
-    pub(super) fn hold(&self, scope: &str, reason: &str, user: &str) -> Response {
+    pub(super) fn hold(&self, scope: &str, reason: &str, peer: Peer) -> Response {
+        let user = &peer.describe();
         let owner = match self.deployed_scope(scope) {
             Ok(owner) => owner,
             Err(message) => return Response::Error(message),
@@ -22,7 +25,7 @@ impl Agent {
         let hold = Hold {
             reason: reason.to_string(),
             user: user.to_string(),
-            uid: rustix::process::getuid().as_raw(),
+            uid: peer.uid,
             since: now_ms(),
         };
         let text = hold.describe();
@@ -38,7 +41,8 @@ impl Agent {
     }
 
     /// Resume `scope`: it follows the branch again, at once.
-    pub(super) fn resume(&self, scope: &str, user: &str) -> Response {
+    pub(super) fn resume(&self, scope: &str, peer: Peer) -> Response {
+        let user = &peer.describe();
         let held = self.store.hand().map(|h| h.holds.contains_key(scope));
         match held {
             Ok(true) => {}

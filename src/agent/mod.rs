@@ -122,7 +122,7 @@ impl Agent {
 }
 
 impl api::Handler for Agent {
-    async fn handle(&self, request: Request) -> Response {
+    async fn handle(&self, request: Request, peer: crate::channel::Peer) -> Response {
         match request {
             Request::Status => Response::Status(Box::new(self.status().await)),
             Request::History { scope, limit } => match self.store.rollouts(scope.as_deref(), limit)
@@ -155,12 +155,8 @@ impl api::Handler for Agent {
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
-            Request::Hold {
-                scope,
-                reason,
-                user,
-            } => self.hold(&scope, &reason, &user),
-            Request::Resume { scope, user } => self.resume(&scope, &user),
+            Request::Hold { scope, reason, .. } => self.hold(&scope, &reason, peer),
+            Request::Resume { scope, .. } => self.resume(&scope, peer),
         }
     }
 }

@@ -102,7 +102,7 @@ pub async fn run(state_dir: &Path) -> Result<(), EdgeError> {
     let listener = crate::channel::bind(&socket_path(state_dir))?;
     let server = tokio::spawn(crate::channel::serve(listener, {
         let edge = edge.clone();
-        move |request| {
+        move |request, _peer| {
             let edge = edge.clone();
             async move { handle(&edge, request).await }
         }

@@ -69,7 +69,19 @@ fn a_hold_survives_pushes_and_restarts_until_resume_converges_the_scope() {
         scope(&hold_record, "api")["reason"],
         "investigating the queue"
     );
-    assert!(hold_record["user"].is_string(), "{hold_record:#}");
+    // Who held it comes from the control connection's credentials.
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .arg(flag)
+            .output()
+            .expect("id runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        hold_record["user"],
+        format!("{} (uid {})", id("-un"), id("-u")).as_str(),
+        "{hold_record:#}"
+    );
 
     let resumed = host.moorline(&["resume", "api"]);
     assert_eq!(resumed.status.code(), Some(0), "{resumed:?}");
