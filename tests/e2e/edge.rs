@@ -867,3 +867,42 @@ fn an_edge_that_is_down_at_start_up_is_started_again() {
         "active"
     );
 }
+
+/// A canary that never gets enough requests to judge (min_requests far
+/// above what its weight brings) is never passed: after three times its
+/// soak it rolls back as `inconclusive`, and the old slot served on.
+#[test]
+fn a_canary_that_stays_inconclusive_rolls_back_after_three_soaks() {
+    let edge = Edge::new();
+    let mut host = Host::with(|work| {
+        canary_api(work, &edge, "[{ weight = 10, soak = \"1s\" }]");
+        let path = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&path).expect("read manifest");
+        let text = text.replace("min_requests = 5\n", "min_requests = 1000\n");
+        std::fs::write(&path, text).expect("write manifest");
+    });
+    host.deployed();
+    let load = Load::start(edge.listen, "/", 60, 4);
+    let v2 = host.commit_and_push("api v2", api_version("v2"));
+    host.sync();
+    let rollout = host.wait_rollout(&v2);
+    let tally = load.finish();
+    assert_eq!(rollout["outcome"], "rolled-back", "{rollout:#}");
+    assert_eq!(
+        rollout["error"],
+        "switching scope \"api\" failed: the canary of scope \"api\" failed at step 1 (10%): inconclusive"
+    );
+    let analysis = rollout["analysis"].as_array().expect("analysis");
+    assert!(
+        analysis.len() >= 3,
+        "three soaks of 1 s at 1 s intervals: {analysis:?}"
+    );
+    assert!(
+        analysis.iter().all(|i| i["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("inconclusive ("))),
+        "{analysis:?}"
+    );
+    assert_eq!(active_slot(&host), 0);
+    assert_no_failure(&tally, 100);
+}
