@@ -56,8 +56,6 @@ impl std::fmt::Display for Owner {
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::future::try_join_all;
-
 use crate::journal::Journal;
 use crate::manifest::Scope;
 
@@ -299,28 +297,13 @@ impl Runtime {
         release_dir: &Path,
         http: &reqwest::Client,
     ) -> Result<(), RuntimeError> {
-        let members = scope.members_on(scope.owner);
-        let settle = async {
-            match self {
-                // The new slot settled before the edge switched to it.
-                _ if scope.slotted() => {}
-                Runtime::Native(sd, _) => {
-                    try_join_all(members.iter().map(|unit| sd.settle(unit, scope.settle)))
-                        .await
-                        .map(drop)?;
-                }
-                Runtime::Docker { docker, .. } => {
-                    try_join_all(
-                        members
-                            .iter()
-                            .map(|c| docker.settle(c, scope.settle, scope.health_timeout)),
-                    )
-                    .await
-                    .map(drop)?;
-                }
-            }
-            Ok::<(), RuntimeError>(())
+        // A slotted scope's new slot settled before the edge switched to it.
+        let members = match scope.slotted() {
+            true => vec![],
+            false => scope.members_on(scope.owner),
         };
+        let form = self.form();
+        let settle = form.settle(scope, &members);
         let health = async {
             // Once switched, an edge scope's checks go through the edge.
             let target = crate::health::Target {

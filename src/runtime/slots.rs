@@ -47,8 +47,10 @@ impl EdgeHandle {
     }
 }
 
-/// The runtime form a slotted scope's instances take: template units or
-/// containers. Everything slot-specific below asks its form.
+/// The form a scope's members take on a runtime: units or containers (for
+/// a slotted scope, template instances or `<name>-<slot>` containers).
+/// Everything slot-specific below asks its form; `Runtime::verify` settles
+/// through it too.
 #[derive(Clone, Copy)]
 pub enum Form<'a> {
     Units(&'a Systemd),
@@ -104,7 +106,11 @@ impl Form<'_> {
     }
 
     /// Every instance stays up through the settle window.
-    async fn settle(&self, scope: &Scope, instances: &[String]) -> Result<(), RuntimeError> {
+    pub(super) async fn settle(
+        &self,
+        scope: &Scope,
+        instances: &[String],
+    ) -> Result<(), RuntimeError> {
         match self {
             Form::Units(sd) => {
                 try_join_all(instances.iter().map(|u| sd.settle(u, scope.settle)))
@@ -135,10 +141,7 @@ impl Form<'_> {
         match self {
             Form::Units(sd) => {
                 let sd = sd.with_job_timeout(scope.job_timeout);
-                journal
-                    .each(instances, |u| format!("stop {u}"), |u| sd.stop(u))
-                    .await?;
-                Ok(())
+                systemd::scope::stop(&sd, instances, journal).await
             }
             Form::Containers { docker, .. } => {
                 docker::scope::stop(docker, instances, true, journal).await
