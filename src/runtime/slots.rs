@@ -239,22 +239,55 @@ pub async fn ensure_edge(
     Ok(())
 }
 
-/// The slot that serves the scope: the one the edge sends every new request
-/// to, or in a canary's split (a rollout cut short) the one with the larger
-/// weight; `None` before the edge routes the scope.
-pub async fn active(edge: &EdgeHandle, scope: &str) -> Result<Option<u8>, RuntimeError> {
+/// The scope's route as the edge serves it now; `None` before it routes
+/// the scope. One report, from which the helpers below read.
+async fn route(edge: &EdgeHandle, scope: &str) -> Result<Option<Route>, RuntimeError> {
     let report = edge.client.report().await?;
-    Ok(report
-        .routes
-        .get(scope)
-        .and_then(|r| r.route().serving())
-        .and_then(|slot| u8::try_from(slot).ok()))
+    Ok(report.routes.get(scope).map(|r| r.route()))
 }
 
-/// Whether the edge sends every new request of the scope to `slot`.
-async fn all_to(edge: &EdgeHandle, scope: &str, slot: u8) -> Result<bool, RuntimeError> {
-    let report = edge.client.report().await?;
-    Ok(report.routes.get(scope).and_then(|r| r.route().active()) == Some(usize::from(slot)))
+/// The slot that serves: the one the edge sends every new request to, or
+/// in a canary's split (a rollout cut short) the one with the larger weight.
+fn serving(route: Option<&Route>) -> Option<u8> {
+    route?.serving().and_then(|slot| u8::try_from(slot).ok())
+}
+
+/// Whether the edge sends every new request to `slot`.
+fn all_to(route: Option<&Route>, slot: u8) -> bool {
+    route.and_then(Route::active) == Some(usize::from(slot))
+}
+
+/// The slot that serves the scope now (see `serving`).
+pub async fn active(edge: &EdgeHandle, scope: &str) -> Result<Option<u8>, RuntimeError> {
+    Ok(serving(route(edge, scope).await?.as_ref()))
+}
+
+/// Send every new request of `scope` back to `slot`, journaled.
+async fn route_back(
+    edge: &EdgeHandle,
+    scope: &Scope,
+    slot: u8,
+    journal: &mut Journal<'_>,
+) -> Result<(), RuntimeError> {
+    let spec = edge_of(scope);
+    journal
+        .step(
+            format!("route {} back to slot {slot}", spec.listen),
+            edge.client.set(&scope.name, route_to(spec, slot)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The instances of `slot` that are not stopped.
+async fn up_in(form: &Form<'_>, scope: &Scope, slot: u8) -> Result<Vec<String>, RuntimeError> {
+    let mut up = Vec::new();
+    for instance in form.instances(scope, slot) {
+        if form.up(&instance).await? {
+            up.push(instance);
+        }
+    }
+    Ok(up)
 }
 
 /// Bring `release` up in the idle slot and switch the edge to it: the idle
@@ -273,26 +306,22 @@ pub async fn switch(
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
     let spec = edge_of(scope);
-    let serving = active(edge, &scope.name).await?;
+    let current = route(edge, &scope.name).await?;
+    let serving = serving(current.as_ref());
     let slot = match serving {
         Some(serving) => 1 - serving,
         None => 0,
     };
-    if let Some(serving) = serving
-        && !all_to(edge, &scope.name, serving).await?
-    {
-        // A canary cut short: the slot about to restart still takes some.
-        journal
-            .step(
-                format!("route {} back to slot {serving}", spec.listen),
-                edge.client.set(&scope.name, route_to(spec, serving)),
-            )
-            .await?;
-    }
-    // A slot still running (a canary or a drain cut short) keeps what it
-    // has in flight until that ends, up to `drain`, before it restarts.
-    if !idle(form, edge, scope).await?.is_empty() {
-        drain_slot(edge, scope, slot, journal).await?;
+    if let Some(serving) = serving {
+        if !all_to(current.as_ref(), serving) {
+            // A canary cut short: the slot about to restart still takes some.
+            route_back(edge, scope, serving, journal).await?;
+        }
+        // A slot still running (a canary or a drain cut short) keeps what
+        // it has in flight until that ends, up to `drain`, before it restarts.
+        if !up_in(form, scope, slot).await?.is_empty() {
+            drain_slot(edge, scope, slot, journal).await?;
+        }
     }
     form.start(scope, slot, release_dir, release, journal)
         .await?;
@@ -303,12 +332,7 @@ pub async fn switch(
     if let (Ok(()), Some(canary), Some(serving)) = (&checked, &scope.canary, serving) {
         checked = super::canary::promote(edge, scope, canary, slot, journal).await;
         if checked.is_err() {
-            journal
-                .step(
-                    format!("route {} back to slot {serving}", spec.listen),
-                    edge.client.set(&scope.name, route_to(spec, serving)),
-                )
-                .await?;
+            route_back(edge, scope, serving, journal).await?;
         }
     }
     if let Err(e) = checked {
@@ -359,7 +383,6 @@ pub async fn restore(
     http: &reqwest::Client,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    let spec = edge_of(old);
     let mut warm = None;
     for slot in 0..2u8 {
         if runs(form, old, slot, target).await? {
@@ -367,13 +390,8 @@ pub async fn restore(
         }
     }
     match warm {
-        Some(slot) if !all_to(edge, &old.name, slot).await? => {
-            journal
-                .step(
-                    format!("route {} back to slot {slot}", spec.listen),
-                    edge.client.set(&old.name, route_to(spec, slot)),
-                )
-                .await?;
+        Some(slot) if !all_to(route(edge, &old.name).await?.as_ref(), slot) => {
+            route_back(edge, old, slot, journal).await?;
         }
         Some(_) => {}
         None => switch(form, edge, old, release_dir, target, http, journal).await?,
@@ -405,19 +423,11 @@ pub async fn idle(
     edge: &EdgeHandle,
     scope: &Scope,
 ) -> Result<Vec<String>, RuntimeError> {
-    let Some(serving) = active(edge, &scope.name).await? else {
-        return Ok(vec![]);
-    };
-    if !all_to(edge, &scope.name, serving).await? {
-        return Ok(vec![]);
+    let current = route(edge, &scope.name).await?;
+    match serving(current.as_ref()) {
+        Some(slot) if all_to(current.as_ref(), slot) => up_in(form, scope, 1 - slot).await,
+        _ => Ok(vec![]),
     }
-    let mut up = Vec::new();
-    for instance in form.instances(scope, 1 - serving) {
-        if form.up(&instance).await? {
-            up.push(instance);
-        }
-    }
-    Ok(up)
 }
 
 /// The switch passed: requests and WebSockets in flight on the slot that no
@@ -428,10 +438,11 @@ pub async fn finish(
     scope: &Scope,
     journal: &mut Journal<'_>,
 ) -> Result<(), RuntimeError> {
-    let Some(serving) = active(edge, &scope.name).await? else {
+    let current = route(edge, &scope.name).await?;
+    let Some(serving) = serving(current.as_ref()).filter(|s| all_to(current.as_ref(), *s)) else {
         return Ok(());
     };
-    let up = idle(form, edge, scope).await?;
+    let up = up_in(form, scope, 1 - serving).await?;
     if up.is_empty() {
         return Ok(());
     }
