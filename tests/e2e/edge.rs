@@ -69,20 +69,28 @@ fn docker_blue_green_api(work: &Path, edge: &Edge, prefix: &str) {
     blue_green_api(work, edge);
     let path = work.join("deploy/moorline.toml");
     let text = std::fs::read_to_string(&path).expect("read manifest");
-    let text = text
-        .replacen(
-            "[scopes.api]\nowner = \"native\"",
-            "[scopes.api]\nowner = \"docker\"",
-            1,
-        )
-        .replacen(
-            "[[scopes.api.health]]",
-            &format!(
-                "[[scopes.api.docker.containers]]\nname = \"{prefix}app-api\"\nimage = \"{prefix}app-api\"\n\
-                 dockerfile = \"deploy/docker/api.Dockerfile\"\nport = 8080\n\n[[scopes.api.health]]"
-            ),
-            1,
-        );
+    let text = text.replacen(
+        "[scopes.api]\nowner = \"native\"",
+        "[scopes.api]\nowner = \"docker\"",
+        1,
+    );
+    std::fs::write(&path, text).expect("write manifest");
+    api_container(work, prefix, "");
+}
+
+/// Give the API's edge scope its docker form: `<prefix>app-api`, the busybox
+/// httpd image of the example on container port 8080, with `extra` keys.
+fn api_container(work: &Path, prefix: &str, extra: &str) {
+    let path = work.join("deploy/moorline.toml");
+    let text = std::fs::read_to_string(&path).expect("read manifest");
+    let text = text.replacen(
+        "[[scopes.api.health]]",
+        &format!(
+            "[[scopes.api.docker.containers]]\nname = \"{prefix}app-api\"\nimage = \"{prefix}app-api\"\n\
+             dockerfile = \"deploy/docker/api.Dockerfile\"\nport = 8080\n{extra}\n[[scopes.api.health]]"
+        ),
+        1,
+    );
     std::fs::write(&path, text).expect("write manifest");
 }
 
@@ -789,20 +797,11 @@ fn a_held_restart_scope_cuts_over_both_ways_running_once_and_failing_nothing() {
     let edge = Edge::new();
     let mut host = Host::with_host(|work, host| {
         held_api(work, &edge, host.api_port);
-        let path = work.join("deploy/moorline.toml");
-        let text = std::fs::read_to_string(&path).expect("read manifest");
-        let prefix = host.container("");
-        let text = text.replacen(
-            "[[scopes.api.health]]",
-            &format!(
-                "[[scopes.api.docker.containers]]\nname = \"{prefix}app-api\"\nimage = \"{prefix}app-api\"\n\
-                 dockerfile = \"deploy/docker/api.Dockerfile\"\nport = 8080\n\
-                 command = [\"/bin/busybox\", \"sh\", \"-c\", \"trap 'exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & wait\"]\n\n\
-                 [[scopes.api.health]]"
-            ),
-            1,
+        api_container(
+            work,
+            &host.container(""),
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"trap 'exit 0' TERM; /bin/busybox httpd -f -p 8080 -h /www & wait\"]\n",
         );
-        std::fs::write(&path, text).expect("write manifest");
     });
     host.deployed();
     let api = host.container("app-api");
