@@ -47,6 +47,22 @@ pub enum Request {
         #[serde(default)]
         user: String,
     },
+    /// `moorline rollback SCOPE [--to ROLLOUT] --reason TEXT`.
+    Rollback {
+        scope: String,
+        to: Option<u64>,
+        reason: String,
+    },
+    /// `moorline restart SCOPE --reason TEXT`.
+    Restart {
+        scope: String,
+        reason: String,
+    },
+    /// `moorline approve COMMIT [--scope S]`.
+    Approve {
+        commit: String,
+        scope: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,7 +93,33 @@ pub struct StatusReport {
     /// `moorline edge`, when a deployed scope is routed through it.
     #[serde(default)]
     pub edge: Option<EdgeView>,
+    /// The branch's commit, when it waits for `moorline approve`.
+    #[serde(default)]
+    pub awaiting_approval: Option<AwaitingView>,
     pub last_rollout: Option<RolloutSummary>,
+}
+
+/// A commit that waits for `moorline approve`, and what it would do.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AwaitingView {
+    pub commit: String,
+    pub since: String,
+    /// Scope → what it would do (`cutover: owner changed from docker to native`).
+    pub scopes: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&crate::store::Awaiting> for AwaitingView {
+    fn from(a: &crate::store::Awaiting) -> AwaitingView {
+        AwaitingView {
+            commit: a.commit.clone(),
+            since: time_text(a.since),
+            scopes: a
+                .scopes
+                .iter()
+                .map(|(name, gated)| (name.clone(), gated.what.clone()))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -269,6 +311,10 @@ pub struct PlannedScopeView {
     /// A blue-green or canary scope: the slot the new release goes to.
     #[serde(default)]
     pub slot: Option<u8>,
+    /// The scope's `approve` gate keeps the whole commit waiting for
+    /// `moorline approve`.
+    #[serde(default)]
+    pub awaiting_approval: bool,
 }
 
 pub fn time_text(ms: u64) -> String {
@@ -421,6 +467,7 @@ impl From<&crate::plan::Plan> for PlanView {
                     release: s.release.clone(),
                     build: s.build,
                     slot: None,
+                    awaiting_approval: s.awaiting,
                 })
                 .collect(),
         }

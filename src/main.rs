@@ -104,19 +104,33 @@ enum Command {
     /// Ask the running agent to fetch now
     Sync,
     /// Leave a scope exactly as it runs, whatever the branch says, until `resume`
-    Hold {
-        #[arg(value_name = "SCOPE")]
-        scope: String,
-        /// Why (recorded in history and shown by status and plan)
-        #[arg(long, value_name = "TEXT")]
-        reason: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Hold(#[command(flatten)] ByHand),
     /// Let a held scope follow the branch again (it converges at once)
     Resume {
         #[arg(value_name = "SCOPE")]
         scope: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll a scope back to its previous healthy release (no git, no build)
+    /// and hold it there until `resume`
+    Rollback {
+        #[command(flatten)]
+        hand: ByHand,
+        /// Go back to the release the scope ran after this rollout instead
+        #[arg(long, value_name = "ROLLOUT")]
+        to: Option<u64>,
+    },
+    /// Restart a scope's members on the release they run, verified like any rollout
+    Restart(#[command(flatten)] ByHand),
+    /// Let a commit that waits for approval (`approve` on a scope) deploy
+    Approve {
+        /// The waiting commit (at least 4 characters of its id)
+        #[arg(value_name = "COMMIT")]
+        commit: String,
+        /// Approve only this scope's gate
+        #[arg(long, value_name = "SCOPE")]
+        scope: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +150,18 @@ enum Command {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
+}
+
+/// What `hold`, `rollback` and `restart` are told: a scope and why.
+#[derive(clap::Args)]
+struct ByHand {
+    #[arg(value_name = "SCOPE")]
+    scope: String,
+    /// Why (recorded in history and shown by status and plan)
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -222,12 +248,17 @@ fn main() -> ExitCode {
             Command::Show { id, json } => cli::history::show(&config, id, json).await,
             Command::Plan { rev, json } => cli::plan::run(&config, rev, json).await,
             Command::Sync => cli::sync::run(&config).await,
-            Command::Hold {
-                scope,
-                reason,
-                json,
-            } => cli::hand::hold(&config, &scope, &reason, json).await,
+            Command::Hold(h) => cli::hand::hold(&config, &h.scope, &h.reason, h.json).await,
             Command::Resume { scope, json } => cli::hand::resume(&config, &scope, json).await,
+            Command::Rollback { hand: h, to } => {
+                cli::hand::rollback(&config, &h.scope, to, &h.reason, h.json).await
+            }
+            Command::Restart(h) => cli::hand::restart(&config, &h.scope, &h.reason, h.json).await,
+            Command::Approve {
+                commit,
+                scope,
+                json,
+            } => cli::hand::approve(&config, &commit, scope.as_deref(), json).await,
             Command::Check { .. } | Command::Completions { .. } | Command::Init { .. } => {
                 unreachable!("handled before the runtime starts")
             }

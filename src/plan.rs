@@ -7,7 +7,11 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, Owner, Scope};
-use crate::store::{Hold, HostState, ReleaseRecord, ScopeState};
+use crate::store::{DeployedScope, HandState, HostState, ReleaseRecord, ScopeState};
+
+/// The scope name `moorline approve COMMIT` without `--scope` records:
+/// every gated scope of the commit.
+pub const ALL_SCOPES: &str = "*";
 
 /// What a scope's deployment depends on at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +91,8 @@ pub struct ScopePlan {
     /// The members the scope runs once this step is done (a removed
     /// scope: those it ran).
     pub members: Vec<String>,
+    /// The scope's `approve` gate holds the commit until `moorline approve`.
+    pub awaiting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +106,12 @@ impl Plan {
     /// Whether running this plan touches anything.
     pub fn changes_anything(&self) -> bool {
         self.scopes.iter().any(|s| s.action.touches())
+    }
+
+    /// The steps that wait for `moorline approve`: while there is one,
+    /// nothing of the commit deploys.
+    pub fn awaiting(&self) -> impl Iterator<Item = &ScopePlan> {
+        self.scopes.iter().filter(|s| s.awaiting)
     }
 
     /// Whether the planned commit's release directory is needed.
@@ -174,8 +186,10 @@ pub fn plan(
     host: &HostState,
     releases: &[ReleaseRecord],
     here: &str,
-    holds: &BTreeMap<String, Hold>,
+    hand: &HandState,
 ) -> Plan {
+    let holds = &hand.holds;
+    let approved = hand.approvals.get(commit);
     let mut scopes = Vec::new();
     for name in manifest.waves.iter().flatten() {
         let Some(scope) = manifest.scopes.get(name) else {
@@ -223,6 +237,8 @@ pub fn plan(
                 }
             }
         };
+        let awaiting = scope.approve.gates(action)
+            && !approved.is_some_and(|a| a.contains(name) || a.contains(ALL_SCOPES));
         let retired: Vec<String> = match (action, host.scopes.get(name)) {
             (Action::Deploy, Some(state)) => {
                 let members = scope.members();
@@ -269,15 +285,81 @@ pub fn plan(
             section_text: input.section_text,
             retired,
             members: scope.members(),
+            awaiting,
         });
     }
     for (name, state) in host.scopes.iter().rev() {
         if manifest.scopes.contains_key(name) {
             continue;
         }
-        let reason = "scope removed from the manifest".to_string();
-        scopes.push(as_deployed(name, state, Action::Remove, reason));
+        // A held scope stays as it runs even when the manifest drops it.
+        match holds.get(name) {
+            Some(hold) => scopes.push(as_deployed(name, state, Action::Held, hold.describe())),
+            None => {
+                let reason = "scope removed from the manifest".to_string();
+                scopes.push(as_deployed(name, state, Action::Remove, reason));
+            }
+        }
     }
+    Plan {
+        commit: commit.to_string(),
+        scopes,
+    }
+}
+
+/// What a rollout by hand brings one scope to, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandStep {
+    pub to: DeployedScope,
+    pub reason: String,
+}
+
+/// The plan of a rollout asked for by hand (`rollback`, `restart`) at the
+/// deployed `commit`: each scope in `steps` goes to its deployment (a
+/// cutover if the owner differs), from the release it names, with no build;
+/// every other scope stays as it runs.
+pub fn by_hand(commit: &str, host: &HostState, steps: &BTreeMap<String, HandStep>) -> Plan {
+    let scopes = host
+        .scopes
+        .iter()
+        .map(|(name, state)| {
+            let Some(step) = steps.get(name) else {
+                let reason = "not part of this rollout".to_string();
+                return as_deployed(name, state, Action::Unchanged, reason);
+            };
+            let (current, to) = (&state.current, &step.to);
+            let action = if current.owner == to.owner {
+                Action::Deploy
+            } else {
+                Action::Cutover {
+                    from: current.owner,
+                }
+            };
+            let retired = match action {
+                Action::Deploy => current
+                    .members
+                    .iter()
+                    .filter(|m| !to.members.contains(m))
+                    .cloned()
+                    .collect(),
+                _ => vec![],
+            };
+            ScopePlan {
+                scope: name.clone(),
+                owner: to.owner,
+                action,
+                reason: step.reason.clone(),
+                release: to.release.clone(),
+                build: false,
+                fingerprint: to.fingerprint.clone(),
+                path_ids: to.path_ids.clone(),
+                section_text: to.section_text.clone(),
+                retired,
+                members: to.members.clone(),
+                awaiting: false,
+            }
+        })
+        .collect();
     Plan {
         commit: commit.to_string(),
         scopes,
@@ -300,6 +382,7 @@ fn as_deployed(name: &str, state: &ScopeState, action: Action, reason: String) -
         section_text: current.section_text.clone(),
         retired: vec![],
         members: current.members.clone(),
+        awaiting: false,
     }
 }
 
@@ -321,6 +404,7 @@ fn elsewhere(commit: &str, scope: &Scope, state: Option<&ScopeState>) -> ScopePl
             section_text: scope.section_text.clone(),
             retired: vec![],
             members: vec![],
+            awaiting: false,
         },
     }
 }
@@ -370,7 +454,7 @@ mod tests {
             host,
             releases,
             "test-host",
-            &BTreeMap::new(),
+            &HandState::default(),
         )
     }
 
@@ -590,6 +674,152 @@ units = ["web.service"]
     }
 
     #[test]
+    fn an_approve_gate_marks_its_steps_until_the_commit_is_approved() {
+        let gated = MANIFEST.replace(
+            "[scopes.api]\nowner = \"native\"\n",
+            "[scopes.api]\nowner = \"native\"\napprove = \"cutover\"\n",
+        );
+        let m = manifest(&gated);
+        // The gate is no input: adding it redeploys nothing.
+        assert_eq!(
+            m.scopes["api"].section_text,
+            manifest(MANIFEST).scopes["api"].section_text
+        );
+        let first = first_deploy(&m);
+        assert!(
+            first.awaiting().next().is_none(),
+            "a first deploy is no cutover"
+        );
+        let host = deployed(&first, &[("api", "docker")]);
+        let files = inputs(&m, "a1", "p1", "w2", "r1");
+        let mut hand = HandState::default();
+        let run = |hand: &HandState| super::plan("B", &m, &files, &host, &[], "test-host", hand);
+        let waiting: Vec<_> = run(&hand).awaiting().map(|s| s.scope.clone()).collect();
+        assert_eq!(waiting, ["api"]);
+        // Approving another commit, or another scope, lets nothing go.
+        hand.approvals
+            .entry("C".into())
+            .or_default()
+            .insert(ALL_SCOPES.into());
+        hand.approvals
+            .entry("B".into())
+            .or_default()
+            .insert("web".into());
+        assert_eq!(run(&hand).awaiting().count(), 1);
+        hand.approvals
+            .entry("B".into())
+            .or_default()
+            .insert("api".into());
+        assert_eq!(run(&hand).awaiting().count(), 0);
+        hand.approvals.clear();
+        hand.approvals
+            .entry("B".into())
+            .or_default()
+            .insert(ALL_SCOPES.into());
+        assert_eq!(run(&hand).awaiting().count(), 0);
+
+        // "always" gates any change, never an unchanged scope.
+        let always = manifest(&MANIFEST.replace(
+            "[scopes.web]\nowner = \"native\"\n",
+            "[scopes.web]\nowner = \"native\"\napprove = \"always\"\n",
+        ));
+        let host = deployed(&first_deploy(&always), &[]);
+        let plan_of = |web: &str| {
+            let files = inputs(&always, "a1", "p1", web, "r1");
+            super::plan(
+                "B",
+                &always,
+                &files,
+                &host,
+                &[],
+                "test-host",
+                &HandState::default(),
+            )
+        };
+        assert_eq!(plan_of("w1").awaiting().count(), 0);
+        let changed: Vec<_> = plan_of("w2").awaiting().map(|s| s.scope.clone()).collect();
+        assert_eq!(changed, ["web"]);
+    }
+
+    #[test]
+    fn a_held_scope_is_left_as_it_runs_even_when_the_manifest_drops_it() {
+        let m = manifest(MANIFEST);
+        let host = deployed(&first_deploy(&m), &[]);
+        let without_web =
+            manifest(&MANIFEST[..MANIFEST.find("[scopes.web]").expect("fixture has web")]);
+        let mut hand = HandState::default();
+        hand.holds.insert(
+            "web".into(),
+            crate::store::Hold {
+                reason: "keep it".into(),
+                user: "alice (uid 1000)".into(),
+                uid: 1000,
+                since: 0,
+                pin: None,
+            },
+        );
+        let files = inputs(&without_web, "a1", "p1", "w1", "r1");
+        let next = super::plan("B", &without_web, &files, &host, &[], "test-host", &hand);
+        let web = next.scopes.iter().find(|s| s.scope == "web").expect("web");
+        assert_eq!(web.action, Action::Held);
+        assert_eq!(
+            web.reason,
+            "held (keep it, by alice (uid 1000) since 1970-01-01T00:00:00Z)"
+        );
+        assert!(!next.changes_anything());
+    }
+
+    #[test]
+    fn a_plan_by_hand_moves_only_its_scopes_without_a_build() {
+        let m = manifest(MANIFEST);
+        let first = first_deploy(&m);
+        let mut host = deployed(&first, &[]);
+        let api = host.scopes["api"].current.clone();
+        host.scopes.get_mut("api").expect("api").current.release = "B".into();
+        let mut to = api.clone();
+        to.owner = Owner::Docker;
+        to.members = vec!["api".into()];
+        let steps = BTreeMap::from([(
+            "api".to_string(),
+            HandStep {
+                to: to.clone(),
+                reason: "rollback by hand to release A: slow".into(),
+            },
+        )]);
+        let plan = by_hand("B", &host, &steps);
+        assert_eq!(plan.commit, "B");
+        let api_step = plan.scopes.iter().find(|s| s.scope == "api").expect("api");
+        assert_eq!(
+            api_step.action,
+            Action::Cutover {
+                from: Owner::Native
+            }
+        );
+        assert_eq!((api_step.release.as_str(), api_step.build), ("A", false));
+        assert_eq!(api_step.fingerprint, to.fingerprint);
+        assert_eq!(api_step.members, ["api"]);
+        assert!(api_step.retired.is_empty(), "a cutover retires nothing");
+        for other in plan.scopes.iter().filter(|s| s.scope != "api") {
+            assert_eq!(other.action, Action::Unchanged, "{other:?}");
+            assert_eq!(other.reason, "not part of this rollout");
+        }
+        // The same owner: a deploy, which retires members the release lacks.
+        let mut same = api.clone();
+        same.members = vec![];
+        let steps = BTreeMap::from([(
+            "api".to_string(),
+            HandStep {
+                to: same,
+                reason: "restart by hand: env".into(),
+            },
+        )]);
+        let plan = by_hand("B", &host, &steps);
+        let api_step = plan.scopes.iter().find(|s| s.scope == "api").expect("api");
+        assert_eq!(api_step.action, Action::Deploy);
+        assert_eq!(api_step.retired, ["api.service"]);
+    }
+
+    #[test]
     fn owner_and_section_changes_and_removed_scopes_are_named() {
         let m = manifest(MANIFEST);
         let first = first_deploy(&m);
@@ -723,7 +953,7 @@ units = ["api.service"]
             &host,
             &[],
             "vps-2",
-            &BTreeMap::new(),
+            &HandState::default(),
         );
         // On a host it lists, web is an ordinary scope (its section changed).
         assert_eq!(here.scopes[2].action, Action::Deploy);

@@ -271,18 +271,66 @@ pub struct Hold {
     pub uid: u32,
     /// Unix milliseconds.
     pub since: u64,
+    /// Set by `moorline rollback`: the deployment the scope is held at. A
+    /// rollout by hand brings the scope there (again after a crash); a
+    /// failed one clears it, leaving the scope held as it runs.
+    #[serde(default)]
+    pub pin: Option<DeployedScope>,
 }
 
 impl Hold {
-    /// As `plan` and `status` show it: `held (REASON, by USER since T)`.
+    /// As `plan` and `status` show it: `held (REASON, by USER since T)`,
+    /// or `held at release R (…)` after a rollback.
     pub fn describe(&self) -> String {
+        let at = match &self.pin {
+            Some(pin) => format!(" at release {}", crate::source::short(&pin.release)),
+            None => String::new(),
+        };
         format!(
-            "held ({}, by {} since {})",
+            "held{at} ({}, by {} since {})",
             self.reason,
             self.user,
             crate::api::time_text(self.since)
         )
     }
+
+    /// Whether the scope runs what the hold pins (always, without a pin).
+    pub fn reached(&self, state: Option<&ScopeState>) -> bool {
+        match (&self.pin, state) {
+            (None, _) => true,
+            (Some(pin), Some(state)) => {
+                pin.release == state.current.release && pin.owner == state.current.owner
+            }
+            // Nothing of the scope runs here any more: nothing to go back to.
+            (Some(_), None) => true,
+        }
+    }
+}
+
+/// A request made by hand that waits for the agent's loop (`restart`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HandRequest {
+    pub reason: String,
+    pub user: String,
+    pub uid: u32,
+    pub since: u64,
+}
+
+/// A commit that waits for `moorline approve` before any of it deploys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Awaiting {
+    pub commit: String,
+    pub scopes: BTreeMap<String, Gated>,
+    pub since: u64,
+}
+
+/// A scope whose `approve` gate a commit waits at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gated {
+    /// The owner the step deploys to.
+    pub owner: Owner,
+    /// What it would do: `cutover: owner changed from docker to native`.
+    pub what: String,
 }
 
 /// What operators decided by hand, kept apart from `HostState` (which a
@@ -295,6 +343,27 @@ pub struct HandState {
     pub holds: BTreeMap<String, Hold>,
     #[serde(default)]
     pub resumed: std::collections::BTreeSet<String>,
+    /// `moorline restart` requests the loop has not carried out yet.
+    #[serde(default)]
+    pub restarts: BTreeMap<String, HandRequest>,
+    /// Commit → the gated scopes `moorline approve` let go on.
+    #[serde(default)]
+    pub approvals: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The commit the agent last found waiting for approval.
+    #[serde(default)]
+    pub awaiting: Option<Awaiting>,
+}
+
+impl HandState {
+    /// Whether a rollout by hand is due: a rollback not reached yet, or a
+    /// restart asked for.
+    pub fn due(&self, host: &HostState) -> bool {
+        !self.restarts.is_empty()
+            || self
+                .holds
+                .iter()
+                .any(|(name, hold)| !hold.reached(host.scopes.get(name)))
+    }
 }
 
 /// A checked-out release directory and what was built in it.

@@ -3,7 +3,8 @@
 //! control channel answering beside it. The live status and the snapshot
 //! on disk are the submodules.
 
-/// `hold` and `resume`, answered on the control channel.
+/// `hold`, `resume`, `rollback`, `restart`, `approve`, answered on the
+/// control channel.
 mod hand;
 /// The status snapshot on disk.
 pub mod snapshot;
@@ -157,6 +158,11 @@ impl api::Handler for Agent {
             }
             Request::Hold { scope, reason, .. } => self.hold(&scope, &reason, peer),
             Request::Resume { scope, .. } => self.resume(&scope, peer),
+            Request::Rollback { scope, to, reason } => {
+                self.rollback(&scope, to, &reason, peer).await
+            }
+            Request::Restart { scope, reason } => self.restart(&scope, &reason, peer),
+            Request::Approve { commit, scope } => self.approve(&commit, scope.as_deref(), peer),
         }
     }
 }
@@ -252,16 +258,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // with the rollout, but the reason to fetch again right after it.
         // Later ones are counted into it: one fetch serves them all.
         let mut queued: Option<(Wake, u64, u32)> = None;
-        match engine.fetch().await {
-            Ok(head) => {
-                failures = 0;
+        let fetched = match engine.fetch().await {
+            // What was asked by hand needs no remote: it goes on while the
+            // remote is away (the failed fetch is shown all the same).
+            Err(e) if engine.hand_due() => {
+                warn!(error = %e, "fetch failed; carrying out what was asked by hand");
+                set_live(&|l| l.last_fetch_error = Some(e.to_string()));
+                Ok(None)
+            }
+            other => other.map(Some),
+        };
+        match fetched {
+            Ok(fetched) => {
+                let head = fetched.clone().unwrap_or_default();
                 let fetch_ms = started.elapsed().as_millis() as u64;
-                set_live(&|l| {
-                    l.last_fetch = Some(now_ms());
-                    l.last_fetch_error = None;
-                    l.desired = Some(head.clone());
-                    l.activity = format!("rolling out {}", short(&head));
-                });
+                if fetched.is_some() {
+                    failures = 0;
+                    set_live(&|l| {
+                        l.last_fetch = Some(now_ms());
+                        l.last_fetch_error = None;
+                        l.desired = Some(head.clone());
+                    });
+                }
+                set_live(&|l| l.activity = format!("rolling out {}", short(&head)));
                 notify_status(&format!("deploying {}", short(&head)));
                 let stop = engine.stop.clone();
                 let converged = {
@@ -324,8 +343,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 };
                 let error = converged.as_ref().err().map(ToString::to_string);
                 set_live(&|l| l.last_error = error.clone());
+                if let Ok(Converged::ByHand(_)) = &converged {
+                    // What was asked by hand is done; the branch is next.
+                    queued.get_or_insert((Wake::Sync, now_ms(), 0));
+                }
                 match converged {
-                    Ok(Converged::Rolled(record)) => {
+                    Ok(Converged::Rolled(record) | Converged::ByHand(record)) => {
                         audit(&mut engine, false).await;
                         // The store may have created files since the last turn.
                         if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
@@ -344,6 +367,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                             Idle::FailedBefore => {
                                 format!("{} failed; waiting for a newer commit", short(&head))
                             }
+                            Idle::AwaitingApproval => {
+                                format!("{} awaits approval (moorline approve)", short(&head))
+                            }
                         };
                         notify_status(&text);
                     }
@@ -361,6 +387,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     l.last_fetch_error = Some(e.to_string());
                 });
             }
+        }
+        if engine.stop.is_requested() {
+            // The stop came after the rollout's last step boundary: the
+            // rollout ended whole, and the agent stops now.
+            break;
         }
         if let Some((wake, _, _)) = queued {
             // Straight to the newest commit: the next fetch reads the branch as it is now.

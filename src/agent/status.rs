@@ -141,6 +141,7 @@ impl Agent {
             scopes,
             not_on_this_host: host.elsewhere.clone(),
             edge,
+            awaiting_approval: hand.awaiting.as_ref().map(api::AwaitingView::from),
             last_rollout: last.as_ref().map(RolloutSummary::from),
         }
     }

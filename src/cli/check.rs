@@ -105,7 +105,7 @@ mod tests {
                 format!(
                     "{label}:1:11: unsupported manifest version 2; this moorline reads version 1\n\
                      {label}:2:1: missing key \"owner\" in [scopes.api]\n\
-                     {label}:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary\n"
+                     {label}:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary, approve\n"
                 )
             )
         );

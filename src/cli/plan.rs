@@ -52,7 +52,10 @@ pub fn render(view: &PlanView) -> String {
         } else {
             format!("reuse release {}", super::short(&s.release))
         };
-        let slot = s.slot.map(|n| format!("; to slot {n}")).unwrap_or_default();
+        let mut slot = s.slot.map(|n| format!("; to slot {n}")).unwrap_or_default();
+        if s.awaiting_approval {
+            slot.push_str("; awaiting approval");
+        }
         out.push_str(&format!(
             "  {:<width$}  {:<6}  {:<9}  {}{}{slot}\n",
             s.scope,
@@ -64,6 +67,12 @@ pub fn render(view: &PlanView) -> String {
             } else {
                 format!("; {build}")
             },
+        ));
+    }
+    if view.scopes.iter().any(|s| s.awaiting_approval) {
+        out.push_str(&format!(
+            "awaiting approval: nothing of this commit deploys until `moorline approve {}`\n",
+            super::short(&view.commit)
         ));
     }
     out

@@ -91,6 +91,17 @@ pub fn render(r: &StatusReport) -> String {
     if let Some(queued) = &r.source.queued {
         out.push_str(&format!("queued:    {queued}\n"));
     }
+    if let Some(awaiting) = &r.awaiting_approval {
+        out.push_str(&format!(
+            "awaiting approval: {} since {} (moorline approve {})\n",
+            super::short(&awaiting.commit),
+            awaiting.since,
+            super::short(&awaiting.commit)
+        ));
+        for (scope, what) in &awaiting.scopes {
+            out.push_str(&format!("  {scope}: {what}\n"));
+        }
+    }
     if !r.not_on_this_host.is_empty() {
         out.push_str(&format!(
             "elsewhere: {} (not on this host)\n",

@@ -105,6 +105,8 @@ pub struct Scope {
     pub hosts: Vec<String>,
     /// How a new release replaces the running one.
     pub strategy: Strategy,
+    /// Which commits wait for `moorline approve` before any of them deploys.
+    pub approve: Approve,
     /// The scope's route through `moorline edge`, when it has one.
     pub edge: Option<EdgeSpec>,
     /// `strategy = "canary"`: its steps and their analysis.
@@ -209,6 +211,30 @@ pub fn slot_instance(template: &str, slot: u8) -> String {
     match template.split_once("@.") {
         Some((stem, suffix)) => format!("{stem}@{slot}.{suffix}"),
         None => template.to_string(),
+    }
+}
+
+/// `approve`: which changes of a scope wait for `moorline approve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Approve {
+    /// Nothing waits (no `approve` key).
+    #[default]
+    Never,
+    /// A commit that cuts the scope over to another owner.
+    Cutover,
+    /// Any commit that changes what the scope runs.
+    Always,
+}
+
+impl Approve {
+    /// Whether a step of `action` waits for approval.
+    pub fn gates(self, action: crate::plan::Action) -> bool {
+        use crate::plan::Action;
+        match self {
+            Approve::Never => false,
+            Approve::Cutover => matches!(action, Action::Cutover { .. }),
+            Approve::Always => matches!(action, Action::Deploy | Action::Cutover { .. }),
+        }
     }
 }
 

@@ -11,8 +11,8 @@ use super::reader::{
     At, Reader, Table, check_repo_path, duration, integer_of, read_toml, socket_addr,
 };
 use super::{
-    CanarySpec, CanaryStep, ContainerSpec, Defaults, Diagnostics, DockerSpec, EdgeSpec, Manifest,
-    NativeSpec, Owner, Scope, Strategy,
+    Approve, CanarySpec, CanaryStep, ContainerSpec, Defaults, Diagnostics, DockerSpec, EdgeSpec,
+    Manifest, NativeSpec, Owner, Scope, Strategy,
 };
 
 const TOP_KEYS: &[&str] = &["version", "defaults", "scopes"];
@@ -39,6 +39,7 @@ const SCOPE_KEYS: &[&str] = &[
     "strategy",
     "edge",
     "canary",
+    "approve",
 ];
 const EDGE_KEYS: &[&str] = &["listen", "slots", "drain", "hold"];
 const CANARY_KEYS: &[&str] = &[
@@ -51,6 +52,10 @@ const CANARY_KEYS: &[&str] = &[
 ];
 const STEP_KEYS: &[&str] = &["weight", "soak"];
 const STRATEGIES: &[&str] = &["restart", "blue-green", "canary"];
+const APPROVALS: &[&str] = &["cutover", "always"];
+/// Scope keys that decide nothing about what runs: changing one redeploys
+/// nothing (they are left out of the section's fingerprint).
+const GATE_KEYS: &[&str] = &["approve"];
 const NATIVE_KEYS: &[&str] = &["units", "unit_files"];
 const DOCKER_KEYS: &[&str] = &["containers"];
 const CONTAINER_KEYS: &[&str] = &[
@@ -353,6 +358,25 @@ fn read_scope(
         }
     };
     ok &= table.value("strategy").is_none() || strategy_at.is_some();
+    let approve_at = table.string(r, "approve");
+    let approve = match approve_at.as_ref().map(|s| s.value) {
+        None => Approve::Never,
+        Some("cutover") => Approve::Cutover,
+        Some("always") => Approve::Always,
+        Some(other) => {
+            let at = approve_at.as_ref().map_or(0, |s| s.span.start);
+            r.error(
+                at,
+                format!(
+                    "unknown approve {other:?}; expected one of: {}",
+                    APPROVALS.join(", ")
+                ),
+            );
+            ok = false;
+            Approve::Never
+        }
+    };
+    ok &= table.value("approve").is_none() || approve_at.is_some();
     let mut addresses = Vec::new();
     let edge = match table.value("edge") {
         None => None,
@@ -491,7 +515,7 @@ fn read_scope(
     let scope = match (owner, effective, ok) {
         (Some(owner), Some(d), true) => {
             let mut section_text = String::new();
-            canonical(raw, &mut section_text);
+            canonical_without(raw, GATE_KEYS, &mut section_text);
             let _ = write!(
                 section_text,
                 "\nhealth_timeout={}\nsettle={}\nbuild_timeout={}",
@@ -507,6 +531,7 @@ fn read_scope(
                 hosts: hosts.iter().map(|h| h.value.to_owned()).collect(),
                 build: build.iter().map(|b| b.value.to_owned()).collect(),
                 strategy,
+                approve,
                 edge,
                 canary,
                 native,
@@ -1172,6 +1197,40 @@ fn order(r: &mut Reader<'_>, parts: &[Part]) -> Vec<Vec<String>> {
 
 /// A canonical rendering of a TOML value: keys sorted, one fixed spelling
 /// per value, so formatting and key order do not change it.
+/// `canonical` of a table without the top-level keys in `skip`.
+fn canonical_without(value: &DeValue<'_>, skip: &[&str], out: &mut String) {
+    match value {
+        DeValue::Table(map) => {
+            let mut entries: Vec<_> = map
+                .iter()
+                .filter(|(k, _)| !skip.contains(&k.get_ref().as_ref()))
+                .collect();
+            entries.sort_by(|a, b| a.0.get_ref().cmp(b.0.get_ref()));
+            canonical_entries(
+                entries.into_iter().map(|(k, v)| (k.get_ref(), v.get_ref())),
+                out,
+            );
+        }
+        other => canonical(other, out),
+    }
+}
+
+/// `{"k"=v,…}` of entries already in key order.
+fn canonical_entries<'a, 'de: 'a>(
+    entries: impl Iterator<Item = (&'a std::borrow::Cow<'de, str>, &'a DeValue<'de>)>,
+    out: &mut String,
+) {
+    out.push('{');
+    for (i, (k, v)) in entries.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{:?}=", k.as_ref());
+        canonical(v, out);
+    }
+    out.push('}');
+}
+
 fn canonical(value: &DeValue<'_>, out: &mut String) {
     match value {
         DeValue::String(s) => {
@@ -1205,19 +1264,7 @@ fn canonical(value: &DeValue<'_>, out: &mut String) {
             }
             out.push(']');
         }
-        DeValue::Table(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.get_ref().cmp(b.0.get_ref()));
-            out.push('{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let _ = write!(out, "{:?}=", k.get_ref().as_ref());
-                canonical(v.get_ref(), out);
-            }
-            out.push('}');
-        }
+        DeValue::Table(_) => canonical_without(value, &[], out),
     }
 }
 
@@ -1472,7 +1519,7 @@ units = ["app-worker@1.service", "app-worker@2.service"]
             (
                 format!("{v}[scopes.api]\nownr = \"native\"\n"),
                 "deploy/moorline.toml:2:1: missing key \"owner\" in [scopes.api]\n\
-                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary",
+                 deploy/moorline.toml:3:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary, approve",
             ),
             (
                 format!("{v}[defaults]\nkeep_releases = \"5\"\n{OK_SCOPE}"),

@@ -27,6 +27,9 @@ pub enum Target {
     /// The deployed commit again, to bring back scopes found down while the
     /// head is quarantined; the quarantine stays as it is.
     Repair,
+    /// What an operator asked for by hand (`rollback`, `restart`), at the
+    /// deployed commit; the branch's commits stay as they are.
+    Hand,
 }
 
 /// Whether `head` needs a rollout, given the host as recorded and whether
@@ -62,7 +65,7 @@ pub fn record_outcome(host: &mut HostState, commit: &str, target: Target, outcom
             host.failed_commit = None;
         }
         (_, Target::Head) => host.failed_commit = Some(commit.to_string()),
-        (_, Target::Repair) => {}
+        (_, Target::Repair | Target::Hand) => {}
     }
 }
 
@@ -389,6 +392,7 @@ mod tests {
             section_text: String::new(),
             retired: vec![],
             members: vec![format!("{scope}.{}", owner)],
+            awaiting: false,
         }
     }
 
@@ -558,7 +562,7 @@ mod tests {
     #[test]
     fn outcomes_move_the_host_commits() {
         use Outcome::{Failed, RolledBack, Succeeded};
-        use Target::{Head, Repair};
+        use Target::{Hand, Head, Repair};
         // (situation, rollout of B, outcome, deployed and failed commits after;
         // "-" for none). Before: A deployed, Q failed (none for a head rollout).
         let cases = [
@@ -567,12 +571,14 @@ mod tests {
             ("failed", Head, Failed, "A", "B"),
             ("repair passed", Repair, Succeeded, "A", "Q"),
             ("repair failed", Repair, Failed, "A", "Q"),
+            ("rollback by hand passed", Hand, Succeeded, "A", "Q"),
+            ("rollback by hand rolled back", Hand, RolledBack, "A", "Q"),
         ];
         let commit = |c: &'static str| (c != "-").then_some(c);
         for (situation, target, outcome, deployed, failed) in cases {
             let mut h = HostState {
                 deployed_commit: Some("A".into()),
-                failed_commit: (target == Repair).then(|| "Q".into()),
+                failed_commit: (target != Head).then(|| "Q".into()),
                 ..HostState::default()
             };
             record_outcome(&mut h, "B", target, outcome);

@@ -30,8 +30,8 @@ use crate::runtime::{Act, Keep, Runtime, RuntimeError, Runtimes};
 use crate::source::git::{GitError, Source};
 use crate::source::short;
 use crate::store::{
-    DeployedScope, HostState, Outcome, PhaseRecord, RolloutRecord, SCHEMA_VERSION, ScopeRecord,
-    ScopeState, Store, StoreError, now_ms,
+    Awaiting, DeployedScope, Gated, HandState, HostState, Outcome, PhaseRecord, RolloutRecord,
+    SCHEMA_VERSION, ScopeRecord, ScopeState, Store, StoreError, now_ms,
 };
 
 /// What can go wrong in the engine, naming the commit, path, scope, unit or
@@ -127,12 +127,23 @@ pub enum Idle {
     UpToDate,
     /// The branch's commit failed before and is not retried until it moves.
     FailedBefore,
+    /// The branch's commit waits for `moorline approve` (an `approve` gate).
+    AwaitingApproval,
 }
 
 #[derive(Debug)]
 pub enum Converged {
     Idle(Idle),
     Rolled(Box<RolloutRecord>),
+    /// A rollout asked for by hand ran; the branch is looked at next.
+    ByHand(Box<RolloutRecord>),
+}
+
+/// A rollout asked for by hand: what each scope goes to, and who asked.
+#[derive(Debug, Clone)]
+struct ByHand {
+    steps: BTreeMap<String, plan::HandStep>,
+    user: Option<String>,
 }
 
 impl Engine {
@@ -175,20 +186,162 @@ impl Engine {
         fetch_ms: u64,
     ) -> Result<Converged, Error> {
         let host = self.store.host()?;
-        let resumed = !self.store.hand()?.resumed.is_empty();
+        let hand = self.store.hand()?;
+        if hand.due(&host) {
+            return self.roll_by_hand(&hand, host).await;
+        }
+        let resumed = !hand.resumed.is_empty();
         let (commit, target) = match core::decide(&head, &host, resumed) {
             Decision::UpToDate => return Ok(Converged::Idle(Idle::UpToDate)),
             Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
             Decision::Roll { commit, target } => (commit, target),
         };
         let trigger = match target {
-            Target::Head => trigger,
-            Target::Repair => "repair",
+            Target::Head => {
+                if self.awaits_approval(&commit, &hand)? {
+                    return Ok(Converged::Idle(Idle::AwaitingApproval));
+                }
+                trigger
+            }
+            Target::Repair | Target::Hand => "repair",
         };
         let record = self
-            .rollout(&commit, trigger, fetch_ms, host, target)
+            .rollout(&commit, trigger, fetch_ms, host, target, None)
             .await?;
         Ok(Converged::Rolled(Box::new(record)))
+    }
+
+    /// Whether a rollout asked for by hand waits for the loop.
+    pub fn hand_due(&self) -> bool {
+        match (self.store.hand(), self.store.host()) {
+            (Ok(hand), Ok(host)) => hand.due(&host),
+            _ => false,
+        }
+    }
+
+    /// Whether `commit` waits for `moorline approve`: then what it waits
+    /// for is stored for `status`, and nothing of it deploys. A manifest
+    /// that cannot be planned is the rollout's to record, not a gate.
+    fn awaits_approval(&self, commit: &str, hand: &HandState) -> Result<bool, Error> {
+        let waiting = match self.plan_for(commit) {
+            Ok((_, plan)) => plan
+                .awaiting()
+                .map(|s| {
+                    let what = format!("{}: {}", s.action.as_str(), s.reason);
+                    (
+                        s.scope.clone(),
+                        Gated {
+                            owner: s.owner,
+                            what,
+                        },
+                    )
+                })
+                .collect::<BTreeMap<_, _>>(),
+            Err(_) => BTreeMap::new(),
+        };
+        let same = hand
+            .awaiting
+            .as_ref()
+            .is_some_and(|a| a.commit == commit && a.scopes == waiting);
+        if waiting.is_empty() && hand.awaiting.is_some() {
+            self.store.update_hand(|h| h.awaiting = None)?;
+        } else if !waiting.is_empty() && !same {
+            info!(commit = %short(commit), scopes = ?waiting.keys().collect::<Vec<_>>(), "commit awaits approval");
+            let awaiting = Awaiting {
+                commit: commit.to_string(),
+                scopes: waiting.clone(),
+                since: now_ms(),
+            };
+            self.store
+                .update_hand(|h| h.awaiting = Some(awaiting.clone()))?;
+        }
+        Ok(!waiting.is_empty())
+    }
+
+    /// Carry out what operators asked for by hand: rollbacks not reached
+    /// yet, then restarts, in one rollout at the deployed commit that
+    /// touches nothing else. A rollback that fails leaves its scope held
+    /// as it runs (its pin is cleared, so it is not tried again); restart
+    /// requests are done once their rollout ends, whatever its outcome.
+    async fn roll_by_hand(
+        &mut self,
+        hand: &HandState,
+        host: HostState,
+    ) -> Result<Converged, Error> {
+        let mut steps = BTreeMap::new();
+        let (mut trigger, mut user) = ("restart", None);
+        for (name, hold) in &hand.holds {
+            if let Some(pin) = hold
+                .pin
+                .as_ref()
+                .filter(|_| !hold.reached(host.scopes.get(name)))
+            {
+                let reason = format!(
+                    "rollback by hand to release {}: {}",
+                    short(&pin.release),
+                    hold.reason
+                );
+                steps.insert(
+                    name.clone(),
+                    plan::HandStep {
+                        to: pin.clone(),
+                        reason,
+                    },
+                );
+                (trigger, user) = ("rollback", Some(hold.user.clone()));
+            }
+        }
+        let mut restarted = Vec::new();
+        for (name, request) in &hand.restarts {
+            restarted.push(name.clone());
+            let Some(state) = host.scopes.get(name) else {
+                continue;
+            };
+            if !steps.contains_key(name) {
+                let reason = format!("restart by hand: {}", request.reason);
+                let to = state.current.clone();
+                steps.insert(name.clone(), plan::HandStep { to, reason });
+                user = user.or(Some(request.user.clone()));
+            }
+        }
+        let pinned: Vec<String> = steps
+            .keys()
+            .filter(|name| !restarted.contains(name))
+            .cloned()
+            .collect();
+        let commit = host
+            .deployed_commit
+            .clone()
+            .or_else(|| steps.values().next().map(|s| s.to.release.clone()));
+        let record = match commit {
+            Some(commit) if !steps.is_empty() => {
+                let by_hand = ByHand { steps, user };
+                let record = self
+                    .rollout(&commit, trigger, 0, host, Target::Hand, Some(&by_hand))
+                    .await?;
+                Some(record)
+            }
+            _ => None,
+        };
+        let failed = record
+            .as_ref()
+            .is_some_and(|r| r.outcome != Outcome::Succeeded);
+        self.store.update_hand(|h| {
+            for name in &restarted {
+                h.restarts.remove(name);
+            }
+            if failed {
+                for name in &pinned {
+                    if let Some(hold) = h.holds.get_mut(name) {
+                        hold.pin = None;
+                    }
+                }
+            }
+        })?;
+        match record {
+            Some(record) => Ok(Converged::ByHand(Box::new(record))),
+            None => Ok(Converged::Idle(Idle::UpToDate)),
+        }
     }
 
     /// Read and validate the manifest at `commit`.
@@ -223,16 +376,46 @@ impl Engine {
         }
         let here = &self.config.host.name;
         let hand = self.store.hand()?;
-        let plan = plan::plan(
-            commit,
-            &manifest,
-            &inputs,
-            &host,
-            &releases,
-            here,
-            &hand.holds,
-        );
+        let plan = plan::plan(commit, &manifest, &inputs, &host, &releases, here, &hand);
         Ok((manifest, plan))
+    }
+
+    /// The plan of a rollout by hand at `commit`, with the manifest it runs
+    /// by: `commit`'s, each scope going back taken from its release.
+    fn plan_by_hand(
+        &self,
+        commit: &str,
+        host: &HostState,
+        by_hand: &ByHand,
+    ) -> Result<(Manifest, Plan), Error> {
+        let mut manifest = self.manifest_at(commit)?;
+        for (name, step) in &by_hand.steps {
+            let scope = self.scope_from_release(&step.to.release, name)?;
+            manifest.scopes.insert(name.clone(), scope);
+        }
+        Ok((manifest, plan::by_hand(commit, host, &by_hand.steps)))
+    }
+
+    /// The deployment of scope `name` as release `release` describes it:
+    /// what a rollback to that release brings the scope to.
+    pub fn deployed_from_release(&self, release: &str, name: &str) -> Result<DeployedScope, Error> {
+        let scope = self.scope_from_release(release, name)?;
+        let path_ids = self.source.path_ids(release, &plan::input_paths(&scope))?;
+        let inputs = ScopeInputs {
+            section_text: scope.section_text.clone(),
+            path_ids,
+        };
+        Ok(DeployedScope {
+            owner: scope.owner,
+            release: release.to_string(),
+            commit: release.to_string(),
+            fingerprint: inputs.fingerprint(),
+            section_text: inputs.section_text,
+            path_ids: inputs.path_ids,
+            members: scope.members(),
+            rollout: 0,
+            at: now_ms(),
+        })
     }
 
     async fn rollout(
@@ -242,6 +425,7 @@ impl Engine {
         fetch_ms: u64,
         host: HostState,
         target: Target,
+        by_hand: Option<&ByHand>,
     ) -> Result<RolloutRecord, Error> {
         self.runtimes.check().await;
         let (subject, author) = match self.source.commit_info(head) {
@@ -260,7 +444,7 @@ impl Engine {
             started_at: now_ms(),
             finished_at: None,
             outcome: Outcome::InProgress,
-            user: None,
+            user: by_hand.and_then(|h| h.user.clone()),
             subject,
             author,
             scopes: vec![],
@@ -280,15 +464,26 @@ impl Engine {
         let mut journal = Journal::new(&store, self.stop.clone(), record);
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %short(head), trigger, "rollout started");
-        let (outcome, error, keep_releases) = match self.run(&mut journal, head, host).await {
-            Ok(Succeeded { keep_releases }) => (Outcome::Succeeded, None, Some(keep_releases)),
-            Err((outcome, error)) => (outcome, Some(error), None),
-        };
+        let (outcome, error, keep_releases) =
+            match self.run(&mut journal, head, host, by_hand).await {
+                // Pruning follows the branch's rollouts, not those by hand.
+                Ok(Succeeded { keep_releases }) if target != Target::Hand => {
+                    (Outcome::Succeeded, None, Some(keep_releases))
+                }
+                Ok(Succeeded { .. }) => (Outcome::Succeeded, None, None),
+                Err((outcome, error)) => (outcome, Some(error), None),
+            };
         let mut host = self.store.host()?;
         core::record_outcome(&mut host, head, target, outcome);
         if outcome == Outcome::Succeeded && target == Target::Head {
-            // Resumed scopes have followed the branch again.
-            if let Err(e) = self.store.update_hand(|hand| hand.resumed.clear()) {
+            // Resumed scopes have followed the branch again; approvals
+            // were for commits up to this one.
+            let done = self.store.update_hand(|hand| {
+                hand.resumed.clear();
+                hand.approvals.clear();
+                hand.awaiting = None;
+            });
+            if let Err(e) = done {
                 warn!(error = %e, "cannot record that resumed scopes converged");
             }
             host.elsewhere = journal
@@ -368,10 +563,12 @@ impl Engine {
         journal: &mut Journal<'_>,
         head: &str,
         host: HostState,
+        by_hand: Option<&ByHand>,
     ) -> Result<Succeeded, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
+            && by_hand.is_none()
         {
             let source = self.source.clone();
             let (d, h) = (deployed.clone(), head.to_string());
@@ -391,7 +588,11 @@ impl Engine {
         }
 
         let started = Instant::now();
-        let (manifest, plan) = self.plan_for(head).map_err(|e| failed(e.to_string()))?;
+        let planned = match by_hand {
+            None => self.plan_for(head),
+            Some(by_hand) => self.plan_by_hand(head, &host, by_hand),
+        };
+        let (manifest, plan) = planned.map_err(|e| failed(e.to_string()))?;
         journal.record.scopes = plan
             .scopes
             .iter()

@@ -62,6 +62,9 @@ pub enum Wake {
     Sync,
     /// The polling interval elapsed.
     Poll,
+    /// An operator asked for something by hand: `rollback`, `restart`,
+    /// `approve`, `resume`.
+    Hand(&'static str),
 }
 
 impl Wake {
@@ -72,6 +75,7 @@ impl Wake {
             Wake::Webhook { .. } => "webhook",
             Wake::Sync => "sync",
             Wake::Poll => "poll",
+            Wake::Hand(name) => name,
         }
     }
 }

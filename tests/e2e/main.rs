@@ -258,7 +258,7 @@ fn an_invalid_manifest_changes_nothing_and_is_recorded_with_its_position() {
         format!(
             "deploy/moorline.toml:{header}:1: missing key \"owner\" in [scopes.api]\n\
              deploy/moorline.toml:{key}:1: unknown key \"ownr\" in [scopes.api]; expected one of: owner, after, \
-             paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary"
+             paths, build, native, docker, health, health_timeout, settle, build_timeout, job_timeout, hosts, strategy, edge, canary, approve"
         )
     );
     assert_eq!(invocations(&host), before, "nothing was restarted");
