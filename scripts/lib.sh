@@ -1,5 +1,5 @@
 # Shared by scripts/demo and scripts/bench: a private systemd user manager
-# (MACHINE-NOTES.md) and an example repository on this machine.
+# and an example repository on this machine.
 # Source it; it defines functions only.
 
 # start_user_manager DIR: a user manager whose runtime and config dirs live

@@ -96,6 +96,9 @@ pub struct StatusReport {
     /// The branch's commit, when it waits for `moorline approve`.
     #[serde(default)]
     pub awaiting_approval: Option<AwaitingView>,
+    /// `[[notify]]` targets: what each delivered, and why one fails.
+    #[serde(default)]
+    pub notify: Vec<crate::notify::TargetState>,
     pub last_rollout: Option<RolloutSummary>,
 }
 

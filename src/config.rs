@@ -18,6 +18,44 @@ pub struct Config {
     pub state: StateConfig,
     pub docker: DockerConfig,
     pub host: HostConfig,
+    /// `[http]`: `/metrics` and the dashboard; off without the table.
+    pub http: Option<HttpConfig>,
+    /// `[[notify]]`: where rollouts are announced.
+    pub notify: Vec<NotifyConfig>,
+}
+
+/// One `[[notify]]` target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// How `status` and `/metrics` name it (the URL may hold a secret):
+    /// `name`, or `notify-N` by its place in the file.
+    pub name: String,
+    pub url: String,
+    pub format: NotifyFormat,
+    /// `~` expanded; the HMAC key of `generic` (required for it).
+    pub secret_file: Option<PathBuf>,
+    /// The events sent: a rollout's outcome (`succeeded`, `failed`,
+    /// `rolled-back`, `interrupted`), `cutover`, `refused`, `audit`.
+    pub events: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyFormat {
+    /// JSON, signed: `X-Moorline-Signature: sha256=HEX` (HMAC-SHA256 of the body).
+    Generic,
+    /// A Slack incoming webhook (`{"text": ...}`).
+    Slack,
+    /// An ntfy topic URL (text body, `Title`, `Priority`, `Tags`).
+    Ntfy,
+}
+
+/// `[http]`: where the agent serves `/metrics` and its read-only dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// `~` expanded. Required unless `listen` is loopback: every request
+    /// then carries `Authorization: Bearer <the file's first line>`.
+    pub token_file: Option<PathBuf>,
 }
 
 /// `[host]`: who this machine is among the hosts one manifest describes.
@@ -72,7 +110,22 @@ pub struct DockerConfig {
     pub host: String,
 }
 
-const TOP_KEYS: &[&str] = &["source", "trigger", "state", "docker", "host"];
+const TOP_KEYS: &[&str] = &[
+    "source", "trigger", "state", "docker", "host", "http", "notify",
+];
+const NOTIFY_KEYS: &[&str] = &["name", "url", "format", "secret_file", "events"];
+const NOTIFY_FORMATS: &[&str] = &["generic", "slack", "ntfy"];
+pub const NOTIFY_EVENTS: &[&str] = &[
+    "succeeded",
+    "failed",
+    "rolled-back",
+    "interrupted",
+    "cutover",
+    "refused",
+    "audit",
+];
+const DEFAULT_EVENTS: &[&str] = &["failed", "rolled-back", "cutover", "refused", "audit"];
+const HTTP_KEYS: &[&str] = &["listen", "token_file"];
 const HOST_KEYS: &[&str] = &["name"];
 const SOURCE_KEYS: &[&str] = &["url", "branch", "manifest", "poll", "allow_force_push"];
 const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
@@ -148,6 +201,8 @@ fn parse_in(
         let state = read_state(r, &root, &paths);
         let docker = read_docker(r, &root);
         let host = read_host(r, &root);
+        let http = read_http(r, &root, &paths);
+        let notify = read_notify(r, &root, &paths);
         Some(Config {
             path,
             source: source?,
@@ -155,6 +210,8 @@ fn parse_in(
             state: state?,
             docker: docker?,
             host: host?,
+            http: http?,
+            notify: notify?,
         })
     })
 }
@@ -351,6 +408,142 @@ fn read_webhook(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opt
         listen: listen?,
         secret_file: secret_file?,
     })
+}
+
+/// `[[notify]]`: every target, or `None` when one is wrong.
+fn read_notify(
+    r: &mut Reader<'_>,
+    root: &Table<'_, '_>,
+    paths: &Paths<'_>,
+) -> Option<Vec<NotifyConfig>> {
+    if root.value("notify").is_none() {
+        return Some(vec![]);
+    }
+    let tables = root.tables(r, "notify", |i| format!("[[notify]] {i}"))?;
+    let mut targets = Vec::new();
+    let mut ok = true;
+    for (i, t) in tables.iter().enumerate() {
+        t.check_keys(r, NOTIFY_KEYS);
+        let name = match t.value("name") {
+            None => Some(format!("notify-{}", i + 1)),
+            Some(_) => t.string(r, "name").map(|n| n.value.to_string()),
+        };
+        let url = t.required_string(r, "url").and_then(|u| {
+            let good = (u.value.starts_with("https://") || u.value.starts_with("http://"))
+                && reqwest::Url::parse(u.value).is_ok();
+            if !good {
+                // The URL may hold a secret (a Slack hook): not repeated.
+                r.error(
+                    u.span.start,
+                    "notify url must be an http:// or https:// URL",
+                );
+            }
+            good.then(|| u.value.to_string())
+        });
+        let format = match t.value("format") {
+            None => Some(NotifyFormat::Generic),
+            Some(_) => t.string(r, "format").and_then(|f| match f.value {
+                "generic" => Some(NotifyFormat::Generic),
+                "slack" => Some(NotifyFormat::Slack),
+                "ntfy" => Some(NotifyFormat::Ntfy),
+                other => {
+                    r.error(
+                        f.span.start,
+                        format!(
+                            "unknown notify format {other:?}; expected one of: {}",
+                            NOTIFY_FORMATS.join(", ")
+                        ),
+                    );
+                    None
+                }
+            }),
+        };
+        let secret_file = match t.value("secret_file") {
+            None => Some(None),
+            Some(_) => t
+                .string(r, "secret_file")
+                .and_then(|s| paths.resolve(r, &s))
+                .map(Some),
+        };
+        if format == Some(NotifyFormat::Generic) && t.value("secret_file").is_none() {
+            let at = t.value("url").map_or(t.span.start, |u| u.span().start);
+            r.error(
+                at,
+                format!(
+                    "{} has format \"generic\" but no secret_file: its receiver checks X-Moorline-Signature with it",
+                    t.label
+                ),
+            );
+            ok = false;
+        }
+        let events = match t.value("events") {
+            None => Some(DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect()),
+            Some(_) => t.strings(r, "events").and_then(|list| {
+                let mut good = true;
+                for e in &list.value {
+                    if !NOTIFY_EVENTS.contains(&e.value) {
+                        r.error(
+                            e.span.start,
+                            format!(
+                                "unknown notify event {:?}; expected one of: {}",
+                                e.value,
+                                NOTIFY_EVENTS.join(", ")
+                            ),
+                        );
+                        good = false;
+                    }
+                }
+                good.then(|| list.value.iter().map(|e| e.value.to_string()).collect())
+            }),
+        };
+        match (name, url, format, secret_file, events) {
+            (Some(name), Some(url), Some(format), Some(secret_file), Some(events)) => {
+                targets.push(NotifyConfig {
+                    name,
+                    url,
+                    format,
+                    secret_file,
+                    events,
+                })
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(targets)
+}
+
+/// `[http]`; `Some(None)` without the table.
+fn read_http(
+    r: &mut Reader<'_>,
+    root: &Table<'_, '_>,
+    paths: &Paths<'_>,
+) -> Option<Option<HttpConfig>> {
+    let Some(t) = root.table(r, "http", "[http]".to_owned()) else {
+        return root.value("http").is_none().then_some(None);
+    };
+    t.check_keys(r, HTTP_KEYS);
+    let listen_at = t.required_string(r, "listen");
+    let listen = listen_at
+        .as_ref()
+        .and_then(|l| crate::manifest::reader::socket_addr(r, l))?;
+    let token_file = match t.value("token_file") {
+        None => None,
+        Some(_) => Some(
+            t.string(r, "token_file")
+                .and_then(|s| paths.resolve(r, &s))?,
+        ),
+    };
+    if token_file.is_none() && !listen.ip().is_loopback() {
+        let at = listen_at.map_or(0, |l| l.span.start);
+        r.error(
+            at,
+            format!(
+                "[http] listen {listen} is not a loopback address: set token_file, whose token every request must then carry (Authorization: Bearer TOKEN)"
+            ),
+        );
+        return None;
+    }
+    Some(Some(HttpConfig { listen, token_file }))
 }
 
 fn read_state(r: &mut Reader<'_>, root: &Table<'_, '_>, paths: &Paths<'_>) -> Option<StateConfig> {
@@ -664,7 +857,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("state = \"/x\"\n{s}[agent]\nx = 1\n"),
                 "/etc/moorline/config.toml:1:9: \"state\" must be a table, found a string\n\
-                 /etc/moorline/config.toml:4:2: unknown key \"agent\" at the top level; expected one of: source, trigger, state, docker, host",
+                 /etc/moorline/config.toml:4:2: unknown key \"agent\" at the top level; expected one of: source, trigger, state, docker, host, http, notify",
             ),
             (
                 format!("{s}[source]\n"),

@@ -20,10 +20,14 @@ mod edge;
 mod fault;
 /// Health checks: http, tcp, exec.
 mod health;
+/// `[http]`: `/metrics`, the dashboard and the JSON it reads.
+mod http;
 /// The journal of a rollout's side effects, and the stop request it obeys.
 mod journal;
 /// The manifest committed in the source: schema, validation, fingerprints.
 mod manifest;
+/// `[[notify]]`: rollouts announced to HTTP targets, retried, signed.
+mod notify;
 /// (manifest, recorded state, inputs) → what each scope needs; pure.
 mod plan;
 /// Owner-only modes for the state directory and the history.

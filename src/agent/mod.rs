@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use self::status::{Live, queued_text, source_text};
 use crate::api::{self, Request, Response};
 use crate::config::Config;
+use crate::notify::Message;
 use crate::rollout::{Converged, Engine, Idle};
 use crate::runtime::Runtimes;
 use crate::source::watch::WatchTrigger;
@@ -83,6 +84,33 @@ struct Agent {
     /// The triggers besides the poll timer and `moorline sync`.
     triggers: Mutex<Vec<Box<dyn Trigger>>>,
     snapshot_turn: tokio::sync::Mutex<()>,
+    /// What `/metrics` counts.
+    metrics: crate::http::metrics::Metrics,
+    /// `[[notify]]` targets.
+    notifier: crate::notify::Notifier,
+}
+
+impl crate::http::Backend for Agent {
+    async fn metrics(&self) -> String {
+        let host = self.store.host().unwrap_or_default();
+        let edge = crate::edge::control::EdgeClient::new(&self.config.state.dir)
+            .report()
+            .await
+            .ok();
+        self.metrics.render(&host, edge)
+    }
+
+    async fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Status | Request::History { .. } | Request::Show { .. } => {
+                let me = crate::channel::Peer {
+                    uid: rustix::process::getuid().as_raw(),
+                };
+                api::Handler::handle(self, request, me).await
+            }
+            _ => Response::Error("the HTTP side is read-only".into()),
+        }
+    }
 }
 
 impl Agent {
@@ -184,6 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let mut engine = Engine::new(config.clone(), store.clone());
+    let metrics = crate::http::metrics::Metrics::default();
     for id in engine.close_interrupted().map_err(anyhow::Error::msg)? {
         warn!(
             rollout = id,
@@ -191,7 +220,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     engine.recover().await;
-    audit(&mut engine, true).await;
+    let start_findings = findings(&mut engine, true).await;
     let (wake_tx, mut wake_rx) = mpsc::channel::<Wake>(1);
     let live = Arc::new(Mutex::new(Live {
         since: now_ms(),
@@ -210,9 +239,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )),
         triggers: Mutex::new(Vec::new()),
         snapshot_turn: tokio::sync::Mutex::new(()),
+        metrics: metrics.clone(),
+        notifier: crate::notify::Notifier::start(&config.notify, metrics),
     });
+    if let Ok(Some(last)) = store.rollouts(None, 1).map(|r| r.into_iter().next()) {
+        agent.metrics.seen_rollout(&last);
+    }
+    for f in &start_findings {
+        agent
+            .notifier
+            .send(&Message::of_audit(&f.scope, &f.text, &config.host.name));
+    }
     let listener = api::bind(&dir)?;
     let server = tokio::spawn(api::serve(listener, agent.clone()));
+    let http = match &config.http {
+        Some(http) => {
+            let bound = crate::http::HttpServer::bind(http).await?;
+            Some(tokio::spawn(bound.run(agent.clone())))
+        }
+        None => None,
+    };
 
     let set_live = |f: &dyn Fn(&mut Live)| {
         if let Ok(mut l) = live.lock() {
@@ -258,7 +304,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // with the rollout, but the reason to fetch again right after it.
         // Later ones are counted into it: one fetch serves them all.
         let mut queued: Option<(Wake, u64, u32)> = None;
-        let fetched = match engine.fetch().await {
+        let fetched = engine.fetch().await;
+        agent.metrics.fetched(fetched.is_ok());
+        let fetched = match fetched {
             // What was asked by hand needs no remote: it goes on while the
             // remote is away (the failed fetch is shown all the same).
             Err(e) if engine.hand_due() => {
@@ -349,7 +397,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 match converged {
                     Ok(Converged::Rolled(record) | Converged::ByHand(record)) => {
-                        audit(&mut engine, false).await;
+                        agent.metrics.rollout_finished(&record);
+                        for message in Message::of_rollout(&record, &config.host.name) {
+                            agent.notifier.send(&message);
+                        }
+                        agent.audit(&mut engine, false).await;
                         // The store may have created files since the last turn.
                         if let Err(e) = crate::privacy::restrict_state_dir(&dir) {
                             warn!(error = %e, "cannot restrict the state directory to its owner");
@@ -426,19 +478,36 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         triggers.clear();
     }
     server.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     let _ = std::fs::remove_file(dir.join(api::SOCKET_NAME));
     Ok(())
 }
 
 /// Run the ownership audit; findings are logged (and stored by the engine).
-async fn audit(engine: &mut Engine, drift: bool) {
+async fn findings(engine: &mut Engine, drift: bool) -> Vec<crate::rollout::audit::Finding> {
     match engine.audit(drift).await {
         Ok(findings) => {
-            for f in findings {
+            for f in &findings {
                 warn!(scope = %f.scope, "audit: {}", f.text);
             }
+            findings
         }
-        Err(e) => warn!(error = %e, "audit failed"),
+        Err(e) => {
+            warn!(error = %e, "audit failed");
+            vec![]
+        }
+    }
+}
+
+impl Agent {
+    /// The audit after a rollout; what it finds is announced too.
+    async fn audit(&self, engine: &mut Engine, drift: bool) {
+        for f in findings(engine, drift).await {
+            let message = Message::of_audit(&f.scope, &f.text, &self.config.host.name);
+            self.notifier.send(&message);
+        }
     }
 }
 

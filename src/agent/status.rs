@@ -142,6 +142,7 @@ impl Agent {
             not_on_this_host: host.elsewhere.clone(),
             edge,
             awaiting_approval: hand.awaiting.as_ref().map(api::AwaitingView::from),
+            notify: self.notifier.states(),
             last_rollout: last.as_ref().map(RolloutSummary::from),
         }
     }

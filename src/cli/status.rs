@@ -102,6 +102,16 @@ pub fn render(r: &StatusReport) -> String {
             out.push_str(&format!("  {scope}: {what}\n"));
         }
     }
+    for target in &r.notify {
+        let state = match &target.failing {
+            Some(why) => format!("failing: {why}"),
+            None => "ok".to_string(),
+        };
+        out.push_str(&format!(
+            "notify:    {} {state} ({} delivered, {} failed)\n",
+            target.name, target.delivered, target.failed
+        ));
+    }
     if !r.not_on_this_host.is_empty() {
         out.push_str(&format!(
             "elsewhere: {} (not on this host)\n",

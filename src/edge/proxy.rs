@@ -465,13 +465,13 @@ async fn proxy(
     let started = Instant::now();
     match edge.client.request(req).await {
         Err(e) => {
-            counters.record(started.elapsed(), true);
+            counters.record(started.elapsed(), StatusCode::BAD_GATEWAY.as_u16());
             debug!(scope = %scope, slot, error = %e, "the slot did not answer");
             Ok(text(StatusCode::BAD_GATEWAY, "the slot did not answer\n"))
         }
         Ok(mut response) => {
             let status = response.status();
-            counters.record(started.elapsed(), status.is_server_error());
+            counters.record(started.elapsed(), status.as_u16());
             let switching = status == StatusCode::SWITCHING_PROTOCOLS;
             if let (true, Some(client_side)) = (switching, client_side) {
                 let upstream_side = hyper::upgrade::on(&mut response);

@@ -23,6 +23,15 @@ fn bucket_of(latency: Duration) -> usize {
         .unwrap_or(BUCKETS - 1)
 }
 
+/// The upper bound of latency bucket `i`, in seconds (`None`: the last,
+/// open-ended one).
+pub fn bucket_upper_seconds(i: usize) -> Option<f64> {
+    (i < BUCKETS - 1).then(|| bucket_bound(i).as_secs_f64())
+}
+
+/// The status classes answers are counted in: `1xx` … `5xx`.
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// One slot's live counters.
 #[derive(Debug)]
 pub struct Counters {
@@ -30,6 +39,7 @@ pub struct Counters {
     errors: AtomicU64,
     inflight: AtomicI64,
     buckets: [AtomicU64; BUCKETS],
+    classes: [AtomicU64; 5],
 }
 
 impl Default for Counters {
@@ -39,17 +49,21 @@ impl Default for Counters {
             errors: AtomicU64::new(0),
             inflight: AtomicI64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            classes: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
 
 impl Counters {
-    /// An answer (or failure) of the slot after `latency`.
-    pub fn record(&self, latency: Duration, error: bool) {
+    /// The slot's answer with `status` after `latency` (a slot that did not
+    /// answer is the edge's 502). A 5xx is an error of the slot.
+    pub fn record(&self, latency: Duration, status: u16) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if error {
+        if status >= 500 {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.classes[class].fetch_add(1, Ordering::Relaxed);
         self.buckets[bucket_of(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -71,6 +85,11 @@ impl Counters {
                 .iter()
                 .map(|b| b.load(Ordering::Relaxed))
                 .collect(),
+            classes: self
+                .classes
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
         }
     }
 }
@@ -83,6 +102,9 @@ pub struct Figures {
     pub inflight: u64,
     /// Answers per latency bucket (see `BUCKETS`).
     pub buckets: Vec<u64>,
+    /// Answers per status class (see `CLASSES`).
+    #[serde(default)]
+    pub classes: Vec<u64>,
 }
 
 /// What a slot did between two readings.
@@ -145,13 +167,13 @@ mod tests {
     #[test]
     fn an_interval_counts_what_happened_between_two_readings() {
         let c = Counters::default();
-        c.record(Duration::from_millis(1), false);
+        c.record(Duration::from_millis(1), 200);
         let before = c.figures();
         for _ in 0..94 {
-            c.record(Duration::from_millis(2), false);
+            c.record(Duration::from_millis(2), 200);
         }
         for _ in 0..6 {
-            c.record(Duration::from_millis(300), true);
+            c.record(Duration::from_millis(300), 503);
         }
         let i = c.figures().since(&before);
         assert_eq!((i.requests, i.errors), (100, 6));
@@ -163,7 +185,7 @@ mod tests {
         // With 96 fast answers of 100 the 95th is fast.
         let c = Counters::default();
         for n in 0..100 {
-            c.record(Duration::from_millis(if n < 96 { 2 } else { 300 }), false);
+            c.record(Duration::from_millis(if n < 96 { 2 } else { 300 }), 200);
         }
         let p95 = c
             .figures()
@@ -185,10 +207,14 @@ mod tests {
             errors: 5,
             inflight: 0,
             buckets: vec![50],
+            classes: vec![0, 45, 0, 0, 5],
         };
-        c.record(Duration::from_micros(10), true);
+        c.record(Duration::from_micros(10), 502);
         let i = c.figures().since(&earlier);
         assert_eq!((i.requests, i.errors), (1, 1));
+        c.record(Duration::from_micros(10), 204);
+        c.record(Duration::from_micros(10), 404);
+        assert_eq!(c.figures().classes, [0, 1, 0, 1, 1]);
     }
 
     #[test]

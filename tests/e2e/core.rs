@@ -19,7 +19,7 @@ fn edit_manifest(work: &Path, edit: impl FnOnce(String) -> String) {
 }
 
 /// An api that exits a second after it starts and never answers.
-fn api_that_never_answers(work: &Path) {
+pub(crate) fn api_that_never_answers(work: &Path) {
     std::fs::write(work.join("services/api/VERSION"), "v2\n").expect("write");
     std::fs::write(
         work.join("services/api/server.py"),

@@ -1,5 +1,5 @@
 //! End-to-end tests: the real `moorline` binary against real git
-//! repositories and a real systemd user manager (see MACHINE-NOTES.md).
+//! repositories and a real systemd user manager (tests/support/user_manager.rs starts one per test).
 
 #[path = "../support/git.rs"]
 mod git_cli;
@@ -20,6 +20,7 @@ mod git_faults;
 mod hand;
 mod harness;
 mod history_disk;
+mod observe;
 mod privilege;
 mod triggers;
 
