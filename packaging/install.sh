@@ -13,7 +13,9 @@ config_home=${XDG_CONFIG_HOME:-$HOME/.config}
 install -d -m 0755 "$HOME/.local/bin" "$config_home/systemd/user"
 install -d -m 0700 "$config_home/moorline" "${XDG_DATA_HOME:-$HOME/.local/share}/moorline"
 install -m 0755 "$bin" "$HOME/.local/bin/moorline"
-install -m 0644 "$here/units/moorline.service" "$config_home/systemd/user/moorline.service"
+sed "s|^ExecStart=/usr/bin/moorline|ExecStart=$HOME/.local/bin/moorline|" "$here/units/moorline.service" \
+  > "$config_home/systemd/user/moorline.service"
+chmod 0644 "$config_home/systemd/user/moorline.service"
 if [ -e "$config_home/moorline/config.toml" ]; then
   echo "kept the existing $config_home/moorline/config.toml"
   first=""

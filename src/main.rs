@@ -149,6 +149,9 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = "deploy/moorline.toml")]
         manifest: String,
     },
+    /// Print the man page (roff), made from this command line's definition
+    #[command(hide = true)]
+    Man,
     /// Print shell completions
     Completions {
         #[arg(value_name = "SHELL")]
@@ -172,6 +175,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Check { manifest, hosts } => return cli::check::run(manifest, hosts),
+        Command::Man => {
+            let page = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            let mut text = Vec::new();
+            if let Err(e) = page.render(&mut text) {
+                eprintln!("error: cannot render the man page: {e}");
+                return cli::exit(cli::ERROR);
+            }
+            cli::out(&String::from_utf8_lossy(&text));
+            return cli::exit(cli::OK);
+        }
         Command::Completions { shell } => {
             let mut text = Vec::new();
             clap_complete::generate(
@@ -263,7 +276,10 @@ fn main() -> ExitCode {
                 scope,
                 json,
             } => cli::hand::approve(&config, &commit, scope.as_deref(), json).await,
-            Command::Check { .. } | Command::Completions { .. } | Command::Init { .. } => {
+            Command::Check { .. }
+            | Command::Completions { .. }
+            | Command::Man
+            | Command::Init { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }
@@ -285,20 +301,40 @@ fn load_config(explicit: Option<&std::path::Path>) -> Result<config::Config, Str
     config::load(&path).map_err(|d| d.to_string())
 }
 
-/// Logs go to stderr; under journald (JOURNAL_STREAM set) without
-/// timestamps, since the journal adds its own.
+/// Logs go to stderr; under systemd (JOURNAL_STREAM set) straight to the
+/// journal, with each event's fields as journal fields prefixed `MOORLINE_`
+/// (`MOORLINE_SCOPE`, `MOORLINE_COMMIT`, `MOORLINE_ROLLOUT`, …), so
+/// `journalctl --user -u moorline MOORLINE_SCOPE=api` finds one scope's
+/// lines. If the journal's socket cannot be reached, stderr it is.
 fn init_logging(agent: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = if agent { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOORLINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        // The agent's info lines are its routine: journal "info" (6), not
+        // "notice" (5), so `journalctl -p notice` shows warnings and errors.
+        let priorities = tracing_journald::PriorityMappings {
+            info: tracing_journald::Priority::Informational,
+            debug: tracing_journald::Priority::Debug,
+            ..tracing_journald::PriorityMappings::new()
+        };
+        let journal = journal
+            .with_field_prefix(Some("MOORLINE".into()))
+            .with_priority_mappings(priorities);
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journal)
+            .init();
+        return;
+    }
+    tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+        .with_target(false)
+        .init();
 }

@@ -35,6 +35,50 @@ use crate::store::{Store, now_ms};
 /// default `TimeoutStopSec` of 90 s).
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// systemd's watchdog (`WatchdogSec=` in the unit): the loop pings it from
+/// each place it waits — the fetch, a rollout, the idle wait — twice per
+/// interval, so a loop that stops turning (a deadlock, a wedged runtime) is
+/// restarted by systemd. Without `WATCHDOG_USEC` it never fires.
+struct Watchdog {
+    ticks: Option<tokio::time::Interval>,
+}
+
+impl Watchdog {
+    fn from_env() -> Watchdog {
+        let ticks = sd_notify::watchdog_enabled().map(|every| {
+            let mut ticks = tokio::time::interval(every / 2);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
+        Watchdog { ticks }
+    }
+
+    /// The next ping is due (never, without a watchdog).
+    async fn tick(&mut self) {
+        match &mut self.ticks {
+            Some(ticks) => {
+                ticks.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn ping(&self) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+
+    /// Await `work`, pinging meanwhile.
+    async fn through<T>(&mut self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = self.tick() => self.ping(),
+            }
+        }
+    }
+}
+
 /// The closed set of things the loop reacts to.
 #[derive(Debug)]
 enum Event {
@@ -285,6 +329,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut watchdog = Watchdog::from_env();
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(source = %source_text(&config), branch = %config.source.branch, "agent started");
     let mut trigger = "startup".to_string();
@@ -304,7 +349,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // with the rollout, but the reason to fetch again right after it.
         // Later ones are counted into it: one fetch serves them all.
         let mut queued: Option<(Wake, u64, u32)> = None;
-        let fetched = engine.fetch().await;
+        let fetched = watchdog.through(engine.fetch()).await;
         agent.metrics.fetched(fetched.is_ok());
         let fetched = match fetched {
             // What was asked by hand needs no remote: it goes on while the
@@ -347,6 +392,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         tokio::select! {
                             biased;
                             converged = &mut converge => break Some(converged),
+                            _ = watchdog.tick() => watchdog.ping(),
                             _ = stop.parked(), if stop_by.is_some() => break None,
                             _ = until_stop => {
                                 warn!("the rollout reached no step boundary in time; stopping anyway");
@@ -457,11 +503,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
         agent.spawn_snapshot();
 
-        let event = tokio::select! {
-            wake = wake_rx.recv() => wake.map(Event::Wake).unwrap_or(Event::Shutdown),
-            _ = tokio::time::sleep(delay) => Event::Tick,
-            _ = tokio::signal::ctrl_c() => Event::Shutdown,
-            _ = terminate.recv() => Event::Shutdown,
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        let event = loop {
+            tokio::select! {
+                wake = wake_rx.recv() => break wake.map(Event::Wake).unwrap_or(Event::Shutdown),
+                _ = &mut sleep => break Event::Tick,
+                _ = tokio::signal::ctrl_c() => break Event::Shutdown,
+                _ = terminate.recv() => break Event::Shutdown,
+                _ = watchdog.tick() => watchdog.ping(),
+            }
         };
         trigger = match event {
             Event::Tick => Wake::Poll.name().to_string(),

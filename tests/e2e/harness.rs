@@ -401,6 +401,11 @@ impl Host {
         }
     }
 
+    /// The pid of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     pub fn sync(&self) {
         let output = self.moorline(&["sync"]);
         assert!(

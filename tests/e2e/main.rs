@@ -21,6 +21,7 @@ mod hand;
 mod harness;
 mod history_disk;
 mod observe;
+mod package;
 mod privilege;
 mod triggers;
 

@@ -488,3 +488,85 @@ fn notifications_are_signed_retried_and_a_failing_target_is_shown() {
         "no message the target did not ask for"
     );
 }
+
+#[test]
+fn under_its_unit_the_agent_pings_the_watchdog_from_its_loop() {
+    let host = Host::new();
+    let unit = "moorline-under-test.service";
+    let text = format!(
+        "[Service]\nType=notify\nExecStart={} --config {} agent\nEnvironment=HOME={}\nWatchdogSec=2\nRestart=no\n",
+        crate::harness::BIN,
+        host.config_path().display(),
+        host.home().display()
+    );
+    std::fs::write(host.um.unit_dir().join(unit), text).expect("unit file");
+    assert!(host.um.systemctl(&["daemon-reload"]).status.success());
+    let started = host.um.systemctl(&["start", unit]);
+    assert!(started.status.success(), "{started:?}");
+    let stamp = || host.unit_property(unit, "WatchdogTimestampMonotonic");
+    // Three pings seen, each later than the last: the loop keeps pinging
+    // while it deploys and while it is idle.
+    let mut seen = Vec::new();
+    wait_for("three watchdog pings", Duration::from_secs(30), || {
+        let now = stamp();
+        if now != "0" && seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        (seen.len() >= 3).then_some(())
+    });
+    assert_eq!(host.unit_property(unit, "ActiveState"), "active");
+    assert_eq!(host.unit_property(unit, "NRestarts"), "0");
+    let status = host.json(&["status", "--json"]);
+    assert_eq!(status["agent"]["running"], true);
+    assert!(host.um.systemctl(&["stop", unit]).status.success());
+}
+
+#[test]
+fn under_systemd_the_agent_logs_to_the_journal_with_its_fields() {
+    let mut host = Host::new();
+    host.start_agent_with(&[("JOURNAL_STREAM", "8:1")]);
+    let first = crate::harness::git(&host.work(), &["rev-parse", "HEAD"]);
+    assert_eq!(host.wait_rollout(&first)["outcome"], "succeeded");
+    let pid = host.agent_pid().expect("the agent runs").to_string();
+    // The agent's journal entries that have `field`.
+    let journal = |field: &str| -> Vec<Value> {
+        let out = Command::new("journalctl")
+            .args(["--no-pager", "-o", "json", &format!("_PID={pid}"), field])
+            .output()
+            .expect("journalctl runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let entries = wait_for(
+        "the rollout's entries in the journal",
+        Duration::from_secs(20),
+        || {
+            let entries = journal("MOORLINE_ROLLOUT=1");
+            entries
+                .iter()
+                .any(|e| e["MESSAGE"] == "rollout finished")
+                .then_some(entries)
+        },
+    );
+    let started = entries
+        .iter()
+        .find(|e| e["MESSAGE"] == "rollout started")
+        .expect("the start is logged");
+    assert_eq!(started["MOORLINE_COMMIT"], &first[..7]);
+    assert_eq!(started["MOORLINE_TRIGGER"], "startup");
+    assert_eq!(started["PRIORITY"], "6", "info");
+    // A scope's lines carry its name.
+    let api = journal("MOORLINE_SCOPE=api");
+    assert!(
+        api.iter().any(|e| e["MESSAGE"] == "build started"),
+        "{api:#?}"
+    );
+    // Nothing went to stderr but what the journal could not take.
+    assert!(
+        !host.agent_log().contains("rollout started"),
+        "{}",
+        host.agent_log()
+    );
+}
