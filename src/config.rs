@@ -82,6 +82,9 @@ pub struct SourceConfig {
     /// Default 60s.
     pub poll: Duration,
     pub allow_force_push: bool,
+    /// How long one fetch of a remote may take, connecting included.
+    /// Default 60s.
+    pub fetch_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -127,7 +130,14 @@ pub const NOTIFY_EVENTS: &[&str] = &[
 const DEFAULT_EVENTS: &[&str] = &["failed", "rolled-back", "cutover", "refused", "audit"];
 const HTTP_KEYS: &[&str] = &["listen", "token_file"];
 const HOST_KEYS: &[&str] = &["name"];
-const SOURCE_KEYS: &[&str] = &["url", "branch", "manifest", "poll", "allow_force_push"];
+const SOURCE_KEYS: &[&str] = &[
+    "url",
+    "branch",
+    "manifest",
+    "poll",
+    "allow_force_push",
+    "fetch_timeout",
+];
 const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
 const WEBHOOK_KEYS: &[&str] = &["listen", "secret_file"];
 const STATE_KEYS: &[&str] = &["dir"];
@@ -290,12 +300,23 @@ fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opti
         None => Some(false),
         Some(_) => t.boolean(r, "allow_force_push").map(|b| b.value),
     };
+    let fetch_timeout = match t.value("fetch_timeout") {
+        None => Some(Duration::from_secs(60)),
+        Some(_) => duration(r, t, "fetch_timeout").and_then(|d| {
+            if d.value < Duration::from_secs(1) {
+                r.error(d.span.start, "fetch_timeout must be at least 1s");
+                return None;
+            }
+            Some(d.value)
+        }),
+    };
     Some(SourceConfig {
         url: url?,
         branch: branch?,
         manifest: manifest?,
         poll: poll?,
         allow_force_push: allow_force_push?,
+        fetch_timeout: fetch_timeout?,
     })
 }
 
@@ -834,7 +855,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("{s}poll = \"1 minute\"\nurll = 1\n"),
                 "/etc/moorline/config.toml:3:8: duration \"1 minute\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"\n\
-                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push",
+                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push, fetch_timeout",
             ),
             (
                 format!("{s}[trigger]\nwatch = 1\nwebhook = {{ listen = \"localhost:99\" }}\n"),

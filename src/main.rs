@@ -284,6 +284,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // A fetch that timed out may still block a thread on a silent remote:
+    // the process does not wait for it to exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     cli::exit(code)
 }
 

@@ -118,6 +118,8 @@ pub struct Engine {
     /// Set by the agent on SIGTERM; rollouts stop at their next step boundary.
     pub stop: Arc<Stop>,
     runtimes: Runtimes,
+    /// A fetch that timed out and has not ended yet.
+    fetching: Option<tokio::task::JoinHandle<Result<String, GitError>>>,
 }
 
 /// Why no rollout ran for a fetched commit.
@@ -157,6 +159,7 @@ impl Engine {
             http: crate::health::client(),
             stop: Arc::new(Stop::default()),
             runtimes,
+            fetching: None,
             config,
         }
     }
@@ -170,12 +173,28 @@ impl Engine {
         Ok(self.runtimes.get(owner).await?)
     }
 
-    /// Fetch the branch. `Err` is a fetch failure (not a rollout).
-    pub async fn fetch(&self) -> Result<String, Error> {
-        let source = self.source.clone();
-        Ok(tokio::task::spawn_blocking(move || source.fetch())
-            .await
-            .map_err(task("fetch"))??)
+    /// Fetch the branch, for at most `fetch_timeout`. `Err` is a fetch
+    /// failure (not a rollout). A fetch that times out is told to stop and
+    /// left to end on its own thread (a read blocked on a silent remote
+    /// cannot be cut short); no other fetch starts until it has.
+    pub async fn fetch(&mut self) -> Result<String, Error> {
+        let url = self.source.url_text();
+        if self.fetching.as_ref().is_some_and(|f| !f.is_finished()) {
+            return Err(GitError::StillFetching { url }.into());
+        }
+        self.fetching = None;
+        let interrupt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (source, flag) = (self.source.clone(), Arc::clone(&interrupt));
+        let mut fetch = tokio::task::spawn_blocking(move || source.fetch_until(&flag));
+        let limit = self.config.source.fetch_timeout;
+        match tokio::time::timeout(limit, &mut fetch).await {
+            Ok(joined) => Ok(joined.map_err(task("fetch"))??),
+            Err(_) => {
+                interrupt.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.fetching = Some(fetch);
+                Err(GitError::TimedOut { url, after: limit }.into())
+            }
+        }
     }
 
     /// Bring the host to `head` if it is not there yet and did not fail before.

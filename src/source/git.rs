@@ -27,6 +27,15 @@ pub enum GitError {
     NoBranch { url: String, branch: String },
     #[error("cannot fetch \"{url}\": {source}")]
     Fetch { url: String, source: BoxError },
+    #[error("fetch of \"{url}\" timed out after {} (fetch_timeout)", humantime::format_duration(*.after))]
+    TimedOut {
+        url: String,
+        after: std::time::Duration,
+    },
+    #[error(
+        "the previous fetch of \"{url}\" timed out and has not ended yet; not starting another"
+    )]
+    StillFetching { url: String },
     #[error("cannot read {what} of commit {commit}: {source}")]
     Read {
         commit: String,
@@ -56,7 +65,11 @@ impl GitError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            GitError::Open { .. } | GitError::Fetch { .. } | GitError::Write { .. }
+            GitError::Open { .. }
+                | GitError::Fetch { .. }
+                | GitError::Write { .. }
+                | GitError::TimedOut { .. }
+                | GitError::StillFetching { .. }
         )
     }
 }
@@ -111,8 +124,14 @@ impl Source {
     /// Bring the branch up to date (a fetch for remote sources) and return
     /// the full id of its commit.
     pub fn fetch(&self) -> Result<String, GitError> {
+        self.fetch_until(&AtomicBool::new(false))
+    }
+
+    /// `fetch`, given up at its next check of `interrupt` once that is set
+    /// (the agent's `fetch_timeout`).
+    pub fn fetch_until(&self, interrupt: &AtomicBool) -> Result<String, GitError> {
         if let SourceUrl::Remote(url) = &self.url {
-            self.fetch_into_mirror(url)?;
+            self.fetch_into_mirror(url, interrupt)?;
         }
         let repo = self.open()?;
         let name = format!("refs/heads/{}", self.branch);
@@ -131,7 +150,7 @@ impl Source {
         Ok(commit.id.to_string())
     }
 
-    fn fetch_into_mirror(&self, url: &str) -> Result<(), GitError> {
+    fn fetch_into_mirror(&self, url: &str, interrupt: &AtomicBool) -> Result<(), GitError> {
         let fetch_err = |e: BoxError| GitError::Fetch {
             url: url.to_string(),
             source: e,
@@ -147,13 +166,12 @@ impl Source {
             .map_err(|e| fetch_err(Box::new(e)))?
             .with_refspecs(Some(spec.as_str()), gix::remote::Direction::Fetch)
             .map_err(|e| fetch_err(Box::new(e)))?;
-        let interrupt = AtomicBool::new(false);
         remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(|e| fetch_err(Box::new(e)))?
             .prepare_fetch(gix::progress::Discard, Default::default())
             .map_err(|e| fetch_err(Box::new(e)))?
-            .receive(gix::progress::Discard, &interrupt)
+            .receive(gix::progress::Discard, interrupt)
             .map_err(|e| fetch_err(Box::new(e)))?;
         Ok(())
     }
@@ -517,6 +535,7 @@ mod tests {
                 manifest: "deploy/moorline.toml".into(),
                 poll: Duration::from_secs(60),
                 allow_force_push: false,
+                fetch_timeout: Duration::from_secs(60),
             },
             state,
         )

@@ -271,3 +271,63 @@ fn a_full_disk_fails_the_rollout_cleanly_and_freeing_space_lets_the_next_deploy(
     drop(host);
     drop(disk);
 }
+
+#[test]
+fn a_remote_that_never_answers_times_out_within_fetch_timeout_while_status_answers() {
+    // A remote that accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            let _ = accepted_tx.send(());
+            held.push(stream);
+        }
+    });
+    let mut host = Host::new();
+    let url = format!("http://127.0.0.1:{port}/app.git");
+    let config = std::fs::read_to_string(host.config_path()).expect("config");
+    let config = config
+        .lines()
+        .map(|l| {
+            if l.starts_with("url = ") {
+                format!("url = \"{url}\"\nfetch_timeout = \"2s\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(host.config_path(), config).expect("config");
+    host.start_agent();
+    accepted
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the agent connected to the remote");
+    // While the fetch hangs, status answers, and says so.
+    wait_for(
+        "status during the hung fetch",
+        Duration::from_secs(10),
+        || {
+            let status = host.json(&["status", "--json"]);
+            (status["agent"]["activity"] == "fetching").then_some(())
+        },
+    );
+    let status = wait_for("the timeout in status", Duration::from_secs(20), || {
+        let status = host.json(&["status", "--json"]);
+        (!status["source"]["last_fetch_error"].is_null()).then_some(status)
+    });
+    assert_eq!(
+        status["source"]["last_fetch_error"],
+        format!("fetch of \"{url}\" timed out after 2s (fetch_timeout)").as_str()
+    );
+    // It backs off like any failed fetch, and nothing was rolled out.
+    assert_eq!(status["agent"]["activity"], "idle", "{status:#}");
+    assert!(!status["source"]["next_fetch"].is_null());
+    assert!(host.history().is_empty());
+    assert!(
+        host.agent_log().contains("fetch failed"),
+        "{}",
+        host.agent_log()
+    );
+}
