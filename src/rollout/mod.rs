@@ -281,13 +281,15 @@ impl Engine {
     /// yet, then restarts, in one rollout at the deployed commit that
     /// touches nothing else. A rollback that fails leaves its scope held
     /// as it runs (its pin is cleared, so it is not tried again); restart
-    /// requests are done once their rollout ends, whatever its outcome.
+    /// requests are done once their rollout ends, whatever its outcome. An
+    /// interrupted one keeps both, for the next start.
     async fn roll_by_hand(
         &mut self,
         hand: &HandState,
         host: HostState,
     ) -> Result<Converged, Error> {
         let mut steps = BTreeMap::new();
+        let mut pinned = Vec::new();
         let (mut trigger, mut user) = ("restart", None);
         for (name, hold) in &hand.holds {
             if let Some(pin) = hold
@@ -308,6 +310,7 @@ impl Engine {
                     },
                 );
                 (trigger, user) = ("rollback", Some(hold.user.clone()));
+                pinned.push(name.clone());
             }
         }
         let mut restarted = Vec::new();
@@ -323,11 +326,6 @@ impl Engine {
                 user = user.or(Some(request.user.clone()));
             }
         }
-        let pinned: Vec<String> = steps
-            .keys()
-            .filter(|name| !restarted.contains(name))
-            .cloned()
-            .collect();
         let commit = host
             .deployed_commit
             .clone()
@@ -342,12 +340,19 @@ impl Engine {
             }
             _ => None,
         };
+        // Interrupted (a stop request): the pin stays, and the next start
+        // carries the rollback out again.
         let failed = record
             .as_ref()
-            .is_some_and(|r| r.outcome != Outcome::Succeeded);
+            .is_some_and(|r| matches!(r.outcome, Outcome::Failed | Outcome::RolledBack));
+        let ended = record
+            .as_ref()
+            .is_none_or(|r| !matches!(r.outcome, Outcome::Interrupted | Outcome::InProgress));
         self.store.update_hand(|h| {
-            for name in &restarted {
-                h.restarts.remove(name);
+            if ended {
+                for name in &restarted {
+                    h.restarts.remove(name);
+                }
             }
             if failed {
                 for name in &pinned {

@@ -81,7 +81,15 @@ impl UserManager {
             ]
         };
         for dir in &cgroup_dirs {
-            fs::create_dir(dir).unwrap_or_else(|e| panic!("cannot create cgroup {dir:?}: {e}"));
+            // A cgroup of the same name can be left by a run that was killed
+            // (a reused pid): one with no process left is removed and made again.
+            let made = fs::create_dir(dir).or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => {
+                    remove_cgroup_tree(dir).and_then(|()| fs::create_dir(dir))
+                }
+                _ => Err(e),
+            });
+            made.unwrap_or_else(|e| panic!("cannot create cgroup {dir:?}: {e}"));
         }
 
         if let Some((uid, gid)) = user {
@@ -296,20 +304,23 @@ impl UserManager {
 
     /// Removes the cgroup trees, deepest directories first.
     fn remove_cgroups(&self) {
-        fn remove(dir: &Path) {
-            if let Ok(entries) = fs::read_dir(dir) {
-                for entry in entries.flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        remove(&entry.path());
-                    }
-                }
-            }
-            let _ = fs::remove_dir(dir);
-        }
         for dir in &self.cgroup_dirs {
-            remove(dir);
+            let _ = remove_cgroup_tree(dir);
         }
     }
+}
+
+/// Remove the cgroup at `dir` and the ones below it, deepest first; fails
+/// while a process is still in one of them.
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    fs::remove_dir(dir)
 }
 
 impl Drop for UserManager {
