@@ -415,15 +415,13 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
 /// The plan for `rev` (default: the branch's commit after a fetch).
 /// `serving` is the slot the edge serves of each slotted scope: a deploy of
 /// one goes to the other.
+/// The plan for `rev` (the caller fetched the branch when none was named).
 pub fn plan_view(
     engine: &crate::rollout::Engine,
-    rev: Option<&str>,
+    rev: &str,
     serving: &std::collections::BTreeMap<String, u8>,
 ) -> Result<PlanView, String> {
-    let commit = match rev {
-        Some(rev) => engine.source.resolve(rev).map_err(|e| e.to_string())?,
-        None => engine.source.fetch().map_err(|e| e.to_string())?,
-    };
+    let commit = engine.source.resolve(rev).map_err(|e| e.to_string())?;
     let (manifest, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
     let mut view = PlanView::from(&plan);
     for (planned, step) in view.scopes.iter_mut().zip(&plan.scopes) {

@@ -216,12 +216,18 @@ impl api::Handler for Agent {
                 Response::Synced
             }
             Request::Plan { rev } => {
-                let engine = Engine::new(self.config.clone(), self.store.clone());
+                let mut engine = Engine::new(self.config.clone(), self.store.clone());
+                // The branch after a fetch, within fetch_timeout.
+                let rev = match rev {
+                    Some(rev) => rev,
+                    None => match engine.fetch().await {
+                        Ok(head) => head,
+                        Err(e) => return Response::Error(e.to_string()),
+                    },
+                };
                 let serving = api::serving_slots(&self.config.state.dir).await;
-                match tokio::task::spawn_blocking(move || {
-                    api::plan_view(&engine, rev.as_deref(), &serving)
-                })
-                .await
+                match tokio::task::spawn_blocking(move || api::plan_view(&engine, &rev, &serving))
+                    .await
                 {
                     Ok(Ok(view)) => Response::Plan(view),
                     Ok(Err(e)) => Response::Error(e),

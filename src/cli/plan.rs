@@ -30,9 +30,16 @@ pub async fn run(config: &Config, rev: Option<String>, json: bool) -> u8 {
 async fn offline(config: &Config, rev: Option<&str>) -> Result<PlanView, String> {
     crate::privacy::prepare_state_dir(&config.state.dir).map_err(|e| e.to_string())?;
     let store = Store::open(&config.state.dir).map_err(|e| e.to_string())?;
-    let engine = Engine::new(config.clone(), store);
+    let mut engine = Engine::new(config.clone(), store);
+    // The branch after a fetch, within fetch_timeout.
+    let head = match rev {
+        Some(rev) => rev.to_string(),
+        None => engine.fetch().await.map_err(|e| e.to_string())?,
+    };
     let serving = api::serving_slots(&config.state.dir).await;
-    api::plan_view(&engine, rev, &serving)
+    tokio::task::spawn_blocking(move || api::plan_view(&engine, &head, &serving))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 pub fn render(view: &PlanView) -> String {

@@ -330,4 +330,11 @@ fn a_remote_that_never_answers_times_out_within_fetch_timeout_while_status_answe
         "{}",
         host.agent_log()
     );
+    // `moorline plan` fetches too, within the same limit.
+    let plan = host.moorline(&["plan"]);
+    assert_eq!(plan.status.code(), Some(2), "{plan:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&plan.stderr),
+        format!("error: fetch of \"{url}\" timed out after 2s (fetch_timeout)\n")
+    );
 }
