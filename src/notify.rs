@@ -343,16 +343,13 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 }
 
 async fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    let mut bytes = tokio::fs::read(path)
-        .await
-        .map_err(|e| format!("cannot read secret_file \"{}\": {e}", path.display()))?;
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err(format!("secret_file \"{}\" is empty", path.display()));
-    }
-    Ok(bytes)
+    use crate::privacy::{SecretFileError, read_secret_file};
+    read_secret_file(path).await.map_err(|e| match e {
+        SecretFileError::Unreadable(e) => {
+            format!("cannot read secret_file \"{}\": {e}", path.display())
+        }
+        SecretFileError::Empty => format!("secret_file \"{}\" is empty", path.display()),
+    })
 }
 
 #[cfg(test)]

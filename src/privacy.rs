@@ -21,6 +21,28 @@ pub enum StateDirError {
     },
 }
 
+/// Why a secret file (webhook secret, notify key, HTTP token) gave no secret.
+#[derive(Debug)]
+pub enum SecretFileError {
+    Unreadable(std::io::Error),
+    Empty,
+}
+
+/// The secret in the file at `path`: its bytes without trailing newlines
+/// (an editor's or `echo`'s), refused when nothing is left.
+pub async fn read_secret_file(path: &Path) -> Result<Vec<u8>, SecretFileError> {
+    let mut bytes = tokio::fs::read(path)
+        .await
+        .map_err(SecretFileError::Unreadable)?;
+    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
+        bytes.pop();
+    }
+    if bytes.is_empty() {
+        return Err(SecretFileError::Empty);
+    }
+    Ok(bytes)
+}
+
 /// Create the state directory owner-only (and tighten an existing one).
 pub fn prepare_state_dir(dir: &Path) -> Result<(), StateDirError> {
     std::fs::create_dir_all(dir).map_err(|source| StateDirError::Create {

@@ -124,18 +124,22 @@ impl HttpServer {
 }
 
 async fn read_token(path: &Path) -> Result<Token, HttpError> {
-    let text = tokio::fs::read(path)
-        .await
-        .map_err(|source| HttpError::TokenUnreadable {
+    use crate::privacy::{SecretFileError, read_secret_file};
+    let empty = || HttpError::TokenEmpty {
+        path: path.to_path_buf(),
+    };
+    let text = read_secret_file(path).await.map_err(|e| match e {
+        SecretFileError::Unreadable(source) => HttpError::TokenUnreadable {
             path: path.to_path_buf(),
             source,
-        })?;
+        },
+        SecretFileError::Empty => empty(),
+    })?;
+    // The token is the file's first line.
     let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
     let token = first.strip_suffix(b"\r").unwrap_or(first).trim_ascii();
     if token.is_empty() {
-        return Err(HttpError::TokenEmpty {
-            path: path.to_path_buf(),
-        });
+        return Err(empty());
     }
     Ok(Token(token.to_vec()))
 }

@@ -145,22 +145,16 @@ impl WebhookServer {
 }
 
 async fn read_secret(path: &Path) -> Result<Secret, WebhookError> {
-    let mut bytes =
-        tokio::fs::read(path)
-            .await
-            .map_err(|source| WebhookError::SecretUnreadable {
-                path: path.to_path_buf(),
-                source,
-            })?;
-    while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-        bytes.pop();
+    use crate::privacy::{SecretFileError, read_secret_file};
+    let path_buf = path.to_path_buf();
+    match read_secret_file(path).await {
+        Ok(bytes) => Ok(Secret(bytes)),
+        Err(SecretFileError::Unreadable(source)) => Err(WebhookError::SecretUnreadable {
+            path: path_buf,
+            source,
+        }),
+        Err(SecretFileError::Empty) => Err(WebhookError::SecretEmpty { path: path_buf }),
     }
-    if bytes.is_empty() {
-        return Err(WebhookError::SecretEmpty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(Secret(bytes))
 }
 
 async fn serve_connection(
