@@ -148,6 +148,24 @@ struct ByHand {
     user: Option<String>,
 }
 
+/// What the approval check found for a branch commit.
+enum Approval {
+    /// A gated step waits for `moorline approve`.
+    Waits,
+    /// Nothing waits: the plan it made (none when the commit cannot be
+    /// planned; the rollout records why).
+    Free(Option<(Box<(Manifest, Plan)>, Duration)>),
+}
+
+/// Where a rollout's plan comes from.
+enum Planning<'a> {
+    /// The commit's plan against the host, made by the rollout.
+    Branch,
+    /// Made already (by the approval check), with how long it took.
+    Made(Box<(Manifest, Plan)>, Duration),
+    ByHand(&'a ByHand),
+}
+
 impl Engine {
     pub fn new(config: Config, store: Store) -> Engine {
         let source = Source::new(&config.source, &config.state.dir);
@@ -215,17 +233,16 @@ impl Engine {
             Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
             Decision::Roll { commit, target } => (commit, target),
         };
-        let trigger = match target {
-            Target::Head => {
-                if self.awaits_approval(&commit, &hand)? {
-                    return Ok(Converged::Idle(Idle::AwaitingApproval));
-                }
-                trigger
-            }
-            Target::Repair | Target::Hand => "repair",
+        let (trigger, planning) = match target {
+            Target::Head => match self.approval(&commit, &hand)? {
+                Approval::Waits => return Ok(Converged::Idle(Idle::AwaitingApproval)),
+                Approval::Free(Some((planned, took))) => (trigger, Planning::Made(planned, took)),
+                Approval::Free(None) => (trigger, Planning::Branch),
+            },
+            Target::Repair | Target::Hand => ("repair", Planning::Branch),
         };
         let record = self
-            .rollout(&commit, trigger, fetch_ms, host, target, None)
+            .rollout(&commit, trigger, fetch_ms, host, target, planning)
             .await?;
         Ok(Converged::Rolled(Box::new(record)))
     }
@@ -239,11 +256,15 @@ impl Engine {
     }
 
     /// Whether `commit` waits for `moorline approve`: then what it waits
-    /// for is stored for `status`, and nothing of it deploys. A manifest
-    /// that cannot be planned is the rollout's to record, not a gate.
-    fn awaits_approval(&self, commit: &str, hand: &HandState) -> Result<bool, Error> {
-        let waiting = match self.plan_for(commit) {
-            Ok((_, plan)) => plan
+    /// for is stored for `status`, and nothing of it deploys; else the plan
+    /// made to tell, for the rollout to carry out. A manifest that cannot
+    /// be planned is the rollout's to record, not a gate.
+    fn approval(&self, commit: &str, hand: &HandState) -> Result<Approval, Error> {
+        let started = Instant::now();
+        let planned = self.plan_for(commit).ok();
+        let took = started.elapsed();
+        let waiting = match &planned {
+            Some((_, plan)) => plan
                 .awaiting()
                 .map(|s| {
                     let what = format!("{}: {}", s.action.as_str(), s.reason);
@@ -256,7 +277,7 @@ impl Engine {
                     )
                 })
                 .collect::<BTreeMap<_, _>>(),
-            Err(_) => BTreeMap::new(),
+            None => BTreeMap::new(),
         };
         let same = hand
             .awaiting
@@ -274,7 +295,11 @@ impl Engine {
             self.store
                 .update_hand(|h| h.awaiting = Some(awaiting.clone()))?;
         }
-        Ok(!waiting.is_empty())
+        if waiting.is_empty() {
+            Ok(Approval::Free(planned.map(|p| (Box::new(p), took))))
+        } else {
+            Ok(Approval::Waits)
+        }
     }
 
     /// Carry out what operators asked for by hand: rollbacks not reached
@@ -333,8 +358,9 @@ impl Engine {
         let record = match commit {
             Some(commit) if !steps.is_empty() => {
                 let by_hand = ByHand { steps, user };
+                let planning = Planning::ByHand(&by_hand);
                 let record = self
-                    .rollout(&commit, trigger, 0, host, Target::Hand, Some(&by_hand))
+                    .rollout(&commit, trigger, 0, host, Target::Hand, planning)
                     .await?;
                 Some(record)
             }
@@ -449,7 +475,7 @@ impl Engine {
         fetch_ms: u64,
         host: HostState,
         target: Target,
-        by_hand: Option<&ByHand>,
+        planning: Planning<'_>,
     ) -> Result<RolloutRecord, Error> {
         self.runtimes.check().await;
         let (subject, author) = match self.source.commit_info(head) {
@@ -468,7 +494,10 @@ impl Engine {
             started_at: now_ms(),
             finished_at: None,
             outcome: Outcome::InProgress,
-            user: by_hand.and_then(|h| h.user.clone()),
+            user: match &planning {
+                Planning::ByHand(by_hand) => by_hand.user.clone(),
+                Planning::Branch | Planning::Made(..) => None,
+            },
             subject,
             author,
             scopes: vec![],
@@ -489,7 +518,7 @@ impl Engine {
         crate::fault::point("after-fetch");
         info!(rollout = id, commit = %short(head), trigger, "rollout started");
         let (outcome, error, keep_releases) =
-            match self.run(&mut journal, head, host, by_hand).await {
+            match self.run(&mut journal, head, host, planning).await {
                 // Pruning follows the branch's rollouts, not those by hand.
                 Ok(Succeeded { keep_releases }) if target != Target::Hand => {
                     (Outcome::Succeeded, None, Some(keep_releases))
@@ -587,12 +616,12 @@ impl Engine {
         journal: &mut Journal<'_>,
         head: &str,
         host: HostState,
-        by_hand: Option<&ByHand>,
+        planning: Planning<'_>,
     ) -> Result<Succeeded, (Outcome, String)> {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
-            && by_hand.is_none()
+            && !matches!(planning, Planning::ByHand(_))
         {
             let source = self.source.clone();
             let (d, h) = (deployed.clone(), head.to_string());
@@ -611,10 +640,14 @@ impl Engine {
             }
         }
 
-        let started = Instant::now();
-        let planned = match by_hand {
-            None => self.plan_for(head),
-            Some(by_hand) => self.plan_by_hand(head, &host, by_hand),
+        let mut started = Instant::now();
+        let planned = match planning {
+            Planning::Branch => self.plan_for(head),
+            Planning::Made(planned, took) => {
+                started = started.checked_sub(took).unwrap_or(started);
+                Ok(*planned)
+            }
+            Planning::ByHand(by_hand) => self.plan_by_hand(head, &host, by_hand),
         };
         let (manifest, plan) = planned.map_err(|e| failed(e.to_string()))?;
         journal.record.scopes = plan
