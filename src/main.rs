@@ -315,29 +315,34 @@ fn init_logging(agent: bool) {
     let default = if agent { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOORLINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    if std::env::var_os("JOURNAL_STREAM").is_some()
-        && let Ok(journal) = tracing_journald::layer()
-    {
-        // The agent's info lines are its routine: journal "info" (6), not
-        // "notice" (5), so `journalctl -p notice` shows warnings and errors.
-        let priorities = tracing_journald::PriorityMappings {
-            info: tracing_journald::Priority::Informational,
-            debug: tracing_journald::Priority::Debug,
-            ..tracing_journald::PriorityMappings::new()
-        };
-        let journal = journal
-            .with_field_prefix(Some("MOORLINE".into()))
-            .with_priority_mappings(priorities);
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(journal)
-            .init();
-        return;
-    }
+    let unreachable = match std::env::var_os("JOURNAL_STREAM").map(|_| tracing_journald::layer()) {
+        Some(Ok(journal)) => {
+            // The agent's info lines are its routine: journal "info" (6), not
+            // "notice" (5), so `journalctl -p notice` shows warnings and errors.
+            let priorities = tracing_journald::PriorityMappings {
+                info: tracing_journald::Priority::Informational,
+                debug: tracing_journald::Priority::Debug,
+                ..tracing_journald::PriorityMappings::new()
+            };
+            let journal = journal
+                .with_field_prefix(Some("MOORLINE".into()))
+                .with_priority_mappings(priorities);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journal)
+                .init();
+            return;
+        }
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    if let Some(e) = unreachable {
+        tracing::warn!(error = %e, "the journal's socket cannot be reached; logging to stderr");
+    }
 }

@@ -523,6 +523,12 @@ fn under_its_unit_the_agent_pings_the_watchdog_from_its_loop() {
 
 #[test]
 fn under_systemd_the_agent_logs_to_the_journal_with_its_fields() {
+    let socket = std::os::unix::net::UnixDatagram::unbound().expect("a datagram socket");
+    if let Err(e) = socket.send_to(&[], "/run/systemd/journal/socket") {
+        panic!(
+            "no journald listens on /run/systemd/journal/socket ({e}): scripts/install-deps --tests starts one"
+        );
+    }
     let mut host = Host::new();
     host.start_agent_with(&[("JOURNAL_STREAM", "8:1")]);
     let first = crate::harness::git(&host.work(), &["rev-parse", "HEAD"]);
