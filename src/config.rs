@@ -85,6 +85,26 @@ pub struct SourceConfig {
     /// How long one fetch of a remote may take, connecting included.
     /// Default 60s.
     pub fetch_timeout: Duration,
+    /// How a private remote is reached: a deploy key and known hosts for
+    /// ssh, a token and CA certificates for https.
+    pub access: Access,
+}
+
+/// `ssh_key`, `known_hosts`, `token_file`, `token_user`, `ca_file`: each
+/// read on every fetch, so a rotated key or token takes effect at the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The private key ssh offers (`-i`, and only it).
+    pub ssh_key: Option<PathBuf>,
+    /// The host keys ssh accepts, strictly: an unknown or changed one is
+    /// refused. `None`: ssh's own default, `~/.ssh/known_hosts`, as strict.
+    pub known_hosts: Option<PathBuf>,
+    /// A file holding the https token, sent as basic auth.
+    pub token_file: Option<PathBuf>,
+    /// The basic-auth user for `token_file`. Default `x-access-token`.
+    pub token_user: String,
+    /// Extra CA certificates (PEM) an https remote's certificate may chain to.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -137,6 +157,11 @@ const SOURCE_KEYS: &[&str] = &[
     "poll",
     "allow_force_push",
     "fetch_timeout",
+    "ssh_key",
+    "known_hosts",
+    "token_file",
+    "token_user",
+    "ca_file",
 ];
 const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
 const WEBHOOK_KEYS: &[&str] = &["listen", "secret_file"];
@@ -310,6 +335,7 @@ fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opti
             Some(d.value)
         }),
     };
+    let access = url.as_ref().and_then(|u| read_access(r, t, paths, u));
     Some(SourceConfig {
         url: url?,
         branch: branch?,
@@ -317,6 +343,81 @@ fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opti
         poll: poll?,
         allow_force_push: allow_force_push?,
         fetch_timeout: fetch_timeout?,
+        access: access?,
+    })
+}
+
+/// The access keys of `[source]`, each refused where the url's transport
+/// cannot use it (a deploy key on an https source would be silently unused).
+fn read_access(
+    r: &mut Reader<'_>,
+    t: &Table<'_, '_>,
+    paths: &Paths<'_>,
+    url: &SourceUrl,
+) -> Option<Access> {
+    let transport = match url {
+        SourceUrl::Local(_) => "local",
+        SourceUrl::Remote(u) if u.starts_with("https://") => "https",
+        SourceUrl::Remote(u) if u.starts_with("http://") => "http",
+        SourceUrl::Remote(_) => "ssh",
+    };
+    let mut ok = true;
+    let mut path = |r: &mut Reader<'_>, key: &str, wants: &[&str], needs: &str| {
+        let at = t.string(r, key);
+        if t.value(key).is_some() && at.is_none() {
+            ok = false;
+        }
+        let at = at?;
+        if !wants.contains(&transport) {
+            let hint = if transport == "http" && key != "ssh_key" && key != "known_hosts" {
+                "; over http:// it would travel in the clear"
+            } else {
+                ""
+            };
+            r.error(
+                at.span.start,
+                format!("{key} applies to {needs} sources only, and url is {transport}{hint}"),
+            );
+            ok = false;
+            return None;
+        }
+        let resolved = paths.resolve(r, &at);
+        ok &= resolved.is_some();
+        resolved
+    };
+    let ssh = "ssh:// and user@host:path";
+    let ssh_key = path(r, "ssh_key", &["ssh"], ssh);
+    let known_hosts = path(r, "known_hosts", &["ssh"], ssh)
+        .or_else(|| (transport == "ssh").then(|| paths.home.join(".ssh/known_hosts")));
+    let token_file = path(r, "token_file", &["https"], "https://");
+    let ca_file = path(r, "ca_file", &["https"], "https://");
+    let token_user = match t.value("token_user") {
+        None => Some("x-access-token".to_owned()),
+        Some(_) => t.string(r, "token_user").and_then(|u| {
+            if token_file.is_none() {
+                r.error(
+                    u.span.start,
+                    "token_user is the user of token_file, which is not set",
+                );
+                return None;
+            }
+            if u.value.is_empty() || u.value.contains(':') || u.value.chars().any(char::is_control)
+            {
+                r.error(
+                    u.span.start,
+                    "token_user must be a non-empty basic-auth user name without ':'",
+                );
+                return None;
+            }
+            Some(u.value.to_owned())
+        }),
+    };
+    ok.then_some(Access {
+        ssh_key,
+        known_hosts,
+        token_file,
+        token_user: token_user?,
+        ca_file,
     })
 }
 
@@ -337,6 +438,18 @@ fn source_url(r: &mut Reader<'_>, url: &At<&str>, paths: &Paths<'_>) -> Option<S
         if let Some(rest) = text.strip_prefix(scheme) {
             if rest.is_empty() || rest.starts_with('/') {
                 r.error(url.span.start, format!("source url {text:?} names no host"));
+                return None;
+            }
+            // The url is shown in status and logs: a secret never rides in
+            // it. (An ssh user name is no secret; a password after it is.)
+            let authority = rest.split('/').next().unwrap_or(rest);
+            if let Some((userinfo, _)) = authority.rsplit_once('@')
+                && (scheme != "ssh://" || userinfo.contains(':'))
+            {
+                r.error(
+                    url.span.start,
+                    "source url must not hold credentials: put the token in a file named by token_file (and the user in token_user)",
+                );
                 return None;
             }
             return Some(SourceUrl::Remote(text.to_owned()));
@@ -785,6 +898,77 @@ host = "tcp://127.0.0.1:2375"
     }
 
     #[test]
+    fn private_remote_access_is_read_and_checked_against_the_url() {
+        let c = config(
+            "[source]\nurl = \"ssh://git@h:2222/app.git\"\nssh_key = \"~/.config/moorline/deploy_key\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.source.access,
+            Access {
+                ssh_key: Some("/home/ops/.config/moorline/deploy_key".into()),
+                known_hosts: Some("/home/ops/.ssh/known_hosts".into()),
+                token_file: None,
+                token_user: "x-access-token".into(),
+                ca_file: None,
+            }
+        );
+        let c = config(
+            "[source]\nurl = \"https://git.example.com/app.git\"\ntoken_file = \"token\"\ntoken_user = \"deploy\"\nca_file = \"/etc/ssl/ca.pem\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.source.access,
+            Access {
+                ssh_key: None,
+                known_hosts: None,
+                token_file: Some("/etc/moorline/token".into()),
+                token_user: "deploy".into(),
+                ca_file: Some("/etc/ssl/ca.pem".into()),
+            }
+        );
+        let refused: &[(&str, &str)] = &[
+            (
+                "[source]\nurl = \"https://x-access-token:ghp_s3cret@h/app.git\"\n",
+                "/etc/moorline/config.toml:2:7: source url must not hold credentials: put the token in a file named by token_file (and the user in token_user)",
+            ),
+            (
+                "[source]\nurl = \"https://ghp_s3cret@h/app.git\"\n",
+                "/etc/moorline/config.toml:2:7: source url must not hold credentials: put the token in a file named by token_file (and the user in token_user)",
+            ),
+            (
+                "[source]\nurl = \"ssh://git:hunter2@h/app.git\"\n",
+                "/etc/moorline/config.toml:2:7: source url must not hold credentials: put the token in a file named by token_file (and the user in token_user)",
+            ),
+            (
+                "[source]\nurl = \"https://h/app.git\"\nssh_key = \"k\"\n",
+                "/etc/moorline/config.toml:3:11: ssh_key applies to ssh:// and user@host:path sources only, and url is https",
+            ),
+            (
+                "[source]\nurl = \"http://h/app.git\"\ntoken_file = \"t\"\n",
+                "/etc/moorline/config.toml:3:14: token_file applies to https:// sources only, and url is http; over http:// it would travel in the clear",
+            ),
+            (
+                "[source]\nurl = \"/srv/app.git\"\nca_file = \"ca.pem\"\n",
+                "/etc/moorline/config.toml:3:11: ca_file applies to https:// sources only, and url is local",
+            ),
+            (
+                "[source]\nurl = \"https://h/app.git\"\ntoken_user = \"deploy\"\n",
+                "/etc/moorline/config.toml:3:14: token_user is the user of token_file, which is not set",
+            ),
+            (
+                "[source]\nurl = \"git@h:app.git\"\nknown_hosts = 7\n",
+                "/etc/moorline/config.toml:3:15: \"known_hosts\" must be a string, found an integer",
+            ),
+        ];
+        for (text, want) in refused {
+            let got = config(text).expect_err(text).to_string();
+            assert_eq!(&got, want, "{text}");
+            assert!(!got.contains("s3cret") && !got.contains("hunter2"), "{got}");
+        }
+    }
+
+    #[test]
     fn default_path_follows_xdg() {
         let home = Path::new("/home/ops");
         assert_eq!(
@@ -855,7 +1039,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("{s}poll = \"1 minute\"\nurll = 1\n"),
                 "/etc/moorline/config.toml:3:8: duration \"1 minute\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"\n\
-                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push, fetch_timeout",
+                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push, fetch_timeout, ssh_key, known_hosts, token_file, token_user, ca_file",
             ),
             (
                 format!("{s}[trigger]\nwatch = 1\nwebhook = {{ listen = \"localhost:99\" }}\n"),

@@ -16,6 +16,7 @@ use gix::bstr::ByteSlice;
 use gix::objs::tree::EntryKind;
 
 use crate::config::{SourceConfig, SourceUrl};
+use crate::source::access;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -25,8 +26,19 @@ pub enum GitError {
     Open { path: PathBuf, source: BoxError },
     #[error("branch \"{branch}\" not found in \"{url}\"")]
     NoBranch { url: String, branch: String },
-    #[error("cannot fetch \"{url}\": {source}")]
+    #[error("cannot fetch \"{url}\": {}", chain(source.as_ref()))]
     Fetch { url: String, source: BoxError },
+    #[error("cannot fetch \"{url}\": {source}")]
+    Access {
+        url: String,
+        source: crate::source::access::AccessError,
+    },
+    #[error("cannot fetch \"{url}\": {}", host_key_text(refusal, known_hosts.as_deref()))]
+    HostKey {
+        url: String,
+        refusal: crate::source::access::HostKeyRefusal,
+        known_hosts: Option<PathBuf>,
+    },
     #[error("fetch of \"{url}\" timed out after {} (fetch_timeout)", humantime::format_duration(*.after))]
     TimedOut {
         url: String,
@@ -67,10 +79,48 @@ impl GitError {
             self,
             GitError::Open { .. }
                 | GitError::Fetch { .. }
+                | GitError::Access { .. }
+                | GitError::HostKey { .. }
                 | GitError::Write { .. }
                 | GitError::TimedOut { .. }
                 | GitError::StillFetching { .. }
         )
+    }
+}
+
+/// An error and its causes, `outer: inner: …`: gix's outer messages alone
+/// ("Transport handshake failed") do not say what failed.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cause = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Unknown: says where to add the key; changed: refuses, naming the line.
+fn host_key_text(
+    refusal: &crate::source::access::HostKeyRefusal,
+    known_hosts: Option<&Path>,
+) -> String {
+    let file = known_hosts.map_or_else(
+        || "the known_hosts file".to_owned(),
+        |p| format!("known_hosts \"{}\"", p.display()),
+    );
+    match &refusal.offending {
+        None => format!(
+            "the host key of {} ({}) is not in {file}; add it there once you have checked that fingerprint",
+            refusal.host, refusal.fingerprint
+        ),
+        Some(line) => format!(
+            "the host key of {} has changed: the remote now shows {}, and {line} holds another; refused (replace that line once the new key is confirmed)",
+            refusal.host, refusal.fingerprint
+        ),
     }
 }
 
@@ -82,6 +132,9 @@ pub struct Source {
     /// The repository objects are read from: the source itself when local,
     /// else the mirror.
     repo_path: PathBuf,
+    access: crate::config::Access,
+    /// ssh's connect timeout: the whole fetch has `fetch_timeout` (the engine).
+    connect_timeout: std::time::Duration,
 }
 
 impl Source {
@@ -94,6 +147,8 @@ impl Source {
             url: cfg.url.clone(),
             branch: cfg.branch.clone(),
             repo_path,
+            access: cfg.access.clone(),
+            connect_timeout: cfg.fetch_timeout,
         }
     }
 
@@ -155,25 +210,134 @@ impl Source {
             url: url.to_string(),
             source: e,
         };
-        let repo = if self.repo_path.join("HEAD").exists() {
+        let access_err = |source| GitError::Access {
+            url: url.to_string(),
+            source,
+        };
+        let mut repo = if self.repo_path.join("HEAD").exists() {
             self.open()?
         } else {
             gix::init_bare(&self.repo_path).map_err(|e| fetch_err(Box::new(e)))?
         };
+        let ssh = !url.starts_with("https://") && !url.starts_with("http://");
+        if ssh {
+            // Set on every fetch, never taken from the environment: the
+            // mirror is opened isolated, so `GIT_SSH_COMMAND` would hold
+            // for no fetch at all (it used to hold for the first only).
+            let command =
+                access::ssh_command(&self.access, self.connect_timeout).map_err(access_err)?;
+            let mut config = repo.config_snapshot_mut();
+            config
+                .set_value(&gix::config::tree::Core::SSH_COMMAND, command.as_str())
+                .and_then(|_| config.set_value(&gix::config::tree::Ssh::VARIANT, "ssh"))
+                .map_err(|e| fetch_err(Box::new(e)))?;
+            config.commit().map_err(|e| fetch_err(Box::new(e)))?;
+        }
         let spec = format!("+refs/heads/{0}:refs/heads/{0}", self.branch);
         let remote = repo
             .remote_at(url)
             .map_err(|e| fetch_err(Box::new(e)))?
             .with_refspecs(Some(spec.as_str()), gix::remote::Direction::Fetch)
             .map_err(|e| fetch_err(Box::new(e)))?;
-        remote
+        let mut connection = remote
             .connect(gix::remote::Direction::Fetch)
-            .map_err(|e| fetch_err(Box::new(e)))?
-            .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fetch_err(Box::new(e)))?
-            .receive(gix::progress::Discard, interrupt)
             .map_err(|e| fetch_err(Box::new(e)))?;
-        Ok(())
+        if !ssh {
+            // No credential helper, no prompt: the token of token_file, or
+            // a clear refusal when the remote asks and none is configured.
+            let token = match &self.access.token_file {
+                Some(file) => Some(access::token(file).map_err(access_err)?),
+                None => None,
+            };
+            let user = self.access.token_user.clone();
+            connection.set_credentials(move |action| match (action, &token) {
+                (gix::credentials::helper::Action::Get(ctx), Some(token)) => {
+                    Ok(Some(gix::credentials::protocol::Outcome {
+                        identity: gix::sec::identity::Account {
+                            username: user.clone(),
+                            password: token.clone(),
+                            oauth_refresh_token: None,
+                        },
+                        next: ctx.into(),
+                    }))
+                }
+                (gix::credentials::helper::Action::Get(_), None) => Err(gix::error::ErrorExt::raise(gix::error::message(
+                    "the remote asks for credentials; give them with token_file (and token_user)",
+                ))),
+                _ => Ok(None),
+            });
+            if let Some(ca) = &self.access.ca_file {
+                let options =
+                    self.http_options(&repo, url, access::certificates(ca).map_err(access_err)?)?;
+                connection.set_transport_options(options);
+            }
+        }
+        let fetched = connection
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|e| fetch_err(Box::new(e)))
+            .and_then(|prepared| {
+                prepared
+                    .receive(gix::progress::Discard, interrupt)
+                    .map_err(|e| fetch_err(Box::new(e)))
+            });
+        match fetched {
+            Ok(_) => Ok(()),
+            Err(e) if ssh && !interrupt.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(self.host_key_refusal(url).unwrap_or(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// gix's http options for `url`, with the client also trusting `certs`.
+    fn http_options(
+        &self,
+        repo: &gix::Repository,
+        url: &str,
+        certs: Vec<reqwest::Certificate>,
+    ) -> Result<Box<dyn std::any::Any>, GitError> {
+        use gix::protocol::transport::client::blocking_io::http;
+        let fetch_err = |e: BoxError| GitError::Fetch {
+            url: url.to_string(),
+            source: e,
+        };
+        let mut options = repo
+            .transport_options(url, None)
+            .map_err(|e| fetch_err(Box::new(e)))?
+            .unwrap_or_else(|| Box::new(http::Options::default()));
+        let Some(http_options) = options.downcast_mut::<http::Options>() else {
+            return Ok(options);
+        };
+        let backend = http::reqwest::Options {
+            configure_client: Some(Box::new(move |builder| {
+                Ok(certs
+                    .iter()
+                    .cloned()
+                    .fold(builder, |b, cert| b.add_root_certificate(cert)))
+            })),
+            configure_request: None,
+        };
+        http_options.backend = Some(std::sync::Arc::new(std::sync::Mutex::new(backend)));
+        Ok(options)
+    }
+
+    /// When ssh refused the remote's host key, that refusal, with the host
+    /// and the fingerprint the remote showed (gix only sees a closed pipe).
+    fn host_key_refusal(&self, url: &str) -> Option<GitError> {
+        let parsed = gix::url::parse(gix::bstr::BStr::new(url)).ok()?;
+        let host = parsed.host()?;
+        let refusal = access::diagnose_host_key(
+            &self.access,
+            parsed.user(),
+            host,
+            parsed.port,
+            self.connect_timeout,
+        )?;
+        Some(GitError::HostKey {
+            url: url.to_string(),
+            refusal,
+            known_hosts: self.access.known_hosts.clone(),
+        })
     }
 
     /// Resolve a revision (`main`, a tag, a full or short id) to a commit id.
@@ -536,6 +700,7 @@ mod tests {
                 poll: Duration::from_secs(60),
                 allow_force_push: false,
                 fetch_timeout: Duration::from_secs(60),
+                access: Default::default(),
             },
             state,
         )

@@ -1,6 +1,8 @@
 //! Where new commits come from: the git repository (gix) and the triggers
 //! that wake the agent to fetch it.
 
+/// How a fetch reaches a private remote: deploy key, known hosts, token, CA.
+pub mod access;
 /// The followed repository through gix.
 pub mod git;
 /// The git CLI for test fixtures (shared with the integration tests).

@@ -23,6 +23,7 @@ mod history_disk;
 mod observe;
 mod package;
 mod privilege;
+mod remotes;
 mod triggers;
 
 use std::time::Duration;
