@@ -206,6 +206,9 @@ pub struct SourceView {
     pub deployed_commit: Option<String>,
     /// A commit that failed and is not retried until the branch moves.
     pub failed_commit: Option<String>,
+    /// Why `[source.verify]` refused the failed commit, when it did.
+    #[serde(default)]
+    pub refused: Option<String>,
     pub last_fetch: Option<String>,
     pub last_fetch_error: Option<String>,
     pub next_fetch: Option<String>,
@@ -301,6 +304,9 @@ pub struct JournalView {
 pub struct PlanView {
     pub commit: String,
     pub scopes: Vec<PlannedScopeView>,
+    /// Why `[source.verify]` would refuse the commit: then none of it deploys.
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -424,6 +430,17 @@ pub fn plan_view(
     let commit = engine.source.resolve(rev).map_err(|e| e.to_string())?;
     let (manifest, plan) = engine.plan_for(&commit).map_err(|e| e.to_string())?;
     let mut view = PlanView::from(&plan);
+    if let Some(verify) = &engine.config.source.verify {
+        let deployed = engine
+            .store
+            .host()
+            .map_err(|e| e.to_string())?
+            .deployed_commit;
+        view.refused =
+            crate::source::verify::judge(&engine.source, verify, &commit, deployed.as_deref())
+                .map_err(|e| e.to_string())?
+                .err();
+    }
     for (planned, step) in view.scopes.iter_mut().zip(&plan.scopes) {
         let slotted = manifest
             .scopes
@@ -471,6 +488,7 @@ impl From<&crate::plan::Plan> for PlanView {
                     awaiting_approval: s.awaiting,
                 })
                 .collect(),
+            refused: None,
         }
     }
 }

@@ -88,6 +88,27 @@ pub struct SourceConfig {
     /// How a private remote is reached: a deploy key and known hosts for
     /// ssh, a token and CA certificates for https.
     pub access: Access,
+    /// `[source.verify]`: whose signatures a commit must carry to deploy.
+    pub verify: Option<VerifyConfig>,
+}
+
+/// `[source.verify]`: the keys commits must be signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyConfig {
+    /// An `ssh-keygen -Y` allowed signers file (namespace `git`).
+    pub allowed_signers: Option<PathBuf>,
+    /// Armored OpenPGP public keys.
+    pub openpgp_keys: Option<PathBuf>,
+    pub commits: VerifyCommits,
+}
+
+/// Which commits of a new branch head must verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyCommits {
+    /// Every commit since the deployed one (the head alone on a first deploy).
+    All,
+    /// The branch head only.
+    Tip,
 }
 
 /// `ssh_key`, `known_hosts`, `token_file`, `token_user`, `ca_file`: each
@@ -162,7 +183,9 @@ const SOURCE_KEYS: &[&str] = &[
     "token_file",
     "token_user",
     "ca_file",
+    "verify",
 ];
+const VERIFY_KEYS: &[&str] = &["allowed_signers", "openpgp_keys", "commits"];
 const TRIGGER_KEYS: &[&str] = &["watch", "webhook"];
 const WEBHOOK_KEYS: &[&str] = &["listen", "secret_file"];
 const STATE_KEYS: &[&str] = &["dir"];
@@ -336,6 +359,13 @@ fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opti
         }),
     };
     let access = url.as_ref().and_then(|u| read_access(r, t, paths, u));
+    let verify = match t.value("verify") {
+        None => Some(None),
+        Some(_) => t
+            .table(r, "verify", "[source.verify]".to_owned())
+            .and_then(|v| read_verify(r, &v, paths))
+            .map(Some),
+    };
     Some(SourceConfig {
         url: url?,
         branch: branch?,
@@ -344,6 +374,47 @@ fn read_source(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Opti
         allow_force_push: allow_force_push?,
         fetch_timeout: fetch_timeout?,
         access: access?,
+        verify: verify?,
+    })
+}
+
+fn read_verify(r: &mut Reader<'_>, t: &Table<'_, '_>, paths: &Paths<'_>) -> Option<VerifyConfig> {
+    t.check_keys(r, VERIFY_KEYS);
+    let mut ok = true;
+    let mut path = |r: &mut Reader<'_>, key: &str| {
+        let at = t.string(r, key);
+        ok &= t.value(key).is_none() || at.is_some();
+        let resolved = at.and_then(|at| paths.resolve(r, &at));
+        ok &= t.value(key).is_none() || resolved.is_some();
+        resolved
+    };
+    let allowed_signers = path(r, "allowed_signers");
+    let openpgp_keys = path(r, "openpgp_keys");
+    let commits = match t.value("commits") {
+        None => Some(VerifyCommits::All),
+        Some(_) => t.string(r, "commits").and_then(|c| match c.value {
+            "all" => Some(VerifyCommits::All),
+            "tip" => Some(VerifyCommits::Tip),
+            other => {
+                r.error(
+                    c.span.start,
+                    format!("commits must be \"all\" or \"tip\", found {other:?}"),
+                );
+                None
+            }
+        }),
+    };
+    if ok && allowed_signers.is_none() && openpgp_keys.is_none() {
+        r.error(
+            t.span.start,
+            "[source.verify] needs allowed_signers, openpgp_keys or both: the keys commits must be signed with",
+        );
+        return None;
+    }
+    ok.then_some(VerifyConfig {
+        allowed_signers,
+        openpgp_keys,
+        commits: commits?,
     })
 }
 
@@ -969,6 +1040,45 @@ host = "tcp://127.0.0.1:2375"
     }
 
     #[test]
+    fn source_verify_names_its_keys_and_which_commits() {
+        let c = config(
+            "[source]\nurl = \"/srv/app.git\"\n[source.verify]\nallowed_signers = \"~/.config/moorline/allowed_signers\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.source.verify,
+            Some(VerifyConfig {
+                allowed_signers: Some("/home/ops/.config/moorline/allowed_signers".into()),
+                openpgp_keys: None,
+                commits: VerifyCommits::All,
+            })
+        );
+        let c = config(
+            "[source]\nurl = \"/srv/app.git\"\n[source.verify]\nopenpgp_keys = \"/etc/moorline/trusted.asc\"\ncommits = \"tip\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.source.verify.map(|v| v.commits), Some(VerifyCommits::Tip));
+        let refused: &[(&str, &str)] = &[
+            (
+                "[source]\nurl = \"/srv/app.git\"\n[source.verify]\ncommits = \"tip\"\n",
+                "/etc/moorline/config.toml:3:1: [source.verify] needs allowed_signers, openpgp_keys or both: the keys commits must be signed with",
+            ),
+            (
+                "[source]\nurl = \"/srv/app.git\"\n[source.verify]\nopenpgp_keys = \"k.asc\"\ncommits = \"head\"\n",
+                "/etc/moorline/config.toml:5:11: commits must be \"all\" or \"tip\", found \"head\"",
+            ),
+            (
+                "[source]\nurl = \"/srv/app.git\"\n[source.verify]\nopenpgp_key = \"k.asc\"\n",
+                "/etc/moorline/config.toml:3:1: [source.verify] needs allowed_signers, openpgp_keys or both: the keys commits must be signed with\n\
+                 /etc/moorline/config.toml:4:1: unknown key \"openpgp_key\" in [source.verify]; expected one of: allowed_signers, openpgp_keys, commits",
+            ),
+        ];
+        for (text, want) in refused {
+            assert_eq!(&config(text).expect_err(text).to_string(), want, "{text}");
+        }
+    }
+
+    #[test]
     fn default_path_follows_xdg() {
         let home = Path::new("/home/ops");
         assert_eq!(
@@ -1039,7 +1149,7 @@ host = "tcp://127.0.0.1:2375"
             (
                 format!("{s}poll = \"1 minute\"\nurll = 1\n"),
                 "/etc/moorline/config.toml:3:8: duration \"1 minute\" does not parse; use e.g. \"500ms\", \"30s\", \"5m\"\n\
-                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push, fetch_timeout, ssh_key, known_hosts, token_file, token_user, ca_file",
+                 /etc/moorline/config.toml:4:1: unknown key \"urll\" in [source]; expected one of: url, branch, manifest, poll, allow_force_push, fetch_timeout, ssh_key, known_hosts, token_file, token_user, ca_file, verify",
             ),
             (
                 format!("{s}[trigger]\nwatch = 1\nwebhook = {{ listen = \"localhost:99\" }}\n"),

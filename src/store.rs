@@ -68,6 +68,8 @@ pub enum Outcome {
     Failed,
     RolledBack,
     Interrupted,
+    /// A branch commit `[source.verify]` refused: nothing was touched.
+    Refused,
 }
 
 impl Outcome {
@@ -78,6 +80,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::RolledBack => "rolled-back",
             Outcome::Interrupted => "interrupted",
+            Outcome::Refused => "refused",
         }
     }
 }

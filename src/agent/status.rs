@@ -131,6 +131,7 @@ impl Agent {
                 desired_commit: live.desired.clone(),
                 deployed_commit: host.deployed_commit.clone(),
                 failed_commit: host.failed_commit.clone(),
+                refused: self.refusal_of(host.failed_commit.as_deref()),
                 last_fetch: live.last_fetch.map(api::time_text),
                 last_fetch_error: live.last_fetch_error.clone(),
                 next_fetch: live.next_fetch.map(api::time_text),
@@ -149,6 +150,16 @@ impl Agent {
 }
 
 impl Agent {
+    /// Why the failed commit was refused, when `[source.verify]` refused it.
+    fn refusal_of(&self, failed: Option<&str>) -> Option<String> {
+        let failed = failed?;
+        let recent = self.store.rollouts(None, 20).ok()?;
+        let record = recent.iter().find(|r| r.commit == failed)?;
+        (record.outcome == crate::store::Outcome::Refused)
+            .then(|| record.error.clone())
+            .flatten()
+    }
+
     /// The edge as it answers, when a deployed scope is slotted or the edge
     /// runs at all.
     async fn edge_view(&self, host: &crate::store::HostState) -> Option<api::EdgeView> {

@@ -76,6 +76,11 @@ pub fn render(view: &PlanView) -> String {
             },
         ));
     }
+    if let Some(reason) = &view.refused {
+        out.push_str(&format!(
+            "{reason}: nothing of this commit deploys ([source.verify])\n"
+        ));
+    }
     if view.scopes.iter().any(|s| s.awaiting_approval) {
         out.push_str(&format!(
             "awaiting approval: nothing of this commit deploys until `moorline approve {}`\n",

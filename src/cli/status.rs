@@ -69,11 +69,15 @@ pub fn render(r: &StatusReport) -> String {
         super::short_opt(&r.source.desired_commit),
         super::short_opt(&r.source.deployed_commit)
     ));
-    if let Some(failed) = &r.source.failed_commit {
-        out.push_str(&format!(
+    match (&r.source.failed_commit, &r.source.refused) {
+        (Some(_), Some(reason)) => out.push_str(&format!(
+            "refused:   {reason}; not retried until the branch moves on\n"
+        )),
+        (Some(failed), None) => out.push_str(&format!(
             "failed:    {} is not retried until the branch moves on\n",
             super::short(failed)
-        ));
+        )),
+        (None, _) => {}
     }
     let fetch = match (&r.source.last_fetch, &r.source.last_fetch_error) {
         (_, Some(e)) => format!("failed: {e}"),

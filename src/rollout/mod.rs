@@ -45,6 +45,8 @@ pub enum Error {
     #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
+    Verify(#[from] crate::source::verify::JudgeError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Build(#[from] build::BuildError),
@@ -87,6 +89,8 @@ impl Error {
         match self {
             Error::Runtime(e) => e.is_transient(),
             Error::Git(e) => e.is_transient(),
+            // A trust file being fixed, a history being fetched.
+            Error::Verify(_) => true,
             Error::Store(e) => e.is_transient(),
             Error::Build(e) => e.is_transient(),
             Error::Task { .. } => true,
@@ -164,6 +168,8 @@ enum Planning<'a> {
     /// Made already (by the approval check), with how long it took.
     Made(Box<(Manifest, Plan)>, Duration),
     ByHand(&'a ByHand),
+    /// `[source.verify]` refused the commit: recorded, nothing touched.
+    Refused(String),
 }
 
 impl Engine {
@@ -233,7 +239,17 @@ impl Engine {
             Decision::FailedBefore => return Ok(Converged::Idle(Idle::FailedBefore)),
             Decision::Roll { commit, target } => (commit, target),
         };
+        let refused = match target {
+            Target::Head => {
+                self.refusal(&commit, host.deployed_commit.as_deref())
+                    .await?
+            }
+            Target::Repair | Target::Hand => None,
+        };
         let (trigger, planning) = match target {
+            Target::Head if refused.is_some() => {
+                (trigger, Planning::Refused(refused.unwrap_or_default()))
+            }
             Target::Head => match self.approval(&commit, &hand)? {
                 Approval::Waits => return Ok(Converged::Idle(Idle::AwaitingApproval)),
                 Approval::Free(Some((planned, took))) => (trigger, Planning::Made(planned, took)),
@@ -245,6 +261,38 @@ impl Engine {
             .rollout(&commit, trigger, fetch_ms, host, target, planning)
             .await?;
         Ok(Converged::Rolled(Box::new(record)))
+    }
+
+    /// Why `[source.verify]` refuses to deploy `head` over `deployed`, if
+    /// it does (judged before an approval gate: an unsigned commit never
+    /// waits to be approved).
+    pub async fn refusal(
+        &self,
+        head: &str,
+        deployed: Option<&str>,
+    ) -> Result<Option<String>, Error> {
+        let Some(verify) = self.config.source.verify.clone() else {
+            return Ok(None);
+        };
+        let source = self.source.clone();
+        let (head, deployed) = (head.to_string(), deployed.map(str::to_string));
+        let judged = tokio::task::spawn_blocking(move || {
+            crate::source::verify::judge(&source, &verify, &head, deployed.as_deref())
+        })
+        .await
+        .map_err(task("verify"))??;
+        Ok(match judged {
+            Ok(signers) => {
+                if let Some((commit, signer)) = signers.first() {
+                    info!(commit = %short(commit), signer = %signer.0, commits = signers.len(), "signatures verified");
+                }
+                None
+            }
+            Err(reason) => {
+                warn!(reason = %reason, "commit refused");
+                Some(reason)
+            }
+        })
     }
 
     /// Whether a rollout asked for by hand waits for the loop.
@@ -496,7 +544,7 @@ impl Engine {
             outcome: Outcome::InProgress,
             user: match &planning {
                 Planning::ByHand(by_hand) => by_hand.user.clone(),
-                Planning::Branch | Planning::Made(..) => None,
+                Planning::Branch | Planning::Made(..) | Planning::Refused(_) => None,
             },
             subject,
             author,
@@ -621,7 +669,7 @@ impl Engine {
         let failed = |e: String| (Outcome::Failed, e);
         if let Some(deployed) = host.deployed_commit.clone()
             && !self.config.source.allow_force_push
-            && !matches!(planning, Planning::ByHand(_))
+            && matches!(planning, Planning::Branch | Planning::Made(..))
         {
             let source = self.source.clone();
             let (d, h) = (deployed.clone(), head.to_string());
@@ -648,6 +696,7 @@ impl Engine {
                 Ok(*planned)
             }
             Planning::ByHand(by_hand) => self.plan_by_hand(head, &host, by_hand),
+            Planning::Refused(reason) => return Err((Outcome::Refused, reason)),
         };
         let (manifest, plan) = planned.map_err(|e| failed(e.to_string()))?;
         journal.record.scopes = plan

@@ -450,6 +450,63 @@ impl Source {
         Ok(out)
     }
 
+    /// The commits of `head` that `deployed` does not have, newest first:
+    /// what a branch that moved from `deployed` brings (all of them after a
+    /// rewrite, up to where the histories meet). Without `deployed`, `head`.
+    pub fn new_commits(&self, head: &str, deployed: Option<&str>) -> Result<Vec<String>, GitError> {
+        let Some(deployed) = deployed else {
+            return Ok(vec![head.to_string()]);
+        };
+        let repo = self.open()?;
+        let read_err = |e: BoxError| GitError::Read {
+            commit: head.to_string(),
+            what: "the history".into(),
+            source: e,
+        };
+        let start = gix::ObjectId::from_hex(head.as_bytes()).map_err(|e| read_err(Box::new(e)))?;
+        let mut hidden = Vec::new();
+        if let Ok(id) = gix::ObjectId::from_hex(deployed.as_bytes())
+            && repo.find_commit(id).is_ok()
+        {
+            hidden.push(id);
+        }
+        let walk = repo
+            .rev_walk([start])
+            .with_hidden(hidden)
+            .all()
+            .map_err(|e| read_err(Box::new(e)))?;
+        let mut out = Vec::new();
+        for info in walk {
+            out.push(info.map_err(|e| read_err(Box::new(e)))?.id.to_string());
+        }
+        Ok(out)
+    }
+
+    /// The signature of `commit` (its `gpgsig` header), the bytes it signs
+    /// (the commit without that header) and the committer's time.
+    pub fn signature_of(&self, commit: &str) -> Result<(Option<String>, Vec<u8>, i64), GitError> {
+        let repo = self.open()?;
+        let read_err = |e: BoxError| GitError::Read {
+            commit: commit.to_string(),
+            what: "the signature".into(),
+            source: e,
+        };
+        let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|e| read_err(Box::new(e)))?;
+        let object = repo.find_commit(id).map_err(|e| read_err(Box::new(e)))?;
+        let time = object
+            .committer()
+            .map_err(|e| read_err(Box::new(e)))?
+            .seconds();
+        match object.signature().map_err(|e| read_err(Box::new(e)))? {
+            Some((signature, signed)) => Ok((
+                Some(signature.to_str_lossy().into_owned()),
+                signed.to_bstring().into(),
+                time,
+            )),
+            None => Ok((None, object.data.clone(), time)),
+        }
+    }
+
     /// Whether `ancestor` is `descendant` or one of its ancestors.
     pub fn is_ancestor(&self, ancestor: &str, descendant: &str) -> Result<bool, GitError> {
         if ancestor == descendant {
@@ -701,6 +758,7 @@ mod tests {
                 allow_force_push: false,
                 fetch_timeout: Duration::from_secs(60),
                 access: Default::default(),
+                verify: None,
             },
             state,
         )

@@ -10,6 +10,8 @@ pub mod git;
 #[path = "../../tests/support/git.rs"]
 mod git_cli;
 
+/// `[source.verify]`: signatures a commit must carry (SSH and OpenPGP).
+pub mod verify;
 /// Filesystem watch of a local repository's branch ref.
 pub mod watch;
 /// The webhook listener for forge push notifications.

@@ -24,6 +24,7 @@ mod observe;
 mod package;
 mod privilege;
 mod remotes;
+mod signed;
 mod triggers;
 
 use std::time::Duration;

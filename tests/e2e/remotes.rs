@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::harness::{Host, free_port, git, wait_for};
 
-fn run(program: &str, args: &[&str]) -> String {
+pub(crate) fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -19,7 +19,7 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn keygen(path: &Path) {
+pub(crate) fn keygen(path: &Path) {
     run(
         "ssh-keygen",
         &[
@@ -37,7 +37,7 @@ fn keygen(path: &Path) {
 }
 
 /// `ED25519 SHA256:…` of a public key file, as ssh shows it.
-fn fingerprint(public: &Path) -> String {
+pub(crate) fn fingerprint(public: &Path) -> String {
     let line = run("ssh-keygen", &["-l", "-f", public.to_str().expect("utf-8")]);
     let words: Vec<&str> = line.split_whitespace().collect();
     let kind = words.last().expect("a kind").trim_matches(['(', ')']);
