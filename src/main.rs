@@ -148,6 +148,24 @@ enum Command {
         /// The manifest's path in the repository
         #[arg(long, value_name = "PATH", default_value = "deploy/moorline.toml")]
         manifest: String,
+        /// ssh sources: the deploy key's private half
+        #[arg(long, value_name = "PATH")]
+        ssh_key: Option<String>,
+        /// ssh sources: the host keys accepted, strictly (default ~/.ssh/known_hosts)
+        #[arg(long, value_name = "PATH")]
+        known_hosts: Option<String>,
+        /// https sources: a file holding the token, sent as basic auth
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<String>,
+        /// https sources: the basic-auth user sent with the token
+        #[arg(long, value_name = "USER")]
+        token_user: Option<String>,
+        /// https sources: extra CA certificates (PEM)
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<String>,
+        /// How long one fetch may take (default 60s)
+        #[arg(long, value_name = "DURATION")]
+        fetch_timeout: Option<String>,
     },
     /// Print the man page (roff), made from this command line's definition
     #[command(hide = true)]
@@ -200,7 +218,25 @@ fn main() -> ExitCode {
             url,
             branch,
             manifest,
+            ssh_key,
+            known_hosts,
+            token_file,
+            token_user,
+            ca_file,
+            fetch_timeout,
         } => {
+            let optional = [
+                ("ssh_key", ssh_key),
+                ("known_hosts", known_hosts),
+                ("token_file", token_file),
+                ("token_user", token_user),
+                ("ca_file", ca_file),
+                ("fetch_timeout", fetch_timeout),
+            ];
+            let source: Vec<(&str, &str)> = optional
+                .iter()
+                .filter_map(|(key, value)| Some((*key, value.as_deref()?)))
+                .collect();
             let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else {
                 eprintln!("error: HOME is not set");
                 return cli::exit(cli::ERROR);
@@ -216,6 +252,7 @@ fn main() -> ExitCode {
                 url,
                 branch,
                 manifest,
+                source: &source,
             });
             cli::out(&out);
             eprint!("{err}");

@@ -1,4 +1,4 @@
-//! `moorline init --url URL [--branch B] [--manifest PATH]`: write a host
+//! `moorline init --url URL [--branch B] [--manifest PATH] [--ssh-key …]`: write a host
 //! config for a new host, after checking that the source can be read and its
 //! manifest validates at the branch head; print the plan and the commands
 //! that start the agent. Nothing is written when a check fails.
@@ -19,11 +19,17 @@ pub struct Init<'a> {
     pub url: &'a str,
     pub branch: &'a str,
     pub manifest: &'a str,
+    /// More `[source]` keys (`ssh_key`, `token_file`, …), as given.
+    pub source: &'a [(&'a str, &'a str)],
 }
 
 /// The config `init` writes: the source, and the rest at its defaults.
-pub fn config_text(url: &str, branch: &str, manifest: &str) -> String {
+pub fn config_text(url: &str, branch: &str, manifest: &str, source: &[(&str, &str)]) -> String {
     let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let more: String = source
+        .iter()
+        .map(|(key, value)| format!("{key} = {}\n", quote(value)))
+        .collect();
     format!(
         "# moorline host config, written by `moorline init`; every key is in\n\
          # docs/manifest.md of the moorline repository.\n\
@@ -32,6 +38,7 @@ pub fn config_text(url: &str, branch: &str, manifest: &str) -> String {
          branch = {}\n\
          manifest = {}\n\
          poll = \"60s\"\n\
+         {more}\
          \n\
          [trigger]\n\
          watch = true\n",
@@ -54,7 +61,7 @@ pub fn run(init: &Init<'_>) -> (u8, String, String) {
             ),
         );
     }
-    let text = config_text(init.url, init.branch, init.manifest);
+    let text = config_text(init.url, init.branch, init.manifest, init.source);
     let label = init.path.display().to_string();
     let config = match config::parse(&label, text.as_bytes(), init.home) {
         Ok(config) => Config {
@@ -99,8 +106,7 @@ fn check(config: &Config) -> Result<api::PlanView, (u8, String)> {
     if source.local_path().is_none() {
         crate::privacy::prepare_state_dir(&config.state.dir).map_err(|e| error(e.to_string()))?;
     }
-    let head = source
-        .fetch()
+    let head = fetch_within(&source, config.source.fetch_timeout)
         .map_err(|e| error(format!("cannot read the source: {e}")))?;
     crate::privacy::prepare_state_dir(&config.state.dir).map_err(|e| error(e.to_string()))?;
     let store = Store::open(&config.state.dir).map_err(|e| error(e.to_string()))?;
@@ -116,6 +122,30 @@ fn check(config: &Config) -> Result<api::PlanView, (u8, String)> {
             ),
         )),
         Err(e) => Err(error(e.to_string())),
+    }
+}
+
+/// `Source::fetch`, given up after `limit` (`fetch_timeout`): a remote that
+/// never answers does not hang `moorline init`.
+fn fetch_within(
+    source: &crate::source::git::Source,
+    limit: std::time::Duration,
+) -> Result<String, crate::source::git::GitError> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = source.url_text();
+    let (source, flag) = (source.clone(), Arc::clone(&interrupt));
+    std::thread::spawn(move || {
+        let _ = tx.send(source.fetch_until(&flag));
+    });
+    match rx.recv_timeout(limit) {
+        Ok(fetched) => fetched,
+        Err(_) => {
+            interrupt.store(true, Ordering::SeqCst);
+            Err(crate::source::git::GitError::TimedOut { url, after: limit })
+        }
     }
 }
 

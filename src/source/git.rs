@@ -178,6 +178,7 @@ impl Source {
 
     /// Bring the branch up to date (a fetch for remote sources) and return
     /// the full id of its commit.
+    #[cfg(test)]
     pub fn fetch(&self) -> Result<String, GitError> {
         self.fetch_until(&AtomicBool::new(false))
     }

@@ -337,4 +337,21 @@ fn a_remote_that_never_answers_times_out_within_fetch_timeout_while_status_answe
         String::from_utf8_lossy(&plan.stderr),
         format!("error: fetch of \"{url}\" timed out after 2s (fetch_timeout)\n")
     );
+    // `moorline init` gives up as soon, and writes nothing.
+    let home = host.root.path().join("new-home");
+    let init = Command::new(crate::harness::BIN)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .args(["init", "--url", &url, "--fetch-timeout", "2s"])
+        .output()
+        .expect("moorline runs");
+    assert_eq!(init.status.code(), Some(2), "{init:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&init.stderr),
+        format!(
+            "error: cannot read the source: fetch of \"{url}\" timed out after 2s (fetch_timeout)\nnothing was written\n"
+        )
+    );
+    assert!(!home.join(".config/moorline/config.toml").exists());
 }

@@ -463,6 +463,32 @@ fn an_https_source_with_a_private_ca_and_a_token_deploys_and_the_token_stays_sec
     assert!(fetch.iter().any(|r| r.ends_with(" fetch")), "{fetch:#?}");
 
     nowhere(&host, token);
+
+    // A new host is set up for the same remote in one command.
+    let home = host.root.path().join("new-home");
+    let init = Command::new(crate::harness::BIN)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &home)
+        .args(["init", "--url", &url, "--token-user", "deploy"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--ca-file")
+        .arg(&ca)
+        .output()
+        .expect("moorline runs");
+    assert_eq!(init.status.code(), Some(0), "{init:?}");
+    let written =
+        std::fs::read_to_string(home.join(".config/moorline/config.toml")).expect("written");
+    assert!(
+        written.contains(&format!(
+            "token_file = \"{}\"\ntoken_user = \"deploy\"\nca_file = \"{}\"\n",
+            token_file.display(),
+            ca.display()
+        )),
+        "{written}"
+    );
+    assert!(!String::from_utf8_lossy(&init.stdout).contains(token));
 }
 
 #[test]
