@@ -460,18 +460,24 @@ impl Engine {
         let manifest = self.manifest_at(commit)?;
         let host = self.store.host()?;
         let releases = self.store.releases()?;
-        let mut inputs = BTreeMap::new();
-        for (name, scope) in &manifest.scopes {
-            let paths = plan::input_paths(scope);
-            let path_ids = self.source.path_ids(commit, &paths)?;
-            inputs.insert(
-                name.clone(),
-                ScopeInputs {
+        let mut ids = self.source.path_ids_of(
+            commit,
+            manifest
+                .scopes
+                .iter()
+                .map(|(name, scope)| (name.as_str(), plan::input_paths(scope))),
+        )?;
+        let inputs: BTreeMap<String, ScopeInputs> = manifest
+            .scopes
+            .iter()
+            .map(|(name, scope)| {
+                let inputs = ScopeInputs {
                     section_text: scope.section_text.clone(),
-                    path_ids,
-                },
-            );
-        }
+                    path_ids: ids.remove(name).unwrap_or_default(),
+                };
+                (name.clone(), inputs)
+            })
+            .collect();
         let here = &self.config.host.name;
         let hand = self.store.hand()?;
         let plan = plan::plan(commit, &manifest, &inputs, &host, &releases, here, &hand);

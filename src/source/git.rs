@@ -124,6 +124,91 @@ fn host_key_text(
     }
 }
 
+/// The trees of one commit, each decoded once into its entries by name.
+struct TreeIndex<'r> {
+    repo: &'r gix::Repository,
+    commit: &'r str,
+    trees: std::collections::HashMap<
+        gix::ObjectId,
+        std::collections::HashMap<Vec<u8>, (gix::ObjectId, bool)>,
+    >,
+}
+
+impl TreeIndex<'_> {
+    /// The id at each of `paths` under `root`, `-` for none; `*` for the
+    /// root itself when `paths` is empty (see `Source::path_ids`).
+    fn ids(
+        &mut self,
+        root: gix::ObjectId,
+        paths: &[String],
+    ) -> Result<BTreeMap<String, String>, GitError> {
+        let mut out = BTreeMap::new();
+        if paths.is_empty() {
+            out.insert("*".to_string(), root.to_string());
+            return Ok(out);
+        }
+        for path in paths {
+            let trimmed = path.trim_end_matches('/');
+            let id = if trimmed.is_empty() || trimmed == "." {
+                Some(root)
+            } else {
+                self.lookup(root, trimmed, path)?
+            };
+            out.insert(
+                path.clone(),
+                id.map_or_else(|| "-".to_string(), |id| id.to_string()),
+            );
+        }
+        Ok(out)
+    }
+
+    fn lookup(
+        &mut self,
+        root: gix::ObjectId,
+        path: &str,
+        shown: &str,
+    ) -> Result<Option<gix::ObjectId>, GitError> {
+        let mut at = (root, true);
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !at.1 {
+                return Ok(None);
+            }
+            let entries = self.entries(at.0, shown)?;
+            match entries.get(part.as_bytes()) {
+                Some(entry) => at = *entry,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(at.0))
+    }
+
+    fn entries(
+        &mut self,
+        tree: gix::ObjectId,
+        shown: &str,
+    ) -> Result<&std::collections::HashMap<Vec<u8>, (gix::ObjectId, bool)>, GitError> {
+        if !self.trees.contains_key(&tree) {
+            let read_err = |e: BoxError| GitError::Read {
+                commit: self.commit.to_string(),
+                what: format!("\"{shown}\""),
+                source: e,
+            };
+            let object = self
+                .repo
+                .find_tree(tree)
+                .map_err(|e| read_err(Box::new(e)))?;
+            let decoded = object.decode().map_err(|e| read_err(Box::new(e)))?;
+            let entries = decoded
+                .entries
+                .iter()
+                .map(|e| (e.filename.to_vec(), (e.oid.to_owned(), e.mode.is_tree())))
+                .collect();
+            self.trees.insert(tree, entries);
+        }
+        Ok(&self.trees[&tree])
+    }
+}
+
 /// The followed branch of one repository.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -428,27 +513,42 @@ impl Source {
     ) -> Result<BTreeMap<String, String>, GitError> {
         let repo = self.open()?;
         let tree = self.tree(&repo, commit)?;
-        let mut out = BTreeMap::new();
-        if paths.is_empty() {
-            out.insert("*".to_string(), tree.id.to_string());
-            return Ok(out);
-        }
-        for path in paths {
-            let trimmed = path.trim_end_matches('/');
-            let id = if trimmed.is_empty() || trimmed == "." {
-                Some(tree.id.to_string())
-            } else {
-                tree.lookup_entry_by_path(trimmed)
-                    .map_err(|e| GitError::Read {
-                        commit: commit.to_string(),
-                        what: format!("\"{path}\""),
-                        source: Box::new(e),
-                    })?
-                    .map(|entry| entry.object_id().to_string())
-            };
-            out.insert(path.clone(), id.unwrap_or_else(|| "-".to_string()));
-        }
-        Ok(out)
+        Self::ids_in(&tree, commit, paths)
+    }
+
+    /// `path_ids` of many path lists (one per scope) at one commit, with
+    /// the repository opened, the commit's tree found and each tree on the
+    /// way decoded once: a plan costs its lookups, not a repository open
+    /// and a walk from the root per scope.
+    pub fn path_ids_of<'k>(
+        &self,
+        commit: &str,
+        lists: impl IntoIterator<Item = (&'k str, Vec<String>)>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, GitError> {
+        let repo = self.open()?;
+        let tree = self.tree(&repo, commit)?;
+        let mut index = TreeIndex {
+            repo: &repo,
+            commit,
+            trees: std::collections::HashMap::new(),
+        };
+        lists
+            .into_iter()
+            .map(|(key, paths)| Ok((key.to_string(), index.ids(tree.id, &paths)?)))
+            .collect()
+    }
+
+    fn ids_in(
+        tree: &gix::Tree<'_>,
+        commit: &str,
+        paths: &[String],
+    ) -> Result<BTreeMap<String, String>, GitError> {
+        let mut index = TreeIndex {
+            repo: tree.repo,
+            commit,
+            trees: std::collections::HashMap::new(),
+        };
+        index.ids(tree.id, paths)
     }
 
     /// The commits of `head` that `deployed` does not have, newest first:
@@ -814,6 +914,35 @@ mod tests {
             src.path_ids(&first, &[]).expect("ids"),
             src.path_ids(&second, &[]).expect("ids")
         );
+        // Many scopes' lists in one walk: git's own ids, `-` for a path
+        // that is not there or goes through a file.
+        let lists = [
+            ("api", paths.clone()),
+            (
+                "file",
+                vec![
+                    "services/api/app.py".to_string(),
+                    "services/api/app.py/x".to_string(),
+                ],
+            ),
+            ("all", vec![]),
+        ];
+        let many = src
+            .path_ids_of(&first, lists.iter().map(|(k, p)| (*k, p.clone())))
+            .expect("ids");
+        assert_eq!(many["api"], one);
+        let repo = dir.path().join("app.git");
+        let rev = |spec: &str| git(&repo, &["rev-parse", spec]);
+        assert_eq!(
+            many["api"]["services/api/"],
+            rev(&format!("{first}:services/api"))
+        );
+        assert_eq!(
+            many["file"]["services/api/app.py"],
+            rev(&format!("{first}:services/api/app.py"))
+        );
+        assert_eq!(many["file"]["services/api/app.py/x"], "-");
+        assert_eq!(many["all"]["*"], rev(&format!("{first}^{{tree}}")));
 
         assert!(src.is_ancestor(&first, &second).expect("walk"));
         assert!(!src.is_ancestor(&second, &first).expect("walk"));
