@@ -246,16 +246,14 @@ impl Engine {
             }
             Target::Repair | Target::Hand => None,
         };
-        let (trigger, planning) = match target {
-            Target::Head if refused.is_some() => {
-                (trigger, Planning::Refused(refused.unwrap_or_default()))
-            }
-            Target::Head => match self.approval(&commit, &hand)? {
+        let (trigger, planning) = match (target, refused) {
+            (Target::Head, Some(reason)) => (trigger, Planning::Refused(reason)),
+            (Target::Head, None) => match self.approval(&commit, &hand)? {
                 Approval::Waits => return Ok(Converged::Idle(Idle::AwaitingApproval)),
                 Approval::Free(Some((planned, took))) => (trigger, Planning::Made(planned, took)),
                 Approval::Free(None) => (trigger, Planning::Branch),
             },
-            Target::Repair | Target::Hand => ("repair", Planning::Branch),
+            (Target::Repair | Target::Hand, _) => ("repair", Planning::Branch),
         };
         let record = self
             .rollout(&commit, trigger, fetch_ms, host, target, planning)

@@ -98,10 +98,33 @@ fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 }
 
 #[test]
-fn metrics_count_succeeded_rolled_back_and_failed_rollouts_in_the_openmetrics_format() {
+fn metrics_count_succeeded_rolled_back_failed_and_refused_rollouts_in_the_openmetrics_format() {
     let port = free_port();
     let mut host = Host::new();
     serve_http(&host, &format!("listen = \"127.0.0.1:{port}\"\n"));
+    // Only signed heads deploy: the work tree signs every commit with a
+    // trusted key, and one unsigned commit at the end is refused.
+    let key = host.root.path().join("signing-key");
+    crate::remotes::keygen(&key);
+    let public = std::fs::read_to_string(key.with_extension("pub")).expect("public key");
+    let signers = host.root.path().join("allowed_signers");
+    std::fs::write(&signers, format!("dev@example.com {public}")).expect("signers");
+    let mut config = std::fs::read_to_string(host.config_path()).expect("config");
+    config.push_str(&format!(
+        "\n[source.verify]\nallowed_signers = \"{}\"\ncommits = \"tip\"\n",
+        signers.display()
+    ));
+    std::fs::write(host.config_path(), config).expect("config");
+    let work = host.work();
+    let key_text = key.to_str().expect("utf-8");
+    for setting in [
+        ["gpg.format", "ssh"],
+        ["user.signingkey", key_text],
+        ["commit.gpgsign", "true"],
+    ] {
+        crate::harness::git(&work, &["config", setting[0], setting[1]]);
+    }
+    host.commit_and_push("signed head", |_| {});
     let v1 = host.deployed();
     let crash = host.commit_and_push("api that dies", crate::core::api_that_never_answers);
     host.sync();
@@ -113,29 +136,38 @@ fn metrics_count_succeeded_rolled_back_and_failed_rollouts_in_the_openmetrics_fo
     });
     host.sync();
     assert_eq!(host.wait_rollout(&bad)["outcome"], "failed");
+    crate::harness::git(&work, &["config", "commit.gpgsign", "false"]);
+    let unsigned = host.commit_and_push("unsigned", |work| {
+        let path = work.join("deploy/moorline.toml");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replace("version = 9", "version = 1")).expect("write");
+    });
+    host.sync();
+    assert_eq!(host.wait_rollout(&unsigned)["outcome"], "refused");
 
     let samples = wait_for(
-        "the failed rollout counted",
+        "the refused rollout counted",
         Duration::from_secs(30),
         || {
             let (status, text) = http_get(port, "/metrics")?;
             assert_eq!(status, 200, "{text}");
             let samples = parsed(&text);
-            let failed = sample(
+            let refused = sample(
                 &samples,
                 "moorline_rollouts_total",
-                &[("outcome", "failed")],
+                &[("outcome", "refused")],
             );
-            (failed == Some(1.0)).then_some(samples)
+            (refused == Some(1.0)).then_some(samples)
         },
     );
     let count = |outcome| sample(&samples, "moorline_rollouts_total", &[("outcome", outcome)]);
     assert_eq!(count("succeeded"), Some(1.0));
     assert_eq!(count("rolled-back"), Some(1.0));
     assert_eq!(count("failed"), Some(1.0));
+    assert_eq!(count("refused"), Some(1.0));
     // Every turn fetched; none failed.
     let fetches = sample(&samples, "moorline_fetches_total", &[("result", "ok")]);
-    assert!(fetches.is_some_and(|n| n >= 3.0), "{fetches:?}");
+    assert!(fetches.is_some_and(|n| n >= 4.0), "{fetches:?}");
     assert_eq!(
         sample(&samples, "moorline_fetches_total", &[("result", "error")]),
         None
@@ -149,8 +181,8 @@ fn metrics_count_succeeded_rolled_back_and_failed_rollouts_in_the_openmetrics_fo
         ("release", v1.as_str()),
     ];
     assert_eq!(sample(&samples, "moorline_scope_info", &info), Some(1.0));
-    // All three fetched; the one with a bad manifest ended before its
-    // plan; the two others verified.
+    // All four fetched; the refused one and the one with a bad manifest
+    // ended before their plan; the two others verified.
     let phase = |name| {
         sample(
             &samples,
@@ -158,7 +190,7 @@ fn metrics_count_succeeded_rolled_back_and_failed_rollouts_in_the_openmetrics_fo
             &[("phase", name)],
         )
     };
-    assert_eq!(phase("fetch"), Some(3.0));
+    assert_eq!(phase("fetch"), Some(4.0));
     assert_eq!(phase("plan"), Some(2.0));
     assert_eq!(phase("verify"), Some(2.0));
     let last = sample(&samples, "moorline_last_rollout_timestamp_seconds", &[]);
