@@ -384,40 +384,57 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     rollouts: sled::Tree,
+    /// The ids of rollouts created and not yet finished (a superset: an
+    /// entry may outlive its rollout by a crash, and is then dropped), so
+    /// start-up finds an interrupted rollout without reading the history.
+    unfinished: sled::Tree,
     state: sled::Tree,
     releases: sled::Tree,
 }
 
 const HOST_KEY: &[u8] = b"host";
 const HAND_KEY: &[u8] = b"hand";
+/// Set once `unfinished` indexes every rollout (databases made before it
+/// existed are scanned once).
+const INDEXED_KEY: &[u8] = b"unfinished-indexed";
+/// sled's page cache. Its default (1 GiB) lets the agent's memory grow
+/// with the history; records are read when asked for, never held.
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Store {
     /// Open (creating) the database at `dir/history`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join("history");
-        let db = sled::Config::new().path(&path).open().map_err(|source| {
-            if is_lock_error(&source) {
-                StoreError::Locked { path: path.clone() }
-            } else {
-                StoreError::Open {
-                    path: path.clone(),
-                    source,
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+            .map_err(|source| {
+                if is_lock_error(&source) {
+                    StoreError::Locked { path: path.clone() }
+                } else {
+                    StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    }
                 }
-            }
-        })?;
+            })?;
         let open_tree = |name: &str| {
             db.open_tree(name).map_err(|source| StoreError::Open {
                 path: path.clone(),
                 source,
             })
         };
-        Ok(Store {
+        let store = Store {
             rollouts: open_tree("rollouts")?,
+            unfinished: open_tree("unfinished")?,
             state: open_tree("state")?,
             releases: open_tree("releases")?,
             path,
             db,
-        })
+        };
+        store.index_unfinished()?;
+        Ok(store)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -480,6 +497,29 @@ impl Store {
         }
     }
 
+    /// Build the `unfinished` index of a database made before it existed:
+    /// one scan, once.
+    fn index_unfinished(&self) -> Result<(), StoreError> {
+        if self
+            .state
+            .contains_key(INDEXED_KEY)
+            .map_err(|e| self.read_err(e))?
+        {
+            return Ok(());
+        }
+        let (records, skipped) = self.scan(usize::MAX, |r| r.outcome == Outcome::InProgress)?;
+        warn_skipped(&skipped);
+        for record in records {
+            self.unfinished
+                .insert(record.id.to_be_bytes(), &[])
+                .map_err(|e| self.write_err(e))?;
+        }
+        self.state
+            .insert(INDEXED_KEY, &[])
+            .map_err(|e| self.write_err(e))?;
+        self.flush()
+    }
+
     /// Store `record` as a new rollout with the next free id (one more than
     /// the newest stored), set in `record.id`. Two writers at once (the loop
     /// and a command on the control channel) never get the same id: the
@@ -493,6 +533,15 @@ impl Store {
                 None => 1,
             };
             let bytes = serde_json::to_vec(&*record).expect("records always serialize");
+            // Indexed before it exists: a crash between the two writes
+            // leaves an entry without a record (dropped when read), never
+            // an unfinished record nobody finds. A writer that loses the
+            // race leaves its entry for the winner, who shares the id.
+            if record.outcome == Outcome::InProgress {
+                self.unfinished
+                    .insert(record.id.to_be_bytes(), &[])
+                    .map_err(|e| self.write_err(e))?;
+            }
             let swapped = self
                 .rollouts
                 .compare_and_swap(record.id.to_be_bytes(), None as Option<&[u8]>, Some(bytes))
@@ -505,7 +554,18 @@ impl Store {
     }
 
     pub fn put_rollout(&self, record: &RolloutRecord) -> Result<(), StoreError> {
-        self.put(&self.rollouts, &record.id.to_be_bytes(), record)
+        let key = record.id.to_be_bytes();
+        if record.outcome == Outcome::InProgress {
+            self.unfinished
+                .insert(key, &[])
+                .map_err(|e| self.write_err(e))?;
+        }
+        self.put(&self.rollouts, &key, record)?;
+        if record.outcome != Outcome::InProgress {
+            // After the record: a crash in between leaves a stale entry.
+            self.unfinished.remove(key).map_err(|e| self.write_err(e))?;
+        }
+        Ok(())
     }
 
     pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError> {
@@ -535,11 +595,34 @@ impl Store {
     }
 
     /// Rollouts still marked in progress: a previous agent died during them.
+    /// Read from the `unfinished` index, so start-up does not grow with the
+    /// history; entries whose rollout finished or never came are dropped.
     pub fn unfinished_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        let (records, skipped) =
-            self.scan(usize::MAX, |record| record.outcome == Outcome::InProgress)?;
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for item in self.unfinished.iter().rev() {
+            let (key, _) = item.map_err(|e| self.read_err(e))?;
+            let record = match self.rollouts.get(&key).map_err(|e| self.read_err(e))? {
+                Some(bytes) => match self.decode::<RolloutRecord>(&key, &bytes) {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        skipped.push(e);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            match record {
+                Some(record) if record.outcome == Outcome::InProgress => out.push(record),
+                _ => {
+                    self.unfinished
+                        .remove(&key)
+                        .map_err(|e| self.write_err(e))?;
+                }
+            }
+        }
         warn_skipped(&skipped);
-        Ok(records)
+        Ok(out)
     }
 
     /// Up to `limit` readable rollouts that `keep` accepts, newest first, and
@@ -813,6 +896,43 @@ mod tests {
             store.rollout(1).expect("get"),
             Some(record(1, "web", Outcome::Succeeded))
         );
+    }
+
+    #[test]
+    fn unfinished_rollouts_come_from_their_index_and_an_older_database_is_indexed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store_with(
+            dir.path(),
+            &[
+                (1, Outcome::InProgress),
+                (2, Outcome::Succeeded),
+                (3, Outcome::InProgress),
+            ],
+        );
+        // Finishing a rollout takes it out of the index.
+        store
+            .put_rollout(&record(1, "web", Outcome::Interrupted))
+            .expect("put");
+        assert_eq!(ids(store.unfinished_rollouts()), vec![3]);
+        assert_eq!(store.unfinished.len(), 1);
+        // Entries a crash can leave (a finished record, no record at all)
+        // are dropped when read.
+        for stale in [2u64, 9] {
+            store
+                .unfinished
+                .insert(stale.to_be_bytes(), &[])
+                .expect("insert");
+        }
+        assert_eq!(ids(store.unfinished_rollouts()), vec![3]);
+        assert_eq!(store.unfinished.len(), 1);
+        // A database from before the index: found by one scan at open.
+        store.unfinished.clear().expect("clear");
+        store.state.remove(INDEXED_KEY).expect("remove");
+        store.flush().expect("flush");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(ids(store.unfinished_rollouts()), vec![3]);
+        assert!(store.state.contains_key(INDEXED_KEY).expect("read"));
     }
 
     #[test]
