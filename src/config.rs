@@ -118,7 +118,8 @@ pub struct Access {
     /// The private key ssh offers (`-i`, and only it).
     pub ssh_key: Option<PathBuf>,
     /// The host keys ssh accepts, strictly: an unknown or changed one is
-    /// refused. `None`: ssh's own default, `~/.ssh/known_hosts`, as strict.
+    /// refused. `~/.ssh/known_hosts` for an ssh source that names none;
+    /// `None` for the other transports.
     pub known_hosts: Option<PathBuf>,
     /// A file holding the https token, sent as basic auth.
     pub token_file: Option<PathBuf>,
@@ -440,7 +441,7 @@ fn read_access(
         }
         let at = at?;
         if !wants.contains(&transport) {
-            let hint = if transport == "http" && key != "ssh_key" && key != "known_hosts" {
+            let hint = if transport == "http" && key == "token_file" {
                 "; over http:// it would travel in the clear"
             } else {
                 ""
