@@ -489,6 +489,27 @@ fn an_https_source_with_a_private_ca_and_a_token_deploys_and_the_token_stays_sec
         "{written}"
     );
     assert!(!String::from_utf8_lossy(&init.stdout).contains(token));
+
+    // A token the remote no longer takes (revoked, rotated elsewhere): the
+    // fetch fails and says so, read again from the file at this fetch.
+    std::fs::write(&token_file, "ghp_revoked\n").expect("token");
+    let third = host.commit_and_push("third over https", |work| {
+        std::fs::write(work.join("services/api/VERSION"), "v3\n").expect("edit");
+    });
+    host.sync();
+    let error = wait_for("the rejected token", Duration::from_secs(30), || {
+        host.json(&["status", "--json"])["source"]["last_fetch_error"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    assert_eq!(
+        error,
+        format!(
+            "cannot fetch \"{url}\": Credentials provided for \"{url}\" were not accepted by the remote: Received HTTP status 401: Unauthenticated"
+        )
+    );
+    nowhere(&host, "ghp_revoked");
+    assert!(host.history().iter().all(|r| r["commit"] != third.as_str()));
 }
 
 #[test]
