@@ -73,6 +73,27 @@ pub enum SourceUrl {
     Remote(String),
 }
 
+/// How a source url is reached; each access key applies to some of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Local,
+    Http,
+    Https,
+    /// `ssh://` and scp-like `user@host:path`.
+    Ssh,
+}
+
+impl SourceUrl {
+    pub fn transport(&self) -> Transport {
+        match self {
+            SourceUrl::Local(_) => Transport::Local,
+            SourceUrl::Remote(u) if u.starts_with("https://") => Transport::Https,
+            SourceUrl::Remote(u) if u.starts_with("http://") => Transport::Http,
+            SourceUrl::Remote(_) => Transport::Ssh,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub url: SourceUrl,
@@ -427,28 +448,29 @@ fn read_access(
     paths: &Paths<'_>,
     url: &SourceUrl,
 ) -> Option<Access> {
-    let transport = match url {
-        SourceUrl::Local(_) => "local",
-        SourceUrl::Remote(u) if u.starts_with("https://") => "https",
-        SourceUrl::Remote(u) if u.starts_with("http://") => "http",
-        SourceUrl::Remote(_) => "ssh",
+    let transport = url.transport();
+    let named = match transport {
+        Transport::Local => "local",
+        Transport::Http => "http",
+        Transport::Https => "https",
+        Transport::Ssh => "ssh",
     };
     let mut ok = true;
-    let mut path = |r: &mut Reader<'_>, key: &str, wants: &[&str], needs: &str| {
+    let mut path = |r: &mut Reader<'_>, key: &str, wants: Transport, needs: &str| {
         let at = t.string(r, key);
         if t.value(key).is_some() && at.is_none() {
             ok = false;
         }
         let at = at?;
-        if !wants.contains(&transport) {
-            let hint = if transport == "http" && key == "token_file" {
+        if wants != transport {
+            let hint = if transport == Transport::Http && key == "token_file" {
                 "; over http:// it would travel in the clear"
             } else {
                 ""
             };
             r.error(
                 at.span.start,
-                format!("{key} applies to {needs} sources only, and url is {transport}{hint}"),
+                format!("{key} applies to {needs} sources only, and url is {named}{hint}"),
             );
             ok = false;
             return None;
@@ -458,11 +480,11 @@ fn read_access(
         resolved
     };
     let ssh = "ssh:// and user@host:path";
-    let ssh_key = path(r, "ssh_key", &["ssh"], ssh);
-    let known_hosts = path(r, "known_hosts", &["ssh"], ssh)
-        .or_else(|| (transport == "ssh").then(|| paths.home.join(".ssh/known_hosts")));
-    let token_file = path(r, "token_file", &["https"], "https://");
-    let ca_file = path(r, "ca_file", &["https"], "https://");
+    let ssh_key = path(r, "ssh_key", Transport::Ssh, ssh);
+    let known_hosts = path(r, "known_hosts", Transport::Ssh, ssh)
+        .or_else(|| (transport == Transport::Ssh).then(|| paths.home.join(".ssh/known_hosts")));
+    let token_file = path(r, "token_file", Transport::Https, "https://");
+    let ca_file = path(r, "ca_file", Transport::Https, "https://");
     let token_user = match t.value("token_user") {
         None => Some("x-access-token".to_owned()),
         Some(_) => t.string(r, "token_user").and_then(|u| {

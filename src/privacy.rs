@@ -31,9 +31,18 @@ pub enum SecretFileError {
 /// The secret in the file at `path`: its bytes without trailing newlines
 /// (an editor's or `echo`'s), refused when nothing is left.
 pub async fn read_secret_file(path: &Path) -> Result<Vec<u8>, SecretFileError> {
-    let mut bytes = tokio::fs::read(path)
+    let bytes = tokio::fs::read(path)
         .await
         .map_err(SecretFileError::Unreadable)?;
+    secret_of(bytes)
+}
+
+/// `read_secret_file` for blocking code (a fetch runs on its own thread).
+pub fn read_secret_file_blocking(path: &Path) -> Result<Vec<u8>, SecretFileError> {
+    secret_of(std::fs::read(path).map_err(SecretFileError::Unreadable)?)
+}
+
+fn secret_of(mut bytes: Vec<u8>) -> Result<Vec<u8>, SecretFileError> {
     while matches!(bytes.last(), Some(b'\n' | b'\r')) {
         bytes.pop();
     }

@@ -47,15 +47,17 @@ pub fn ssh_command(access: &Access, connect: Duration) -> Result<String, AccessE
     let mut words = vec!["ssh".to_owned()];
     if let Some(key) = &access.ssh_key {
         check_key(key)?;
-        words.extend(["-i".into(), quote(&key.to_string_lossy())]);
+        words.extend(["-i".into(), key.to_string_lossy().into_owned()]);
         words.extend(option("IdentitiesOnly=yes"));
         words.extend(option("IdentityAgent=none"));
     }
     words.extend(options(access, connect));
+    let words: Vec<String> = words.iter().map(|w| quote(w)).collect();
     Ok(words.join(" "))
 }
 
-/// The options every ssh of a fetch gets, the host-key ones first.
+/// The options every ssh of a fetch gets, the host-key ones first, as
+/// arguments (`ssh_command` quotes them for the shell).
 fn options(access: &Access, connect: Duration) -> Vec<String> {
     let mut words = Vec::new();
     if let Some(known) = &access.known_hosts {
@@ -80,7 +82,7 @@ fn options(access: &Access, connect: Duration) -> Vec<String> {
 }
 
 fn option(value: &str) -> [String; 2] {
-    ["-o".to_owned(), quote(value)]
+    ["-o".to_owned(), value.to_owned()]
 }
 
 /// One shell word (gix runs `core.sshCommand` through `sh -c`).
@@ -115,20 +117,25 @@ fn check_key(path: &Path) -> Result<(), AccessError> {
 
 /// The token of `token_file`, without the newline an editor leaves.
 pub fn token(path: &Path) -> Result<String, AccessError> {
+    use crate::privacy::{SecretFileError, read_secret_file_blocking};
     let unreadable = |source| AccessError::Unreadable {
         key: "token_file",
         path: path.to_path_buf(),
         source,
     };
-    let text = std::fs::read_to_string(path).map_err(unreadable)?;
-    let token = text.trim_end_matches(['\n', '\r']);
-    if token.is_empty() {
-        return Err(AccessError::Empty {
+    let bytes = read_secret_file_blocking(path).map_err(|e| match e {
+        SecretFileError::Unreadable(source) => unreadable(source),
+        SecretFileError::Empty => AccessError::Empty {
             key: "token_file",
             path: path.to_path_buf(),
-        });
-    }
-    Ok(token.to_owned())
+        },
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        unreadable(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.utf8_error(),
+        ))
+    })
 }
 
 /// The certificates of `ca_file`, added to the system's for https remotes.
@@ -177,15 +184,7 @@ pub fn diagnose_host_key(
         .args(["-o", "HostbasedAuthentication=no"])
         .args(["-o", "IdentityAgent=none"])
         .args(["-o", "IdentitiesOnly=yes"]);
-    for word in options(access, connect) {
-        // Unquote what `options` quoted for a shell: here there is none.
-        let word = word
-            .strip_prefix('\'')
-            .and_then(|w| w.strip_suffix('\''))
-            .map(|w| w.replace(r"'\''", "'"))
-            .unwrap_or(word);
-        cmd.arg(word);
-    }
+    cmd.args(options(access, connect));
     if let Some(port) = port {
         cmd.args(["-p", &port.to_string()]);
     }

@@ -305,7 +305,7 @@ impl Source {
         } else {
             gix::init_bare(&self.repo_path).map_err(|e| fetch_err(Box::new(e)))?
         };
-        let ssh = !url.starts_with("https://") && !url.starts_with("http://");
+        let ssh = self.url.transport() == crate::config::Transport::Ssh;
         if ssh {
             // Set on every fetch, never taken from the environment: the
             // mirror is opened isolated, so `GIT_SSH_COMMAND` would hold

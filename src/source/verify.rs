@@ -216,36 +216,24 @@ impl Trust {
             let label = |fp: String| format!("OpenPGP key {fp} ({user})");
             // The primary key, then each subkey, with its own expiry.
             let mut candidates: Vec<(Candidate<'_>, String, Option<i64>)> = Vec::new();
-            let primary_expiry = key
-                .details
-                .users
-                .iter()
-                .flat_map(|u| u.signatures.iter())
-                .chain(key.details.direct_signatures.iter())
-                .filter_map(|s| s.key_expiration_time())
-                .map(|d| d.as_secs())
-                .filter(|&secs| secs > 0)
-                .max()
-                .map(|secs| i64::from(primary.created_at().as_secs()) + i64::from(secs));
+            let primary_expiry = expiry(
+                primary.created_at(),
+                key.details
+                    .users
+                    .iter()
+                    .flat_map(|u| u.signatures.iter())
+                    .chain(key.details.direct_signatures.iter()),
+            );
             candidates.push((
                 Candidate::Primary(primary),
                 format!("{:X}", primary.fingerprint()),
                 primary_expiry,
             ));
             for sub in &key.public_subkeys {
-                let expiry = sub
-                    .signatures
-                    .iter()
-                    .filter_map(|s| s.key_expiration_time())
-                    .map(|d| d.as_secs())
-                    .filter(|&secs| secs > 0)
-                    .max()
-                    .map(|secs| i64::from(sub.key.created_at().as_secs()) + i64::from(secs))
-                    .or(primary_expiry);
                 candidates.push((
                     Candidate::Sub(&sub.key),
                     format!("{:X}", sub.key.fingerprint()),
-                    expiry,
+                    expiry(sub.key.created_at(), sub.signatures.iter()).or(primary_expiry),
                 ));
             }
             for (candidate, fingerprint, expiry) in candidates {
@@ -288,6 +276,20 @@ impl Trust {
             None => "an OpenPGP key that does not say which".into(),
         }))
     }
+}
+
+/// When a key made at `created` expires, by the latest expiration its
+/// binding `signatures` give (none, or zero: never).
+fn expiry<'s>(
+    created: pgp::types::Timestamp,
+    signatures: impl Iterator<Item = &'s pgp::packet::Signature>,
+) -> Option<i64> {
+    signatures
+        .filter_map(|s| s.key_expiration_time())
+        .map(|d| d.as_secs())
+        .filter(|&secs| secs > 0)
+        .max()
+        .map(|secs| i64::from(created.as_secs()) + i64::from(secs))
 }
 
 /// A key of an OpenPGP certificate that may have made a signature.
