@@ -143,16 +143,7 @@ fn init_writes_a_config_for_a_readable_source_and_nothing_for_a_missing_one() {
         .join("new-home/.config/moorline/config.toml");
     let url = format!("file://{}", host.bare().display());
     // A new user's first command: no --config, so the default path.
-    let init = |args: &[&str]| {
-        Command::new(BIN)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", host.root.path().join("new-home"))
-            .arg("init")
-            .args(args)
-            .output()
-            .expect("moorline runs")
-    };
+    let init = |args: &[&str]| harness::init_in(&host.root.path().join("new-home"), args);
     let output = init(&["--url", &url]);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert_eq!(output.status.code(), Some(0), "{output:?}");

@@ -339,13 +339,7 @@ fn a_remote_that_never_answers_times_out_within_fetch_timeout_while_status_answe
     );
     // `moorline init` gives up as soon, and writes nothing.
     let home = host.root.path().join("new-home");
-    let init = Command::new(crate::harness::BIN)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", &home)
-        .args(["init", "--url", &url, "--fetch-timeout", "2s"])
-        .output()
-        .expect("moorline runs");
+    let init = harness::init_in(&home, &["--url", &url, "--fetch-timeout", "2s"]);
     assert_eq!(init.status.code(), Some(2), "{init:?}");
     assert_eq!(
         String::from_utf8_lossy(&init.stderr),

@@ -42,6 +42,19 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// `moorline init ARGS` as a new user whose home is `home`: no --config,
+/// so the default path, and nothing of the test's environment.
+pub fn init_in<S: AsRef<std::ffi::OsStr>>(home: &Path, args: &[S]) -> Output {
+    Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .arg("init")
+        .args(args)
+        .output()
+        .expect("moorline runs")
+}
+
 /// GET `path` on a loopback port; `None` when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;

@@ -400,17 +400,11 @@ fn an_https_source_with_a_private_ca_and_a_token_deploys_and_the_token_stays_sec
         ),
     );
     host.start_agent();
-    let status = wait_for("the credentials refusal", Duration::from_secs(30), || {
-        let status = host.json(&["status", "--json"]);
-        status["source"]["last_fetch_error"]
-            .as_str()
-            .map(str::to_owned)
-    });
-    assert_eq!(
-        status,
-        format!(
+    wait_fetch_error(
+        &host,
+        &format!(
             "cannot fetch \"{url}\": Failed to obtain credentials: the remote asks for credentials; give them with token_file (and token_user)"
-        )
+        ),
     );
     assert!(
         server
@@ -466,17 +460,19 @@ fn an_https_source_with_a_private_ca_and_a_token_deploys_and_the_token_stays_sec
 
     // A new host is set up for the same remote in one command.
     let home = host.root.path().join("new-home");
-    let init = Command::new(crate::harness::BIN)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", &home)
-        .args(["init", "--url", &url, "--token-user", "deploy"])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--ca-file")
-        .arg(&ca)
-        .output()
-        .expect("moorline runs");
+    let init = crate::harness::init_in(
+        &home,
+        &[
+            "--url".as_ref(),
+            url.as_ref(),
+            "--token-user".as_ref(),
+            "deploy".as_ref(),
+            "--token-file".as_ref(),
+            token_file.as_os_str(),
+            "--ca-file".as_ref(),
+            ca.as_os_str(),
+        ],
+    );
     assert_eq!(init.status.code(), Some(0), "{init:?}");
     let written =
         std::fs::read_to_string(home.join(".config/moorline/config.toml")).expect("written");
@@ -497,16 +493,11 @@ fn an_https_source_with_a_private_ca_and_a_token_deploys_and_the_token_stays_sec
         std::fs::write(work.join("services/api/VERSION"), "v3\n").expect("edit");
     });
     host.sync();
-    let error = wait_for("the rejected token", Duration::from_secs(30), || {
-        host.json(&["status", "--json"])["source"]["last_fetch_error"]
-            .as_str()
-            .map(str::to_owned)
-    });
-    assert_eq!(
-        error,
-        format!(
+    wait_fetch_error(
+        &host,
+        &format!(
             "cannot fetch \"{url}\": Credentials provided for \"{url}\" were not accepted by the remote: Received HTTP status 401: Unauthenticated"
-        )
+        ),
     );
     nowhere(&host, "ghp_revoked");
     assert!(host.history().iter().all(|r| r["commit"] != third.as_str()));
